@@ -1,0 +1,8 @@
+//! Arrow's VMM library: a KVM microVM with a 64-bit Linux boot, legacy serial
+//! and i8042 devices, and virtio-mmio devices served from one event loop.
+//!
+//! It knows nothing of OCI or Kubernetes; the `arrow-vmm` binary and the shim
+//! build on it.
+
+pub mod devices;
+pub mod virtio;
