@@ -1,1 +1,23 @@
+//! Arrow's host <-> guest agent protocol: the generated message types, the
+//! frame format, the hybrid-vsock connect handshake and a host-side client.
+//!
+//! `agent.proto` is the contract; this crate is its one implementation of the
+//! wire format, shared by the shim (host) and arrow-init (guest).
 
+pub mod client;
+pub mod frame;
+pub mod hybrid;
+
+/// Types generated from `agent.proto` (package `arrow.agent.v1`).
+pub mod agent {
+    include!(concat!(env!("OUT_DIR"), "/arrow.agent.v1.rs"));
+}
+
+pub use frame::{read_frame, write_frame, FrameError, MAX_FRAME_LEN};
+
+/// The guest's vsock context id.
+pub const GUEST_CID: u32 = 3;
+/// Vsock port of the agent RPC service.
+pub const AGENT_PORT: u32 = 1024;
+/// Vsock port of the stdio stream service.
+pub const STDIO_PORT: u32 = 1025;

@@ -1,0 +1,247 @@
+//! The agent RPC server: one thread per connection reads `Request` frames
+//! and answers each with a `Response`; `WaitProcess` runs on its own thread so
+//! it blocks only its own request.
+
+use std::io::{self, BufReader};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread;
+use std::time::Duration;
+
+use proto::agent::{
+    request::Body, response, Exited, Pong, ProcessCreated, ProcessDeleted, Request, Response,
+    ShutdownStarted, Signalled, StartProcess, StdinClosed, TtyResized,
+};
+use proto::{read_frame, write_frame};
+
+use crate::conn::{Conn, Listener};
+use crate::reaper::ExitStatus;
+use crate::supervisor::{ProcError, Supervisor};
+use crate::{log_debug, log_error, log_info};
+
+/// Stack of per-connection and per-wait threads (they hold little: a frame
+/// buffer and a few small structs).
+const THREAD_STACK: usize = 256 * 1024;
+
+/// What `Shutdown` does after replying.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnShutdown {
+    /// sync, then reboot(RB_AUTOBOOT): the VMM sees the reset and exits.
+    PowerOff,
+    /// Kill the running processes and exit (host tests).
+    Exit,
+}
+
+/// The agent: the process table plus what shutdown means here.
+pub struct Agent {
+    supervisor: Arc<Supervisor>,
+    on_shutdown: OnShutdown,
+}
+
+impl Agent {
+    pub fn new(supervisor: Arc<Supervisor>, on_shutdown: OnShutdown) -> Self {
+        Self {
+            supervisor,
+            on_shutdown,
+        }
+    }
+
+    /// The process table, shared with the stdio service.
+    pub fn supervisor(&self) -> &Arc<Supervisor> {
+        &self.supervisor
+    }
+
+    fn dispatch(self: &Arc<Self>, req: Request, out: &Arc<Responder>) {
+        let sup = &self.supervisor;
+        let result = match req.body {
+            None => Err(ProcError::InvalidArgument(
+                "request body missing or unknown to this agent".into(),
+            )),
+            Some(Body::WaitProcess(wait)) => {
+                let (agent, out2) = (Arc::clone(self), Arc::clone(out));
+                let waiter = thread::Builder::new()
+                    .name("wait".into())
+                    .stack_size(THREAD_STACK)
+                    .spawn(move || {
+                        let result = agent.supervisor.wait(&wait.id).map(exited);
+                        out2.send(req.id, result);
+                    });
+                match waiter {
+                    Ok(_) => return,
+                    Err(e) => Err(ProcError::Internal {
+                        what: "spawn wait thread",
+                        source: e,
+                    }),
+                }
+            }
+            Some(Body::Shutdown(_)) => {
+                out.send(
+                    req.id,
+                    Ok(response::Result::ShutdownStarted(ShutdownStarted {})),
+                );
+                self.shut_down();
+                return;
+            }
+            Some(Body::CreateProcess(create)) => sup
+                .create(&create)
+                .map(|()| response::Result::ProcessCreated(ProcessCreated {})),
+            Some(Body::StartProcess(StartProcess { id })) => sup.start(&id).map(|pid| {
+                response::Result::Started(proto::agent::Started {
+                    pid: pid.unsigned_abs(),
+                })
+            }),
+            Some(Body::SignalProcess(s)) => sup
+                .signal(&s.id, s.signal, s.all)
+                .map(|()| response::Result::Signalled(Signalled {})),
+            Some(Body::ResizeTty(r)) => sup
+                .resize_tty(&r.id, r.rows, r.cols)
+                .map(|()| response::Result::TtyResized(TtyResized {})),
+            Some(Body::CloseStdin(c)) => sup
+                .close_stdin(&c.id)
+                .map(|()| response::Result::StdinClosed(StdinClosed {})),
+            Some(Body::DeleteProcess(d)) => sup
+                .delete(&d.id)
+                .map(|()| response::Result::ProcessDeleted(ProcessDeleted {})),
+            Some(Body::Ping(_)) => Ok(response::Result::Pong(Pong {
+                version: env!("CARGO_PKG_VERSION").into(),
+                uptime_ms: uptime_ms(),
+            })),
+        };
+        out.send(req.id, result);
+    }
+
+    fn shut_down(&self) {
+        match self.on_shutdown {
+            OnShutdown::PowerOff => power_off(),
+            OnShutdown::Exit => {
+                log_info!("shutdown requested, exiting");
+                self.supervisor.kill_all();
+                std::process::exit(0);
+            }
+        }
+    }
+}
+
+/// Syncs and resets the VM. Returns only if the reboot call failed (PID 1
+/// then keeps serving).
+pub fn power_off() {
+    nix::unistd::sync();
+    match nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT) {
+        Ok(never) => match never {},
+        Err(e) => log_error!("reboot: {e}"),
+    }
+}
+
+fn exited(status: ExitStatus) -> response::Result {
+    response::Result::Exited(match status {
+        ExitStatus::Exited(code) => Exited {
+            exit_code: code,
+            signal: 0,
+        },
+        ExitStatus::Signalled(signal) => Exited {
+            exit_code: -1,
+            signal,
+        },
+    })
+}
+
+/// Milliseconds since boot (CLOCK_BOOTTIME; a vDSO call, no kernel entry).
+fn uptime_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes a timespec into our local.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    (ts.tv_sec as u64) * 1000 + (ts.tv_nsec as u64) / 1_000_000
+}
+
+/// The write half of an RPC connection, shared by the connection's reader
+/// and its wait threads; one frame is written at a time.
+struct Responder {
+    conn: Arc<Conn>,
+    lock: Mutex<()>,
+}
+
+impl Responder {
+    fn send(&self, id: u64, result: Result<response::Result, ProcError>) {
+        let result = result.unwrap_or_else(|e| {
+            log_debug!("request {id}: {e}");
+            response::Result::Error(e.to_wire())
+        });
+        let resp = Response {
+            id,
+            result: Some(result),
+        };
+        let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Err(e) = write_frame(&mut &*self.conn, &resp) {
+            log_debug!("response {id} not sent: {e}");
+        }
+    }
+}
+
+/// Accepts RPC connections forever; returns only if accepting fails for
+/// good.
+pub fn serve(agent: Arc<Agent>, listener: Listener) -> io::Error {
+    accept_loop(&listener, "agent", move |conn| {
+        let agent = Arc::clone(&agent);
+        move || handle_connection(&agent, conn)
+    })
+}
+
+fn handle_connection(agent: &Arc<Agent>, conn: Conn) {
+    let conn = Arc::new(conn);
+    let out = Arc::new(Responder {
+        conn: Arc::clone(&conn),
+        lock: Mutex::new(()),
+    });
+    // Buffered: a frame's header and body usually arrive in one read.
+    let mut reader = BufReader::with_capacity(8 * 1024, &*conn);
+    loop {
+        match read_frame::<Request, _>(&mut reader) {
+            Ok(Some(req)) => agent.dispatch(req, &out),
+            Ok(None) => break,
+            Err(e) => {
+                log_info!("dropping agent connection: {e}");
+                break;
+            }
+        }
+    }
+    // Waits still in flight hold the fd; make sure the peer sees the end now.
+    let _ = conn.shutdown(std::net::Shutdown::Both);
+}
+
+/// Runs `handler(conn)` on a new thread for every accepted connection.
+/// Transient accept failures (out of fds, memory) are logged and retried;
+/// returns the error only when the listener itself is broken.
+pub(crate) fn accept_loop<H, F>(listener: &Listener, name: &str, mut handler: H) -> io::Error
+where
+    H: FnMut(Conn) -> F,
+    F: FnOnce() + Send + 'static,
+{
+    let mut failures = 0u32;
+    loop {
+        match listener.accept() {
+            Ok(conn) => {
+                failures = 0;
+                let spawned = thread::Builder::new()
+                    .name(format!("{name}-conn"))
+                    .stack_size(THREAD_STACK)
+                    .spawn(handler(conn));
+                if let Err(e) = spawned {
+                    log_error!("{name}: cannot start connection thread: {e}");
+                }
+            }
+            Err(e) => {
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EBADF | libc::EINVAL | libc::ENOTSOCK)
+                ) {
+                    return e;
+                }
+                failures = failures.saturating_add(1);
+                log_error!("{name}: accept: {e}");
+                thread::sleep(Duration::from_millis(10 * u64::from(failures.min(100))));
+            }
+        }
+    }
+}

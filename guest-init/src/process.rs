@@ -1,0 +1,532 @@
+//! Turning a `CreateProcess` into a running process: validation up front (so
+//! mistakes surface at create time, and the child allocates nothing), a pty
+//! when asked, and a vfork-style spawn.
+//!
+//! The spawn uses `clone(CLONE_VM | CLONE_VFORK)`: the child borrows the
+//! agent's memory until it execs, so no page tables are copied and the agent
+//! takes no copy-on-write faults afterwards (both are expensive on emulated
+//! KVM, see HOST-KVM.md). In return the child may only make raw system calls
+//! on data prepared beforehand; it reports a failure by writing into the
+//! parent's `ChildArgs` and exiting.
+
+use std::ffi::{c_char, c_int, c_void, CString};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+use proto::agent::CreateProcess;
+
+/// The child's stack; it only makes a few system calls.
+const CHILD_STACK_SIZE: usize = 64 * 1024;
+/// PATH used when the process's environment has none (the OCI/runc default).
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// A rejected `CreateProcess`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidPlan(pub String);
+
+/// Why a spawn failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("clone: {0}")]
+    Clone(io::Error),
+    /// A setup step or the exec failed in the child.
+    #[error("{stage}: {source}")]
+    Child {
+        stage: &'static str,
+        source: io::Error,
+    },
+}
+
+/// Credentials to switch to.
+#[derive(Debug)]
+struct Identity {
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    groups: Vec<libc::gid_t>,
+}
+
+/// A validated process description, ready to spawn without allocating.
+#[derive(Debug)]
+pub struct Plan {
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+    /// Paths to try with execve, in order (the PATH lookup, done up front).
+    programs: Vec<CString>,
+    root: Option<CString>,
+    cwd: CString,
+    /// None when the agent's own credentials already match.
+    identity: Option<Identity>,
+    rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
+    umask: Option<libc::mode_t>,
+    no_new_privs: bool,
+    /// Whether the process gets a pty.
+    pub terminal: bool,
+    /// Whether the process gets a stdin pipe (non-terminal only).
+    pub stdin: bool,
+}
+
+impl Plan {
+    /// Validates `req`. `agent_ids` are the agent's (euid, egid): a process
+    /// that keeps them and has no supplementary groups skips the credential
+    /// system calls.
+    pub fn new(req: &CreateProcess, agent_ids: (u32, u32)) -> Result<Self, InvalidPlan> {
+        if req.args.is_empty() || req.args[0].is_empty() {
+            return Err(InvalidPlan("args must name a program".into()));
+        }
+        let argv = req
+            .args
+            .iter()
+            .map(|a| cstring(a, "args"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let envp = req
+            .env
+            .iter()
+            .map(|e| cstring(e, "env"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let path = req
+            .env
+            .iter()
+            .rev()
+            .find_map(|e| e.strip_prefix("PATH="))
+            .unwrap_or(DEFAULT_PATH);
+        let programs = candidates(&req.args[0], path)
+            .into_iter()
+            .map(|p| cstring(&p, "args[0]"))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let root = match req.root.as_str() {
+            "" | "/" => None,
+            r if r.starts_with('/') => Some(cstring(r, "root")?),
+            r => return Err(InvalidPlan(format!("root {r:?} is not absolute"))),
+        };
+        let cwd = match req.cwd.as_str() {
+            "" => cstring("/", "cwd")?,
+            c if c.starts_with('/') => cstring(c, "cwd")?,
+            c => return Err(InvalidPlan(format!("cwd {c:?} is not absolute"))),
+        };
+        let identity = if (req.uid, req.gid) == agent_ids && req.additional_gids.is_empty() {
+            None
+        } else {
+            Some(Identity {
+                uid: req.uid,
+                gid: req.gid,
+                groups: req.additional_gids.clone(),
+            })
+        };
+        let rlimits = req
+            .rlimits
+            .iter()
+            .map(|r| {
+                let resource = rlimit_resource(&r.r#type)
+                    .ok_or_else(|| InvalidPlan(format!("unknown rlimit {:?}", r.r#type)))?;
+                if r.soft > r.hard {
+                    return Err(InvalidPlan(format!("{}: soft limit above hard", r.r#type)));
+                }
+                Ok((
+                    resource,
+                    libc::rlimit {
+                        rlim_cur: r.soft,
+                        rlim_max: r.hard,
+                    },
+                ))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let umask = match req.umask {
+            Some(m) if m > 0o777 => return Err(InvalidPlan(format!("umask {m:#o} out of range"))),
+            m => m,
+        };
+        Ok(Self {
+            argv,
+            envp,
+            programs,
+            root,
+            cwd,
+            identity,
+            rlimits,
+            umask,
+            no_new_privs: req.no_new_privs,
+            terminal: req.terminal,
+            stdin: req.stdin && !req.terminal,
+        })
+    }
+}
+
+fn cstring(s: &str, field: &str) -> Result<CString, InvalidPlan> {
+    CString::new(s).map_err(|_| InvalidPlan(format!("{field} contains a NUL byte")))
+}
+
+/// The execve candidates for `program`, as execvp would try them.
+fn candidates(program: &str, path: &str) -> Vec<String> {
+    if program.contains('/') {
+        return vec![program.to_string()];
+    }
+    path.split(':')
+        .map(|dir| {
+            let dir = if dir.is_empty() { "." } else { dir };
+            format!("{}/{program}", dir.trim_end_matches('/'))
+        })
+        .collect()
+}
+
+/// Maps an OCI rlimit name to its resource number.
+fn rlimit_resource(name: &str) -> Option<libc::__rlimit_resource_t> {
+    Some(match name {
+        "RLIMIT_AS" => libc::RLIMIT_AS,
+        "RLIMIT_CORE" => libc::RLIMIT_CORE,
+        "RLIMIT_CPU" => libc::RLIMIT_CPU,
+        "RLIMIT_DATA" => libc::RLIMIT_DATA,
+        "RLIMIT_FSIZE" => libc::RLIMIT_FSIZE,
+        "RLIMIT_LOCKS" => libc::RLIMIT_LOCKS,
+        "RLIMIT_MEMLOCK" => libc::RLIMIT_MEMLOCK,
+        "RLIMIT_MSGQUEUE" => libc::RLIMIT_MSGQUEUE,
+        "RLIMIT_NICE" => libc::RLIMIT_NICE,
+        "RLIMIT_NOFILE" => libc::RLIMIT_NOFILE,
+        "RLIMIT_NPROC" => libc::RLIMIT_NPROC,
+        "RLIMIT_RSS" => libc::RLIMIT_RSS,
+        "RLIMIT_RTPRIO" => libc::RLIMIT_RTPRIO,
+        "RLIMIT_RTTIME" => libc::RLIMIT_RTTIME,
+        "RLIMIT_SIGPENDING" => libc::RLIMIT_SIGPENDING,
+        "RLIMIT_STACK" => libc::RLIMIT_STACK,
+        _ => return None,
+    })
+}
+
+/// A pseudo-terminal pair; both ends close-on-exec.
+#[derive(Debug)]
+pub struct Pty {
+    pub master: OwnedFd,
+    pub slave: OwnedFd,
+}
+
+/// Opens a pty in three system calls: open /dev/ptmx, unlock, and
+/// TIOCGPTPEER for the slave (no /dev/pts path lookup).
+pub fn open_pty() -> io::Result<Pty> {
+    let master: OwnedFd = File::options()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open("/dev/ptmx")?
+        .into();
+    let unlock: c_int = 0;
+    // SAFETY: TIOCSPTLCK reads one int from the pointer, which is valid.
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    let flags = libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC;
+    // SAFETY: TIOCGPTPEER takes open flags by value and returns a new fd.
+    let slave = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTPEER, flags) };
+    if slave == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the ioctl returned a fresh fd that nothing else owns.
+    let slave = unsafe { OwnedFd::from_raw_fd(slave) };
+    Ok(Pty { master, slave })
+}
+
+/// Sets a pty's window size (the process gets SIGWINCH).
+pub fn set_window_size(master: &OwnedFd, rows: u16, cols: u16) -> io::Result<()> {
+    let size = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a winsize from the pointer, which is valid.
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &size) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The child's stdio: fds to become 0, 1, 2, and whether fd 0 is a pty slave
+/// to make the controlling terminal. The fds must be >= 3 (the agent keeps
+/// 0-2 open, see `init::std_fds_and_null`), so placing one cannot clobber
+/// another.
+#[derive(Clone, Copy, Debug)]
+pub struct ChildStdio {
+    pub fds: [RawFd; 3],
+    pub controlling_tty: bool,
+}
+
+/// Everything the child reads, prepared by the parent, plus where it reports
+/// a failure. Lives in the parent's frame, which is suspended while the
+/// child runs.
+struct ChildArgs<'a> {
+    plan: &'a Plan,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+    stdio: ChildStdio,
+    failed_stage: Option<&'static str>,
+    errno: c_int,
+}
+
+/// Spawns the process described by `plan` in a new session and returns its
+/// pid once it has exec'd. On a child-side failure the child has exited
+/// with 127 and is left for the reaper.
+pub fn spawn(plan: &Plan, stdio: ChildStdio) -> Result<i32, SpawnError> {
+    let argv = null_terminated(&plan.argv);
+    let envp = null_terminated(&plan.envp);
+    let mut args = ChildArgs {
+        plan,
+        argv: argv.as_ptr(),
+        envp: envp.as_ptr(),
+        stdio,
+        failed_stage: None,
+        errno: 0,
+    };
+    // Uninitialised on purpose: only the pages the child touches get faulted.
+    let mut stack: Vec<u8> = Vec::with_capacity(CHILD_STACK_SIZE);
+    // SAFETY: the pointer stays inside the allocation (one past the end is
+    // allowed); rounding down keeps it there and gives the ABI's alignment.
+    let stack_top = unsafe {
+        let end = stack.as_mut_ptr().add(CHILD_STACK_SIZE);
+        end.sub(end as usize % 16)
+    };
+
+    // SAFETY: sigset_t is plain data; sigfillset initialises it fully.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sigfillset/pthread_sigmask write only into our locals. Signals
+    // stay blocked while the child shares our memory, so no handler of ours
+    // can run on the child's side; the child clears its mask before exec.
+    unsafe {
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+    }
+    // SAFETY: `child_main` only uses `args` (valid: this frame is suspended by
+    // CLONE_VFORK until the child execs or exits) and its own stack, which
+    // is a live allocation of CHILD_STACK_SIZE bytes.
+    let pid = unsafe {
+        libc::clone(
+            child_main,
+            stack_top.cast::<c_void>(),
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            (&mut args as *mut ChildArgs<'_>).cast::<c_void>(),
+        )
+    };
+    let clone_err = io::Error::last_os_error();
+    // SAFETY: restores the mask saved above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    drop(stack);
+
+    if pid == -1 {
+        return Err(SpawnError::Clone(clone_err));
+    }
+    // SAFETY: the child has exec'd or exited (CLONE_VFORK), so nothing writes
+    // `args` any more; volatile reads keep the compiler from assuming the
+    // fields are unchanged since we set them.
+    let (stage, errno) = unsafe {
+        (
+            std::ptr::read_volatile(&args.failed_stage),
+            std::ptr::read_volatile(&args.errno),
+        )
+    };
+    match stage {
+        None => Ok(pid),
+        Some(stage) => Err(SpawnError::Child {
+            stage,
+            source: io::Error::from_raw_os_error(errno),
+        }),
+    }
+}
+
+fn null_terminated(strings: &[CString]) -> Vec<*const c_char> {
+    strings
+        .iter()
+        .map(|s| s.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect()
+}
+
+/// Entry point of the cloned child.
+extern "C" fn child_main(arg: *mut c_void) -> c_int {
+    // SAFETY: `arg` is the `ChildArgs` passed to clone, alive in the suspended
+    // parent frame; nothing else touches it while we run.
+    let args = unsafe { &mut *arg.cast::<ChildArgs<'_>>() };
+    // SAFETY: runs only in the freshly cloned child, see `setup_and_exec`.
+    let (stage, errno) = unsafe { setup_and_exec(args) };
+    // SAFETY: plain stores into the parent's struct, read after we exit.
+    unsafe {
+        std::ptr::write_volatile(&mut args.errno, errno);
+        std::ptr::write_volatile(&mut args.failed_stage, Some(stage));
+    }
+    127
+}
+
+fn errno() -> c_int {
+    // SAFETY: __errno_location always returns this thread's errno slot.
+    unsafe { *libc::__errno_location() }
+}
+
+/// Prepares the child and execs; returns only on failure, with the step and
+/// errno.
+///
+/// # Safety
+/// Must run only in the CLONE_VM child: it makes raw system calls and
+/// allocates nothing. Credentials are changed with raw syscalls because
+/// glibc's wrappers would broadcast the change to the parent's threads.
+unsafe fn setup_and_exec(a: &ChildArgs<'_>) -> (&'static str, c_int) {
+    let plan = a.plan;
+    if libc::setsid() == -1 {
+        return ("setsid", errno());
+    }
+    if a.stdio.controlling_tty && libc::ioctl(a.stdio.fds[0], libc::TIOCSCTTY, 0) == -1 {
+        return ("set controlling tty", errno());
+    }
+    for (target, &fd) in (0..).zip(a.stdio.fds.iter()) {
+        let rc = if fd == target {
+            libc::fcntl(fd, libc::F_SETFD, 0)
+        } else {
+            libc::dup2(fd, target)
+        };
+        if rc == -1 {
+            return ("set up stdio", errno());
+        }
+    }
+    for (resource, limit) in &plan.rlimits {
+        if libc::setrlimit(*resource, limit) == -1 {
+            return ("setrlimit", errno());
+        }
+    }
+    if let Some(root) = &plan.root {
+        if libc::chroot(root.as_ptr()) == -1 {
+            return ("chroot", errno());
+        }
+    }
+    // Absolute, so inside the new root; done as root, before dropping ids.
+    if libc::chdir(plan.cwd.as_ptr()) == -1 {
+        return ("chdir", errno());
+    }
+    if let Some(mask) = plan.umask {
+        libc::umask(mask);
+    }
+    if let Some(id) = &plan.identity {
+        if libc::syscall(libc::SYS_setgroups, id.groups.len(), id.groups.as_ptr()) == -1 {
+            return ("setgroups", errno());
+        }
+        if libc::syscall(libc::SYS_setresgid, id.gid, id.gid, id.gid) == -1 {
+            return ("setgid", errno());
+        }
+        if libc::syscall(libc::SYS_setresuid, id.uid, id.uid, id.uid) == -1 {
+            return ("setuid", errno());
+        }
+    }
+    if plan.no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == -1 {
+        return ("no_new_privs", errno());
+    }
+    // The Rust runtime ignores SIGPIPE; an ignored signal survives exec.
+    libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    let mut empty: libc::sigset_t = std::mem::zeroed();
+    libc::sigemptyset(&mut empty);
+    libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+
+    // execvp's rules: skip candidates that do not exist, remember EACCES.
+    let mut result = libc::ENOENT;
+    for program in &plan.programs {
+        libc::execve(program.as_ptr(), a.argv, a.envp);
+        match errno() {
+            libc::ENOENT | libc::ENOTDIR => {}
+            libc::EACCES => result = libc::EACCES,
+            other => return ("exec", other),
+        }
+    }
+    ("exec", result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::agent::Rlimit;
+
+    fn req(args: &[&str]) -> CreateProcess {
+        CreateProcess {
+            id: "p".into(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn path_lookup_candidates() {
+        assert_eq!(candidates("/bin/sh", "/x"), vec!["/bin/sh"]);
+        assert_eq!(candidates("./a", "/x"), vec!["./a"]);
+        assert_eq!(
+            candidates("sh", "/usr/bin/::/bin"),
+            vec!["/usr/bin/sh", "./sh", "/bin/sh"]
+        );
+    }
+
+    #[test]
+    fn plan_uses_env_path() {
+        let mut r = req(&["sh"]);
+        r.env = vec!["A=1".into(), "PATH=/opt/bin".into()];
+        let plan = Plan::new(&r, (0, 0)).unwrap();
+        assert_eq!(plan.programs, vec![CString::new("/opt/bin/sh").unwrap()]);
+        let plan = Plan::new(&req(&["sh"]), (0, 0)).unwrap();
+        assert_eq!(plan.programs.len(), DEFAULT_PATH.split(':').count());
+    }
+
+    #[test]
+    fn plan_rejects_bad_requests() {
+        assert!(Plan::new(&req(&[]), (0, 0)).is_err());
+        assert!(Plan::new(&req(&["a\0b"]), (0, 0)).is_err());
+        let mut r = req(&["sh"]);
+        r.cwd = "relative".into();
+        assert!(Plan::new(&r, (0, 0)).is_err());
+        let mut r = req(&["sh"]);
+        r.root = "rootfs".into();
+        assert!(Plan::new(&r, (0, 0)).is_err());
+        let mut r = req(&["sh"]);
+        r.rlimits = vec![Rlimit {
+            r#type: "RLIMIT_BOGUS".into(),
+            soft: 1,
+            hard: 1,
+        }];
+        assert!(Plan::new(&r, (0, 0)).is_err());
+        r.rlimits[0].r#type = "RLIMIT_NOFILE".into();
+        r.rlimits[0].soft = 2;
+        assert!(Plan::new(&r, (0, 0)).is_err());
+        let mut r = req(&["sh"]);
+        r.umask = Some(0o1000);
+        assert!(Plan::new(&r, (0, 0)).is_err());
+    }
+
+    #[test]
+    fn plan_skips_credentials_it_already_has() {
+        assert!(Plan::new(&req(&["sh"]), (0, 0)).unwrap().identity.is_none());
+        let mut r = req(&["sh"]);
+        r.uid = 1000;
+        assert!(Plan::new(&r, (0, 0)).unwrap().identity.is_some());
+        let mut r = req(&["sh"]);
+        r.additional_gids = vec![5];
+        assert!(Plan::new(&r, (0, 0)).unwrap().identity.is_some());
+    }
+
+    #[test]
+    fn plan_defaults() {
+        let mut r = req(&["sh"]);
+        r.root = "/".into();
+        r.terminal = true;
+        r.stdin = true;
+        let plan = Plan::new(&r, (0, 0)).unwrap();
+        assert!(plan.root.is_none());
+        assert_eq!(plan.cwd.as_bytes(), b"/");
+        assert!(plan.terminal && !plan.stdin);
+    }
+
+    #[test]
+    fn pty_pair_and_window_size() {
+        let pty = open_pty().unwrap();
+        set_window_size(&pty.master, 40, 100).unwrap();
+        // SAFETY: TIOCGWINSZ writes a winsize into our local.
+        let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let rc = unsafe { libc::ioctl(pty.slave.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) };
+        assert_eq!(rc, 0);
+        assert_eq!((ws.ws_row, ws.ws_col), (40, 100));
+    }
+}

@@ -1,0 +1,528 @@
+//! Host-side, synchronous agent client. One reader thread owns the read half
+//! of the connection and hands each `Response` to the caller waiting on its
+//! id, so a blocking `wait` on one thread never holds up calls from others.
+
+use std::collections::HashMap;
+use std::io::{self, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, SyncSender};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread;
+
+use crate::agent::{
+    error::Code, request, response, CloseStdin, CreateProcess, DeleteProcess, Exited, Ping, Pong,
+    Request, ResizeTty, Response, Shutdown, SignalProcess, StartProcess, StreamAttach,
+    StreamAttached, StreamKind, WaitProcess,
+};
+use crate::frame::{read_frame, write_frame, FrameError};
+
+/// A failed agent call.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
+    #[error("agent internal error: {0}")]
+    Internal(String),
+    #[error("agent connection closed: {0}")]
+    ConnectionClosed(String),
+    #[error("agent answered {got} to a {call} call")]
+    UnexpectedResponse {
+        call: &'static str,
+        got: &'static str,
+    },
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("agent connection I/O: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl ClientError {
+    /// Maps a protocol `Error` to the matching variant.
+    pub fn from_wire(err: crate::agent::Error) -> Self {
+        let message = err.message;
+        match Code::try_from(err.code).unwrap_or(Code::Unknown) {
+            Code::InvalidArgument => Self::InvalidArgument(message),
+            Code::NotFound => Self::NotFound(message),
+            Code::AlreadyExists => Self::AlreadyExists(message),
+            Code::FailedPrecondition => Self::FailedPrecondition(message),
+            Code::Internal | Code::Unknown => Self::Internal(message),
+        }
+    }
+}
+
+/// The exit of a process, as reported by `wait`.
+pub type ExitStatus = Exited;
+
+type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// Calls in flight, by request id.
+#[derive(Default)]
+struct Calls {
+    pending: HashMap<u64, SyncSender<Response>>,
+    /// Set once the reader stopped; no new call may start.
+    closed: Option<String>,
+}
+
+struct Shared {
+    calls: Mutex<Calls>,
+}
+
+impl Shared {
+    fn calls(&self) -> MutexGuard<'_, Calls> {
+        self.calls.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A multiplexed connection to the guest agent; share it between threads by
+/// reference (`&AgentClient` is enough for every call).
+pub struct AgentClient {
+    writer: Mutex<Box<dyn Write + Send>>,
+    shared: Arc<Shared>,
+    next_id: AtomicU64,
+    /// Shut down on drop so the reader thread sees EOF and exits.
+    closer: Option<UnixStream>,
+}
+
+impl AgentClient {
+    /// Builds a client over a connected Unix stream (e.g. from
+    /// [`crate::hybrid::connect`]).
+    pub fn from_unix(stream: UnixStream) -> io::Result<Self> {
+        let reader = stream.try_clone()?;
+        let closer = stream.try_clone()?;
+        let mut client = Self::new(reader, stream)?;
+        client.closer = Some(closer);
+        Ok(client)
+    }
+
+    /// Builds a client over any stream pair. The reader thread ends when
+    /// `reader` reaches EOF or fails.
+    pub fn new<R, W>(reader: R, writer: W) -> io::Result<Self>
+    where
+        R: Read + Send + 'static,
+        W: Write + Send + 'static,
+    {
+        let shared = Arc::new(Shared {
+            calls: Mutex::new(Calls::default()),
+        });
+        let for_reader = Arc::clone(&shared);
+        thread::Builder::new()
+            .name("agent-client-reader".into())
+            .spawn(move || dispatch_responses(BufReader::new(reader), &for_reader))?;
+        Ok(Self {
+            writer: Mutex::new(Box::new(writer)),
+            shared,
+            next_id: AtomicU64::new(1),
+            closer: None,
+        })
+    }
+
+    /// Checks the agent is alive and returns its version and uptime.
+    pub fn ping(&self) -> Result<Pong> {
+        match self.call("ping", request::Body::Ping(Ping {}))? {
+            response::Result::Pong(pong) => Ok(pong),
+            other => Err(unexpected("ping", &other)),
+        }
+    }
+
+    /// Prepares a process (see `CreateProcess` in agent.proto).
+    pub fn create_process(&self, req: CreateProcess) -> Result<()> {
+        match self.call("create_process", request::Body::CreateProcess(req))? {
+            response::Result::ProcessCreated(_) => Ok(()),
+            other => Err(unexpected("create_process", &other)),
+        }
+    }
+
+    /// Executes a created process and returns its guest pid.
+    pub fn start_process(&self, id: &str) -> Result<u32> {
+        let body = request::Body::StartProcess(StartProcess { id: id.into() });
+        match self.call("start_process", body)? {
+            response::Result::Started(started) => Ok(started.pid),
+            other => Err(unexpected("start_process", &other)),
+        }
+    }
+
+    /// Sends `signal` to the process, or to its whole process group if `all`.
+    pub fn signal(&self, id: &str, signal: i32, all: bool) -> Result<()> {
+        let body = request::Body::SignalProcess(SignalProcess {
+            id: id.into(),
+            signal,
+            all,
+        });
+        match self.call("signal_process", body)? {
+            response::Result::Signalled(_) => Ok(()),
+            other => Err(unexpected("signal_process", &other)),
+        }
+    }
+
+    /// Blocks until the process exited and its output streams were flushed.
+    pub fn wait(&self, id: &str) -> Result<ExitStatus> {
+        let body = request::Body::WaitProcess(WaitProcess { id: id.into() });
+        match self.call("wait_process", body)? {
+            response::Result::Exited(exited) => Ok(exited),
+            other => Err(unexpected("wait_process", &other)),
+        }
+    }
+
+    /// Sets a terminal process's window size.
+    pub fn resize_tty(&self, id: &str, rows: u32, cols: u32) -> Result<()> {
+        let body = request::Body::ResizeTty(ResizeTty {
+            id: id.into(),
+            rows,
+            cols,
+        });
+        match self.call("resize_tty", body)? {
+            response::Result::TtyResized(_) => Ok(()),
+            other => Err(unexpected("resize_tty", &other)),
+        }
+    }
+
+    /// Gives the process EOF on stdin.
+    pub fn close_stdin(&self, id: &str) -> Result<()> {
+        let body = request::Body::CloseStdin(CloseStdin { id: id.into() });
+        match self.call("close_stdin", body)? {
+            response::Result::StdinClosed(_) => Ok(()),
+            other => Err(unexpected("close_stdin", &other)),
+        }
+    }
+
+    /// Forgets a created or exited process.
+    pub fn delete_process(&self, id: &str) -> Result<()> {
+        let body = request::Body::DeleteProcess(DeleteProcess { id: id.into() });
+        match self.call("delete_process", body)? {
+            response::Result::ProcessDeleted(_) => Ok(()),
+            other => Err(unexpected("delete_process", &other)),
+        }
+    }
+
+    /// Asks the guest to power off. The VM may vanish before its reply
+    /// arrives, so a connection closing after the request went out counts as
+    /// success.
+    pub fn shutdown(&self) -> Result<()> {
+        match self.call("shutdown", request::Body::Shutdown(Shutdown {})) {
+            Ok(response::Result::ShutdownStarted(_)) | Err(ClientError::ConnectionClosed(_)) => {
+                Ok(())
+            }
+            Ok(other) => Err(unexpected("shutdown", &other)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Performs the `StreamAttach` handshake on a fresh stdio connection and
+    /// hands the stream back, ready for raw bytes.
+    pub fn attach_stream<S: Read + Write>(
+        stream: S,
+        process_id: &str,
+        kind: StreamKind,
+    ) -> Result<S> {
+        attach_stream(stream, process_id, kind)
+    }
+
+    fn call(&self, call: &'static str, body: request::Body) -> Result<response::Result> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::sync_channel(1);
+        {
+            let mut calls = self.shared.calls();
+            if let Some(reason) = &calls.closed {
+                return Err(ClientError::ConnectionClosed(reason.clone()));
+            }
+            calls.pending.insert(id, tx);
+        }
+        let req = Request {
+            id,
+            body: Some(body),
+        };
+        let written = {
+            let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+            write_frame(&mut **writer, &req).and_then(|()| writer.flush().map_err(Into::into))
+        };
+        if let Err(e) = written {
+            self.shared.calls().pending.remove(&id);
+            return Err(e.into());
+        }
+        let resp = rx.recv().map_err(|_| {
+            let reason = self.shared.calls().closed.clone();
+            ClientError::ConnectionClosed(reason.unwrap_or_else(|| "reader stopped".into()))
+        })?;
+        match resp.result {
+            Some(response::Result::Error(err)) => Err(ClientError::from_wire(err)),
+            Some(result) => Ok(result),
+            None => Err(ClientError::UnexpectedResponse {
+                call,
+                got: "an empty response",
+            }),
+        }
+    }
+}
+
+impl Drop for AgentClient {
+    fn drop(&mut self) {
+        if let Some(closer) = &self.closer {
+            let _ = closer.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// Performs the `StreamAttach` handshake on a fresh stdio connection.
+///
+/// Reads exactly one frame back, so no stream byte is lost.
+pub fn attach_stream<S: Read + Write>(
+    mut stream: S,
+    process_id: &str,
+    kind: StreamKind,
+) -> Result<S> {
+    let attach = StreamAttach {
+        process_id: process_id.into(),
+        kind: kind as i32,
+    };
+    write_frame(&mut stream, &attach)?;
+    stream.flush()?;
+    match read_frame::<StreamAttached, _>(&mut stream)? {
+        None => Err(ClientError::ConnectionClosed(
+            "stdio connection closed during attach".into(),
+        )),
+        Some(StreamAttached { error: Some(err) }) => Err(ClientError::from_wire(err)),
+        Some(StreamAttached { error: None }) => Ok(stream),
+    }
+}
+
+/// The reader thread: routes every response to its caller until the
+/// connection ends, then fails every call still waiting.
+fn dispatch_responses<R: Read>(mut reader: R, shared: &Shared) {
+    let reason = loop {
+        match read_frame::<Response, _>(&mut reader) {
+            Ok(Some(resp)) => {
+                // A response nobody waits for (unknown id) is dropped.
+                if let Some(tx) = shared.calls().pending.remove(&resp.id) {
+                    let _ = tx.send(resp);
+                }
+            }
+            Ok(None) => break "agent closed the connection".to_string(),
+            Err(e) => break e.to_string(),
+        }
+    };
+    let mut calls = shared.calls();
+    calls.closed = Some(reason);
+    // Dropping the senders wakes every waiting caller with an error.
+    calls.pending.clear();
+}
+
+fn unexpected(call: &'static str, got: &response::Result) -> ClientError {
+    let got = match got {
+        response::Result::Error(_) => "error",
+        response::Result::ProcessCreated(_) => "process_created",
+        response::Result::Started(_) => "started",
+        response::Result::Signalled(_) => "signalled",
+        response::Result::Exited(_) => "exited",
+        response::Result::TtyResized(_) => "tty_resized",
+        response::Result::StdinClosed(_) => "stdin_closed",
+        response::Result::ShutdownStarted(_) => "shutdown_started",
+        response::Result::Pong(_) => "pong",
+        response::Result::ProcessDeleted(_) => "process_deleted",
+    };
+    ClientError::UnexpectedResponse { call, got }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::{Error as WireError, ProcessCreated, Started};
+    use std::sync::mpsc::Receiver;
+    use std::time::Duration;
+
+    /// An in-process fake agent: forwards every request to the test, which
+    /// answers through `answer`.
+    struct FakeAgent {
+        requests: Receiver<Request>,
+        conn: UnixStream,
+    }
+
+    impl FakeAgent {
+        fn answer(&self, id: u64, result: response::Result) {
+            let resp = Response {
+                id,
+                result: Some(result),
+            };
+            write_frame(&mut &self.conn, &resp).unwrap();
+        }
+
+        fn next(&self) -> Request {
+            self.requests.recv_timeout(Duration::from_secs(5)).unwrap()
+        }
+    }
+
+    fn pair() -> (AgentClient, FakeAgent) {
+        let (client_end, server_end) = UnixStream::pair().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let reader = server_end.try_clone().unwrap();
+        thread::spawn(move || {
+            let mut reader = BufReader::new(reader);
+            while let Ok(Some(req)) = read_frame::<Request, _>(&mut reader) {
+                if tx.send(req).is_err() {
+                    break;
+                }
+            }
+        });
+        let client = AgentClient::from_unix(client_end).unwrap();
+        (
+            client,
+            FakeAgent {
+                requests: rx,
+                conn: server_end,
+            },
+        )
+    }
+
+    #[test]
+    fn ping_round_trip() {
+        let (client, agent) = pair();
+        thread::scope(|s| {
+            let call = s.spawn(|| client.ping().unwrap());
+            let req = agent.next();
+            assert!(matches!(req.body, Some(request::Body::Ping(_))));
+            agent.answer(
+                req.id,
+                response::Result::Pong(Pong {
+                    version: "1.2.3".into(),
+                    uptime_ms: 42,
+                }),
+            );
+            let pong = call.join().unwrap();
+            assert_eq!((pong.version.as_str(), pong.uptime_ms), ("1.2.3", 42));
+        });
+    }
+
+    #[test]
+    fn wait_does_not_block_other_calls() {
+        let (client, agent) = pair();
+        thread::scope(|s| {
+            let waiter = s.spawn(|| client.wait("p1").unwrap());
+            let wait_req = agent.next();
+            assert!(matches!(wait_req.body, Some(request::Body::WaitProcess(_))));
+
+            let starter = s.spawn(|| client.start_process("p2").unwrap());
+            let start_req = agent.next();
+            agent.answer(start_req.id, response::Result::Started(Started { pid: 99 }));
+            assert_eq!(starter.join().unwrap(), 99);
+            assert!(!waiter.is_finished());
+
+            agent.answer(
+                wait_req.id,
+                response::Result::Exited(Exited {
+                    exit_code: -1,
+                    signal: 9,
+                }),
+            );
+            let exited = waiter.join().unwrap();
+            assert_eq!((exited.exit_code, exited.signal), (-1, 9));
+        });
+    }
+
+    #[test]
+    fn error_codes_map_to_variants() {
+        let (client, agent) = pair();
+        let cases = [
+            (Code::InvalidArgument, "InvalidArgument"),
+            (Code::NotFound, "NotFound"),
+            (Code::AlreadyExists, "AlreadyExists"),
+            (Code::FailedPrecondition, "FailedPrecondition"),
+            (Code::Internal, "Internal"),
+            (Code::Unknown, "Internal"),
+        ];
+        for (code, want) in cases {
+            thread::scope(|s| {
+                let call = s.spawn(|| client.create_process(CreateProcess::default()));
+                let req = agent.next();
+                agent.answer(
+                    req.id,
+                    response::Result::Error(WireError {
+                        code: code as i32,
+                        message: "m".into(),
+                    }),
+                );
+                let err = call.join().unwrap().unwrap_err();
+                assert!(format!("{err:?}").starts_with(want), "{code:?} -> {err:?}");
+            });
+        }
+    }
+
+    #[test]
+    fn mismatched_result_is_reported() {
+        let (client, agent) = pair();
+        thread::scope(|s| {
+            let call = s.spawn(|| client.start_process("p"));
+            let req = agent.next();
+            agent.answer(req.id, response::Result::ProcessCreated(ProcessCreated {}));
+            let err = call.join().unwrap().unwrap_err();
+            assert!(matches!(err, ClientError::UnexpectedResponse { .. }));
+        });
+    }
+
+    #[test]
+    fn closed_connection_fails_pending_and_later_calls() {
+        let (client, agent) = pair();
+        thread::scope(|s| {
+            let waiter = s.spawn(|| client.wait("p"));
+            agent.next();
+            agent.conn.shutdown(std::net::Shutdown::Both).unwrap();
+            let err = waiter.join().unwrap().unwrap_err();
+            assert!(matches!(err, ClientError::ConnectionClosed(_)));
+        });
+        assert!(matches!(
+            client.ping().unwrap_err(),
+            ClientError::ConnectionClosed(_) | ClientError::Frame(_) | ClientError::Io(_)
+        ));
+    }
+
+    #[test]
+    fn shutdown_accepts_a_vanishing_vm() {
+        let (client, agent) = pair();
+        thread::scope(|s| {
+            let call = s.spawn(|| client.shutdown());
+            agent.next();
+            agent.conn.shutdown(std::net::Shutdown::Both).unwrap();
+            call.join().unwrap().unwrap();
+        });
+    }
+
+    #[test]
+    fn attach_handshake() {
+        let (host, guest) = UnixStream::pair().unwrap();
+        let server = thread::spawn(move || {
+            let mut guest = guest;
+            let attach: StreamAttach = read_frame(&mut guest).unwrap().unwrap();
+            assert_eq!(attach.process_id, "p");
+            assert_eq!(attach.kind, StreamKind::Stdout as i32);
+            write_frame(&mut guest, &StreamAttached { error: None }).unwrap();
+            guest.write_all(b"output").unwrap();
+        });
+        let mut stream = AgentClient::attach_stream(host, "p", StreamKind::Stdout).unwrap();
+        let mut out = String::new();
+        stream.read_to_string(&mut out).unwrap();
+        assert_eq!(out, "output");
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn attach_refused() {
+        let (host, guest) = UnixStream::pair().unwrap();
+        let server = thread::spawn(move || {
+            let mut guest = guest;
+            let _: Option<StreamAttach> = read_frame(&mut guest).unwrap();
+            let error = WireError {
+                code: Code::NotFound as i32,
+                message: "no such process".into(),
+            };
+            write_frame(&mut guest, &StreamAttached { error: Some(error) }).unwrap();
+        });
+        let err = attach_stream(host, "p", StreamKind::Stdin).unwrap_err();
+        assert!(matches!(err, ClientError::NotFound(_)));
+        server.join().unwrap();
+    }
+}
