@@ -4,5 +4,14 @@
 //! It knows nothing of OCI or Kubernetes; the `arrow-vmm` binary and the shim
 //! build on it.
 
+pub mod arch;
+pub mod cmdline;
 pub mod devices;
+pub mod exit;
+pub mod hypervisor;
+pub mod initramfs;
+pub mod loader;
+pub mod test_guest;
+pub mod vcpu;
 pub mod virtio;
+pub mod vm;

@@ -59,7 +59,9 @@ impl Bus {
         if len == 0 {
             return Err(BusError::ZeroLength(base));
         }
-        let end = base.checked_add(len).ok_or(BusError::Overlap { base, len })?;
+        let end = base
+            .checked_add(len)
+            .ok_or(BusError::Overlap { base, len })?;
         if let Some((&prev_base, prev)) = self.ranges.range(..end).next_back() {
             if prev_base + prev.len > base {
                 return Err(BusError::Overlap { base, len });

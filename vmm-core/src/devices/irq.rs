@@ -17,7 +17,10 @@ impl IrqLine {
     /// Wraps an eventfd that the caller registered (or will register) as the
     /// irqfd of `gsi`.
     pub fn new(gsi: u32, evt: EventFd) -> Self {
-        Self { gsi, evt: Arc::new(evt) }
+        Self {
+            gsi,
+            evt: Arc::new(evt),
+        }
     }
 
     /// The GSI this line raises.

@@ -1,1 +1,177 @@
 //! virtio-mmio transport and virtio devices.
+//!
+//! Every device implements [`VirtioDevice`]; the [`mmio::MmioTransport`] serves
+//! the virtio-mmio register window for any of them and never knows which
+//! device it talks to. The split of work between threads:
+//!
+//! - vCPU threads reach the transport through the MMIO bus. The transport
+//!   negotiates features, collects the queue configuration and, on
+//!   `DRIVER_OK`, hands validated queues to the device (`activate`). A
+//!   `QueueNotify` write only signals the device's per-queue [`EventFd`]; no
+//!   queue is processed on a vCPU thread.
+//! - The device is an event-manager subscriber: its queue eventfds (and any
+//!   backend file descriptors) wake the event-loop thread, which processes the
+//!   queues and raises the interrupt through the shared [`Interrupt`].
+
+pub mod mmio;
+pub mod vsock;
+
+use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::irq::IrqLine;
+
+/// Guest memory as devices see it.
+pub type GuestMemory = GuestMemoryMmap<()>;
+
+/// Feature bit: the device complies with virtio 1.0+ (no legacy interface).
+pub const VIRTIO_F_VERSION_1: u32 = virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+/// Feature bit: used/avail event index suppression.
+pub const VIRTIO_RING_F_EVENT_IDX: u32 = virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+
+/// Device status bits (virtio 1.2, 2.1).
+pub mod status {
+    /// The guest has noticed the device.
+    pub const ACKNOWLEDGE: u32 = virtio_bindings::virtio_config::VIRTIO_CONFIG_S_ACKNOWLEDGE;
+    /// The guest has a driver for the device.
+    pub const DRIVER: u32 = virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER;
+    /// The driver is set up and ready to drive the device.
+    pub const DRIVER_OK: u32 = virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK;
+    /// Feature negotiation is complete.
+    pub const FEATURES_OK: u32 = virtio_bindings::virtio_config::VIRTIO_CONFIG_S_FEATURES_OK;
+    /// The device hit an error it cannot recover from without a reset.
+    pub const DEVICE_NEEDS_RESET: u32 = virtio_bindings::virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET;
+    /// The driver gave up on the device.
+    pub const FAILED: u32 = virtio_bindings::virtio_config::VIRTIO_CONFIG_S_FAILED;
+}
+
+/// Why a device refused to activate.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The transport passed a different number of queues than the device has.
+    #[error("expected {expected} queues, got {got}")]
+    QueueCount { expected: usize, got: usize },
+    /// The device was already active.
+    #[error("device already activated")]
+    AlreadyActive,
+    /// A host resource the device needs could not be set up.
+    #[error("device activation: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// The interrupt state shared by a transport and its device.
+///
+/// The device sets status bits and raises the line; the guest reads
+/// `InterruptStatus` and clears bits with `InterruptACK` through the
+/// transport.
+pub struct Interrupt {
+    status: AtomicU32,
+    irq: IrqLine,
+}
+
+impl Interrupt {
+    /// A used buffer was added to a queue.
+    pub const USED_RING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
+    /// The configuration space changed (or the device needs a reset).
+    pub const CONFIG: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
+
+    /// Wraps the device's interrupt line.
+    pub fn new(irq: IrqLine) -> Self {
+        Self {
+            status: AtomicU32::new(0),
+            irq,
+        }
+    }
+
+    /// Sets `bits` in the interrupt status and raises the line.
+    pub fn signal(&self, bits: u32) -> io::Result<()> {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        self.irq.trigger()
+    }
+
+    /// Signals that used buffers are available.
+    pub fn signal_used_queue(&self) -> io::Result<()> {
+        self.signal(Self::USED_RING)
+    }
+
+    /// Signals a configuration change.
+    pub fn signal_config_change(&self) -> io::Result<()> {
+        self.signal(Self::CONFIG)
+    }
+
+    /// The current interrupt status bits.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// Clears the acknowledged `bits`.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Clears every status bit (device reset).
+    pub fn clear(&self) {
+        self.status.store(0, Ordering::SeqCst);
+    }
+
+    /// The line behind this interrupt.
+    pub fn irq_line(&self) -> &IrqLine {
+        &self.irq
+    }
+}
+
+/// A virtio device, independent of its transport.
+///
+/// Queue notifications reach the device through the eventfds returned by
+/// [`VirtioDevice::queue_events`]: the transport writes `queue_events()[i]`
+/// when the guest writes `i` to `QueueNotify`, and the device (registered
+/// with the event manager) processes queue `i` on the event-loop thread.
+pub trait VirtioDevice: Send {
+    /// The virtio device ID (e.g. 19 for vsock).
+    fn device_type(&self) -> u32;
+
+    /// The maximum size of each queue; its length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+
+    /// One eventfd per queue, written by the transport on `QueueNotify`.
+    fn queue_events(&self) -> &[Arc<EventFd>];
+
+    /// The device-specific feature bits offered to the driver. The transport
+    /// adds `VIRTIO_F_VERSION_1` itself.
+    fn avail_features(&self) -> u64;
+
+    /// The features the driver accepted (valid once `FEATURES_OK` is set).
+    fn acked_features(&self) -> u64;
+
+    /// Records the features the driver accepted.
+    fn set_acked_features(&mut self, features: u64);
+
+    /// Reads device configuration space at `offset`; out-of-range bytes read
+    /// as zero. Must not panic on any offset or length.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+
+    /// Writes device configuration space; out-of-range or read-only writes
+    /// are logged and ignored.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+
+    /// Starts the device with the driver's queues, already validated against
+    /// `mem` by the transport.
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError>;
+
+    /// Whether `activate` succeeded and no reset happened since.
+    fn is_activated(&self) -> bool;
+
+    /// Returns the device to its pre-activation state: queues, memory and
+    /// interrupt are dropped, backend connections are closed.
+    fn reset(&mut self);
+}

@@ -1,0 +1,430 @@
+//! A microVM: built in one place from one validated [`VmConfig`] (as in
+//! Firecracker's builder), then started, waited on and stopped.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{Address, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::{cpuid, layout, mptable::MAX_VCPUS};
+use crate::cmdline::{CmdlineError, KernelCmdline};
+use crate::devices::bus::{Bus, BusError};
+use crate::devices::i8042::I8042;
+use crate::devices::irq::IrqLine;
+use crate::devices::serial::{ConsoleTail, SerialConsole};
+use crate::exit::{ExitNotifier, VmExit};
+use crate::hypervisor::KvmFlavour;
+use crate::loader::{self, LoadError};
+use crate::vcpu::{Vcpu, VcpuError, VcpuHandle};
+use crate::virtio::mmio::MmioTransport;
+use crate::virtio::vsock::{VirtioVsock, VsockError};
+use crate::virtio::VirtioDevice;
+
+/// The event loop's subscribers: every device with host-side I/O.
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Where the guest console goes.
+pub enum ConsoleOutput {
+    /// Dropped (the last 16 KiB are still kept for diagnostics).
+    Sink,
+    /// This process's stderr.
+    Stderr,
+    /// Any writer: a file, a pipe.
+    Writer(Box<dyn Write + Send>),
+}
+
+/// The vsock device: the guest's context id, and the Unix socket on which
+/// the host reaches guest ports (`CONNECT <port>`).
+#[derive(Clone, Debug)]
+pub struct VsockConfig {
+    /// Guest context id (3 or more).
+    pub guest_cid: u64,
+    /// Path of the host-side Unix socket; `<path>_<port>` for guest-initiated
+    /// connections.
+    pub uds_path: PathBuf,
+}
+
+/// Everything needed to build a VM.
+pub struct VmConfig {
+    /// Number of vCPUs, 1..=32.
+    pub vcpus: u8,
+    /// Guest RAM in bytes.
+    pub memory_bytes: u64,
+    /// Uncompressed ELF kernel (`vmlinux`).
+    pub kernel: PathBuf,
+    /// An initramfs (`newc` cpio), if any.
+    pub initramfs: Option<Vec<u8>>,
+    /// Extra kernel arguments, appended last.
+    pub kernel_args: Vec<String>,
+    /// Console output.
+    pub console: ConsoleOutput,
+    /// A virtio-vsock device with a hybrid Unix-socket backend, if any.
+    pub vsock: Option<VsockConfig>,
+    /// Override of the detected KVM flavour (tests, or a host the detection
+    /// gets wrong).
+    pub flavour: Option<KvmFlavour>,
+}
+
+impl VmConfig {
+    /// A config with one vCPU, 128 MiB, no initramfs, console dropped.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        Self {
+            vcpus: 1,
+            memory_bytes: 128 << 20,
+            kernel: kernel.into(),
+            initramfs: None,
+            kernel_args: Vec::new(),
+            console: ConsoleOutput::Sink,
+            vsock: None,
+            flavour: None,
+        }
+    }
+}
+
+/// Errors building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// `/dev/kvm` cannot be opened.
+    #[error("cannot open /dev/kvm ({0}); Arrow needs KVM: load kvm_intel, kvm_amd or kvm_pvm and check permissions")]
+    NoKvm(#[source] kvm_ioctls::Error),
+    /// A VM-level KVM ioctl failed.
+    #[error("KVM: {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The vCPU count is out of range.
+    #[error("{0} vCPUs requested; Arrow supports 1 to {MAX_VCPUS}")]
+    VcpuCount(u8),
+    /// The memory size is out of range.
+    #[error("{0} bytes of guest memory requested; at least 16 MiB, in whole MiB, is needed")]
+    MemorySize(u64),
+    /// Guest memory cannot be allocated.
+    #[error("allocating {size} bytes of guest memory: {source}")]
+    Memory {
+        size: u64,
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    /// Loading the boot payload failed.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// The command line is invalid.
+    #[error(transparent)]
+    Cmdline(#[from] CmdlineError),
+    /// A device could not be placed on a bus.
+    #[error("placing a device: {0}")]
+    Bus(#[from] BusError),
+    /// Too many devices for the IOAPIC's pins.
+    #[error("too many virtio devices")]
+    TooManyDevices,
+    /// The vsock device could not be created.
+    #[error("vsock device: {0}")]
+    Vsock(#[from] VsockError),
+    /// An eventfd could not be created.
+    #[error("creating an eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+    /// vCPU set-up or start failed.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// The event loop could not be created or started.
+    #[error("device event loop: {0}")]
+    EventLoop(String),
+    /// `start` was called twice.
+    #[error("the VM was already started")]
+    AlreadyStarted,
+}
+
+/// A built, possibly running, microVM. Dropping it stops the VM.
+pub struct Vm {
+    // Field order matters for drop: threads stop (in `Drop`) before the
+    // VM fd and the guest memory they use go away.
+    vcpus: Vec<Vcpu>,
+    running: Vec<VcpuHandle>,
+    event_loop: Option<EventLoop>,
+    subscribers: Vec<Subscriber>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    exit: ExitNotifier,
+    console: ConsoleTail,
+    flavour: KvmFlavour,
+    cmdline: String,
+    memory: GuestMemoryMmap<()>,
+    _vm_fd: VmFd,
+}
+
+impl Vm {
+    /// Builds the whole VM from `config`: KVM objects, guest memory, legacy
+    /// and virtio devices, the boot payload, and configured vCPUs. Nothing
+    /// runs until [`Vm::start`].
+    pub fn build(mut config: VmConfig) -> Result<Self, VmError> {
+        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
+            return Err(VmError::VcpuCount(config.vcpus));
+        }
+        if config.memory_bytes < (16 << 20) || !config.memory_bytes.is_multiple_of(1 << 20) {
+            return Err(VmError::MemorySize(config.memory_bytes));
+        }
+        let kvm = Kvm::new().map_err(VmError::NoKvm)?;
+        let flavour = config.flavour.unwrap_or_else(KvmFlavour::detect);
+        let kvm_err = |what| move |source| VmError::Kvm { what, source };
+        let vm_fd = kvm.create_vm().map_err(kvm_err("create VM"))?;
+        vm_fd
+            .set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+            .map_err(kvm_err("set TSS address"))?;
+        vm_fd.create_irq_chip().map_err(kvm_err("create irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd.create_pit2(pit).map_err(kvm_err("create PIT"))?;
+
+        let memory =
+            loader::create_guest_memory(config.memory_bytes).map_err(|source| VmError::Memory {
+                size: config.memory_bytes,
+                source,
+            })?;
+        for (slot, region) in memory.iter().enumerate() {
+            let mem_region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is a live mapping owned by `memory`, which
+            // the Vm keeps until after the VM fd is closed; no other slot
+            // overlaps it.
+            unsafe { vm_fd.set_user_memory_region(mem_region) }
+                .map_err(kvm_err("register guest memory"))?;
+        }
+
+        let exit = ExitNotifier::new();
+        let console = ConsoleTail::default();
+        let mut pio = Bus::new();
+        let out: Option<Box<dyn Write + Send>> =
+            match std::mem::replace(&mut config.console, ConsoleOutput::Sink) {
+                ConsoleOutput::Sink => None,
+                ConsoleOutput::Stderr => Some(Box::new(std::io::stderr())),
+                ConsoleOutput::Writer(w) => Some(w),
+            };
+        let serial_irq = new_irq_line(&vm_fd, layout::SERIAL_IRQ)?;
+        let serial = SerialConsole::new(serial_irq, out, console.clone());
+        pio.insert(Arc::new(Mutex::new(serial)), layout::SERIAL_PORT, 8)?;
+        pio.insert(
+            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+            layout::I8042_PORT,
+            5,
+        )?;
+
+        let mut cmdline = KernelCmdline::for_flavour(flavour);
+        let mut devices = VirtioDevices {
+            vm_fd: &vm_fd,
+            memory: &memory,
+            cmdline: &mut cmdline,
+            mmio: Bus::new(),
+            subscribers: Vec::new(),
+            next_slot: 0,
+        };
+        if let Some(vsock) = &config.vsock {
+            let dev = Arc::new(Mutex::new(VirtioVsock::new(
+                vsock.guest_cid,
+                vsock.uds_path.clone(),
+            )?));
+            devices.add(dev.clone(), Some(dev))?;
+        }
+        let VirtioDevices {
+            mmio, subscribers, ..
+        } = devices;
+        for arg in &config.kernel_args {
+            cmdline.push(arg.clone())?;
+        }
+        let cmdline = cmdline.build()?;
+
+        let entry = loader::load_boot_payload(
+            &memory,
+            config.memory_bytes,
+            config.vcpus,
+            &config.kernel,
+            config.initramfs.as_deref(),
+            &cmdline,
+        )?;
+
+        let mut base_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("get supported CPUID"))?;
+        if flavour.emulates_guest_kernel() {
+            cpuid::mask_for_instruction_emulation(base_cpuid.as_mut_slice());
+        }
+        let vcpus = (0..config.vcpus)
+            .map(|i| Vcpu::new(&vm_fd, i, config.vcpus, &base_cpuid, entry.0))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        Ok(Self {
+            vcpus,
+            running: Vec::new(),
+            event_loop: None,
+            subscribers,
+            pio: Arc::new(pio),
+            mmio: Arc::new(mmio),
+            exit,
+            console,
+            flavour,
+            cmdline,
+            memory,
+            _vm_fd: vm_fd,
+        })
+    }
+
+    /// Starts the device event loop and every vCPU.
+    pub fn start(&mut self) -> Result<(), VmError> {
+        if self.vcpus.is_empty() {
+            return Err(VmError::AlreadyStarted);
+        }
+        self.event_loop = Some(EventLoop::start(
+            std::mem::take(&mut self.subscribers),
+            self.exit.clone(),
+        )?);
+        for vcpu in self.vcpus.drain(..) {
+            let handle = vcpu.start(self.pio.clone(), self.mmio.clone(), self.exit.clone())?;
+            self.running.push(handle);
+        }
+        Ok(())
+    }
+
+    /// Waits for the VM to end, at most `timeout`; `None` if it still runs.
+    pub fn wait(&self, timeout: Option<Duration>) -> Option<VmExit> {
+        self.exit.wait(timeout)
+    }
+
+    /// Stops the VM (if still running) and joins its threads. Returns how it
+    /// ended.
+    pub fn stop(&mut self) -> VmExit {
+        self.exit.notify(VmExit::Stopped);
+        for vcpu in self.running.drain(..) {
+            if !vcpu.stop(Duration::from_secs(5)) {
+                log::error!("a vCPU thread did not stop within 5 s");
+            }
+        }
+        if let Some(event_loop) = self.event_loop.take() {
+            event_loop.join();
+        }
+        self.exit.exit().unwrap_or(VmExit::Stopped)
+    }
+
+    /// The guest's memory.
+    pub fn memory(&self) -> &GuestMemoryMmap<()> {
+        &self.memory
+    }
+
+    /// The KVM flavour the VM runs on.
+    pub fn flavour(&self) -> KvmFlavour {
+        self.flavour
+    }
+
+    /// The kernel command line the guest booted with.
+    pub fn cmdline(&self) -> &str {
+        &self.cmdline
+    }
+
+    /// The last lines of the guest console.
+    pub fn console(&self) -> &ConsoleTail {
+        &self.console
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Places virtio devices on the MMIO bus, one window and one GSI each, and
+/// announces them on the kernel command line.
+struct VirtioDevices<'a> {
+    vm_fd: &'a VmFd,
+    memory: &'a GuestMemoryMmap<()>,
+    cmdline: &'a mut KernelCmdline,
+    mmio: Bus,
+    subscribers: Vec<Subscriber>,
+    next_slot: u32,
+}
+
+impl VirtioDevices<'_> {
+    fn add(
+        &mut self,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        subscriber: Option<Subscriber>,
+    ) -> Result<(), VmError> {
+        let (base, gsi) =
+            layout::virtio_mmio_slot(self.next_slot).ok_or(VmError::TooManyDevices)?;
+        self.next_slot += 1;
+        let irq = new_irq_line(self.vm_fd, gsi)?;
+        let transport = MmioTransport::new(self.memory.clone(), device, irq);
+        self.mmio.insert(
+            Arc::new(Mutex::new(transport)),
+            base,
+            layout::VIRTIO_MMIO_SIZE,
+        )?;
+        self.cmdline.push_virtio_mmio(base, gsi);
+        self.subscribers.extend(subscriber);
+        Ok(())
+    }
+}
+
+fn new_irq_line(vm_fd: &VmFd, gsi: u32) -> Result<IrqLine, VmError> {
+    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+    vm_fd
+        .register_irqfd(&evt, gsi)
+        .map_err(|source| VmError::Kvm {
+            what: "register irqfd",
+            source,
+        })?;
+    Ok(IrqLine::new(gsi, evt))
+}
+
+/// The thread that serves every device's host-side I/O from one epoll set.
+struct EventLoop {
+    thread: JoinHandle<()>,
+}
+
+impl EventLoop {
+    /// How often the loop checks whether the VM has ended.
+    const TICK_MS: i32 = 50;
+
+    fn start(subscribers: Vec<Subscriber>, exit: ExitNotifier) -> Result<Self, VmError> {
+        let mut manager =
+            EventManager::<Subscriber>::new().map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
+        for sub in subscribers {
+            manager.add_subscriber(sub);
+        }
+        let thread = std::thread::Builder::new()
+            .name("devices".into())
+            .spawn(move || {
+                while !exit.has_exited() {
+                    if let Err(e) = manager.run_with_timeout(Self::TICK_MS) {
+                        log::error!("device event loop failed: {e:?}");
+                        exit.notify(VmExit::VcpuError {
+                            vcpu: 0,
+                            message: format!("device event loop failed: {e:?}"),
+                        });
+                    }
+                }
+            })
+            .map_err(|e| VmError::EventLoop(e.to_string()))?;
+        Ok(Self { thread })
+    }
+
+    fn join(self) {
+        let _ = self.thread.join();
+    }
+}
