@@ -1,1 +1,99 @@
-fn main() {}
+//! `arrow-vmm`: Arrow's VMM process.
+//!
+//! `run` boots a fresh microVM with a root tree and one program in it (the
+//! demo and debugging mode); `boot` boots any kernel with its console on
+//! stdout; `test-guest` writes the bare-metal test guest used by tests and
+//! benchmarks.
+
+mod paths;
+mod run;
+mod stdio;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use vmm_core::exit::VmExit;
+use vmm_core::test_guest::GuestProgram;
+use vmm_core::vm::{ConsoleOutput, Vm, VmConfig};
+
+#[derive(Parser)]
+#[command(name = "arrow-vmm", version, about = "Arrow's KVM microVM monitor")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a microVM and run one program in it; exit with its exit code.
+    Run(run::RunArgs),
+    /// Boot a kernel with its console on stdout until the guest resets.
+    Boot(BootArgs),
+    /// Write the bare-metal test guest (prints "ready" and resets) as ELF.
+    TestGuest {
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Spin after "ready" instead of resetting (for memory figures).
+        #[arg(long)]
+        spin: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct BootArgs {
+    /// ELF kernel to boot.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Guest memory, e.g. 128M or 1G.
+    #[arg(long, default_value = "128M", value_parser = paths::parse_size)]
+    memory: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Extra kernel arguments.
+    #[arg(long = "kernel-arg")]
+    kernel_args: Vec<String>,
+}
+
+fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
+    let mut config = VmConfig::new(&args.kernel);
+    config.memory_bytes = args.memory;
+    config.vcpus = args.vcpus;
+    config.kernel_args = args.kernel_args;
+    config.console = ConsoleOutput::Writer(Box::new(std::io::stdout()));
+    let mut vm = Vm::build(config).context("building the VM")?;
+    vm.start().context("starting the VM")?;
+    match vm.wait(None).unwrap_or(VmExit::Stopped) {
+        VmExit::Reset | VmExit::PowerOff => Ok(ExitCode::SUCCESS),
+        other => anyhow::bail!("the VM ended abnormally: {other}"),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Boot(args) => boot(args),
+        Command::TestGuest { out, spin } => {
+            let mut guest = GuestProgram::new();
+            guest.serial_write(b"ready\n");
+            if spin {
+                guest.count_forever(0x20_0000);
+            } else {
+                guest.reset().halt_forever();
+            }
+            guest
+                .write_elf(&out)
+                .with_context(|| format!("writing {}", out.display()))
+                .map(|()| ExitCode::SUCCESS)
+        }
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("arrow-vmm: {e:#}");
+        // As `docker run`: 125 when the runtime itself failed.
+        ExitCode::from(125)
+    })
+}
