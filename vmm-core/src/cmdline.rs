@@ -35,12 +35,13 @@ pub struct KernelCmdline {
 }
 
 impl KernelCmdline {
-    /// Starts from Arrow's base settings plus those of `flavour`.
-    pub fn for_flavour(flavour: KvmFlavour) -> Self {
+    /// Starts from Arrow's base settings plus those `flavour` needs for a
+    /// guest of `vcpus` vCPUs.
+    pub fn for_flavour(flavour: KvmFlavour, vcpus: u8) -> Self {
         let mut line = Self::default();
         line.args.extend(BASE_ARGS.iter().map(|s| s.to_string()));
         line.args
-            .extend(flavour.kernel_args().iter().map(|s| s.to_string()));
+            .extend(flavour.kernel_args(vcpus).iter().map(|s| s.to_string()));
         line
     }
 
@@ -84,7 +85,7 @@ mod tests {
 
     #[test]
     fn base_flavour_devices_then_caller() {
-        let mut line = KernelCmdline::for_flavour(KvmFlavour::Hardware("kvm_intel"));
+        let mut line = KernelCmdline::for_flavour(KvmFlavour::Hardware("kvm_intel"), 1);
         line.push_virtio_mmio(0xd000_0000, 5);
         line.push("rdinit=/.arrow/init").unwrap();
         let s = line.build().unwrap();
@@ -95,7 +96,9 @@ mod tests {
 
     #[test]
     fn pvm_gets_its_workarounds() {
-        let s = KernelCmdline::for_flavour(KvmFlavour::Pvm).build().unwrap();
+        let s = KernelCmdline::for_flavour(KvmFlavour::Pvm, 1)
+            .build()
+            .unwrap();
         assert!(s.contains("noxsave"));
         assert!(s.contains("clearcpuid="));
     }

@@ -100,7 +100,6 @@ mod tests {
         assert_eq!(total, 4 << 30);
     }
 
-
     #[test]
     fn virtio_slots_stop_at_the_last_ioapic_pin() {
         assert_eq!(virtio_mmio_slot(0), Some((0xd000_0000, 5)));
