@@ -3,6 +3,7 @@
 //! it blocks only its own request.
 
 use std::io::{self, BufReader};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::Duration;
@@ -11,9 +12,10 @@ use proto::agent::{
     request::Body, response, Exited, Pong, ProcessCreated, ProcessDeleted, Request, Response,
     ShutdownStarted, Signalled, StartProcess, StdinClosed, TtyResized,
 };
-use proto::{read_frame, write_frame};
+use proto::{read_frame, write_frame, FrameError};
 
-use crate::conn::{Conn, Listener};
+use crate::clone::{self, ClonePlatform};
+use crate::conn::{is_disconnect, Conn, Listener};
 use crate::reaper::ExitStatus;
 use crate::supervisor::{ProcError, Supervisor};
 use crate::{log_debug, log_error, log_info};
@@ -31,17 +33,24 @@ pub enum OnShutdown {
     Exit,
 }
 
-/// The agent: the process table plus what shutdown means here.
+/// The agent: the process table, what shutdown means here and what
+/// InitClone changes (the guest itself, or a fake in host tests).
 pub struct Agent {
     supervisor: Arc<Supervisor>,
     on_shutdown: OnShutdown,
+    platform: Box<dyn ClonePlatform>,
 }
 
 impl Agent {
-    pub fn new(supervisor: Arc<Supervisor>, on_shutdown: OnShutdown) -> Self {
+    pub fn new(
+        supervisor: Arc<Supervisor>,
+        on_shutdown: OnShutdown,
+        platform: Box<dyn ClonePlatform>,
+    ) -> Self {
         Self {
             supervisor,
             on_shutdown,
+            platform,
         }
     }
 
@@ -101,6 +110,15 @@ impl Agent {
             Some(Body::DeleteProcess(d)) => sup
                 .delete(&d.id)
                 .map(|()| response::Result::ProcessDeleted(ProcessDeleted {})),
+            Some(Body::InitClone(init)) => clone::init_clone(&*self.platform, &init).map(|done| {
+                log_info!(
+                    "clone initialised: wall clock was {} ns, {} bytes of entropy, hostname {:?}",
+                    done.previous_unix_time_ns,
+                    done.entropy_bytes,
+                    done.hostname
+                );
+                response::Result::CloneInitialized(done)
+            }),
             Some(Body::Ping(_)) => Ok(response::Result::Pong(Pong {
                 version: env!("CARGO_PKG_VERSION").into(),
                 uptime_ms: uptime_ms(),
@@ -145,6 +163,8 @@ fn exited(status: ExitStatus) -> response::Result {
 }
 
 /// Milliseconds since boot (CLOCK_BOOTTIME; a vDSO call, no kernel entry).
+/// Read at every call, never cached: in a clone it continues from the
+/// template's uptime and is never stepped like the wall clock.
 fn uptime_ms() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -160,6 +180,9 @@ fn uptime_ms() -> u64 {
 struct Responder {
     conn: Arc<Conn>,
     lock: Mutex<()>,
+    /// Set once a write found the connection gone: later answers (waits
+    /// finishing after a reset) are dropped without a system call.
+    gone: AtomicBool,
 }
 
 impl Responder {
@@ -173,8 +196,14 @@ impl Responder {
             result: Some(result),
         };
         let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.gone.load(Ordering::Relaxed) {
+            return;
+        }
         if let Err(e) = write_frame(&mut &*self.conn, &resp) {
             log_debug!("response {id} not sent: {e}");
+            if matches!(&e, FrameError::Io(io) if is_disconnect(io)) {
+                self.gone.store(true, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -193,6 +222,7 @@ fn handle_connection(agent: &Arc<Agent>, conn: Conn) {
     let out = Arc::new(Responder {
         conn: Arc::clone(&conn),
         lock: Mutex::new(()),
+        gone: AtomicBool::new(false),
     });
     // Buffered: a frame's header and body usually arrive in one read.
     let mut reader = BufReader::with_capacity(8 * 1024, &*conn);
@@ -200,6 +230,12 @@ fn handle_connection(agent: &Arc<Agent>, conn: Conn) {
         match read_frame::<Request, _>(&mut reader) {
             Ok(Some(req)) => agent.dispatch(req, &out),
             Ok(None) => break,
+            // Expected after a snapshot restore (vsock transport reset) or
+            // when the host goes away: not worth a kmsg record.
+            Err(FrameError::Io(e)) if is_disconnect(&e) => {
+                log_debug!("agent connection ended: {e}");
+                break;
+            }
             Err(e) => {
                 log_info!("dropping agent connection: {e}");
                 break;
@@ -211,37 +247,127 @@ fn handle_connection(agent: &Arc<Agent>, conn: Conn) {
 }
 
 /// Runs `handler(conn)` on a new thread for every accepted connection.
-/// Transient accept failures (out of fds, memory) are logged and retried;
-/// returns the error only when the listener itself is broken.
+/// Failed accepts (an aborted pending connection, a vsock transport reset,
+/// out of fds or memory) and failed thread starts are logged and retried
+/// with [`Backoff`], so PID 1 never spins; returns the error only when the
+/// listener itself is broken.
 pub(crate) fn accept_loop<H, F>(listener: &Listener, name: &str, mut handler: H) -> io::Error
 where
     H: FnMut(Conn) -> F,
     F: FnOnce() + Send + 'static,
 {
-    let mut failures = 0u32;
+    let mut backoff = Backoff::default();
     loop {
-        match listener.accept() {
+        let failed = match listener.accept() {
             Ok(conn) => {
-                failures = 0;
                 let spawned = thread::Builder::new()
                     .name(format!("{name}-conn"))
                     .stack_size(THREAD_STACK)
                     .spawn(handler(conn));
-                if let Err(e) = spawned {
-                    log_error!("{name}: cannot start connection thread: {e}");
+                match spawned {
+                    Ok(_) => {
+                        backoff.reset();
+                        continue;
+                    }
+                    Err(e) => {
+                        log_error!("{name}: cannot start connection thread: {e}");
+                        e
+                    }
                 }
             }
+            Err(e) if listener_is_broken(&e) => return e,
             Err(e) => {
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EBADF | libc::EINVAL | libc::ENOTSOCK)
-                ) {
-                    return e;
+                if is_disconnect(&e) || e.raw_os_error() == Some(libc::EPROTO) {
+                    log_debug!("{name}: accept: {e}");
+                } else {
+                    log_error!("{name}: accept: {e}");
                 }
-                failures = failures.saturating_add(1);
-                log_error!("{name}: accept: {e}");
-                thread::sleep(Duration::from_millis(10 * u64::from(failures.min(100))));
+                e
             }
+        };
+        let pause = backoff.next_delay();
+        if !pause.is_zero() {
+            log_debug!("{name}: {failed}; retrying in {pause:?}");
+            thread::sleep(pause);
         }
+    }
+}
+
+/// Errors after which accept(2) can never succeed on this socket.
+fn listener_is_broken(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EBADF | libc::EINVAL | libc::ENOTSOCK | libc::EOPNOTSUPP)
+    )
+}
+
+/// Delay before retrying after consecutive failures: none after the first
+/// (one aborted connection is routine), then 10 ms doubling up to 1 s.
+#[derive(Debug, Default)]
+struct Backoff {
+    failures: u32,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(10);
+    const MAX: Duration = Duration::from_secs(1);
+
+    fn next_delay(&mut self) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        match self.failures {
+            1 => Duration::ZERO,
+            n => Self::FIRST
+                .saturating_mul(1 << (n - 2).min(16))
+                .min(Self::MAX),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_a_cap_and_resets() {
+        let mut b = Backoff::default();
+        let ms: Vec<u128> = (0..10).map(|_| b.next_delay().as_millis()).collect();
+        assert_eq!(ms, [0, 10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
+        for _ in 0..100 {
+            assert!(b.next_delay() <= Backoff::MAX);
+        }
+        b.reset();
+        assert_eq!(b.next_delay(), Duration::ZERO);
+    }
+
+    #[test]
+    fn disconnects_are_not_broken_listeners() {
+        for errno in [
+            libc::ECONNRESET,
+            libc::ECONNABORTED,
+            libc::EPIPE,
+            libc::ENOTCONN,
+        ] {
+            let err = io::Error::from_raw_os_error(errno);
+            assert!(is_disconnect(&err));
+            assert!(!listener_is_broken(&err));
+        }
+        assert!(listener_is_broken(&io::Error::from_raw_os_error(
+            libc::EBADF
+        )));
+        assert!(!is_disconnect(&io::Error::from_raw_os_error(libc::EMFILE)));
+    }
+
+    /// An accept loop whose listener failed keeps failing without spinning.
+    #[test]
+    fn broken_listener_ends_the_loop() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        // A connected socket is not listening: accept says EINVAL.
+        let listener = Listener::from_fd(a.into());
+        let err = accept_loop(&listener, "test", |_conn| || {});
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
     }
 }

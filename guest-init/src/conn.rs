@@ -6,6 +6,23 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 
+/// Whether `err` means the peer or the transport ended the connection (the
+/// host closed it, or the VMM reset vsock after a snapshot restore): the
+/// connection is over, nothing is wrong with the agent.
+pub fn is_disconnect(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(
+            libc::ECONNRESET
+                | libc::EPIPE
+                | libc::ENOTCONN
+                | libc::ECONNABORTED
+                | libc::ESHUTDOWN
+                | libc::ETIMEDOUT
+        )
+    )
+}
+
 /// A connected stream socket.
 #[derive(Debug)]
 pub struct Conn(File);

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::thread;
 
 use crate::agent::{self, Agent, OnShutdown};
+use crate::clone::{ClonePlatform, GuestPlatform, RecordingPlatform};
 use crate::conn::Listener;
 use crate::reaper::Reaper;
 use crate::supervisor::Supervisor;
@@ -61,12 +62,15 @@ fn serve_vsock(
         agent_listener,
         stdio_listener,
         OnShutdown::PowerOff,
+        Box::new(GuestPlatform),
     ))
 }
 
 /// Host-test mode: serves the agent on `dir`/agent.sock and stdio on
 /// `dir`/stdio.sock; Shutdown exits. Becomes a child subreaper so orphans
-/// come back to it as they would to PID 1.
+/// come back to it as they would to PID 1. InitClone only records what it
+/// would do, in `dir`/[`CLONE_JOURNAL`]: this runs on the host, whose clock,
+/// random pool and hostname are not ours.
 pub fn run_unix(dir: &Path) -> io::Result<()> {
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } == -1 {
@@ -81,6 +85,7 @@ pub fn run_unix(dir: &Path) -> io::Result<()> {
         }
         Ok(UnixListener::bind(path)?.into())
     };
+    let platform = RecordingPlatform::for_host_tests(&dir.join(CLONE_JOURNAL))?;
     let agent_listener = bind("agent.sock")?;
     let stdio_listener = bind("stdio.sock")?;
     Err(serve(
@@ -88,8 +93,13 @@ pub fn run_unix(dir: &Path) -> io::Result<()> {
         agent_listener,
         stdio_listener,
         OnShutdown::Exit,
+        Box::new(platform),
     ))
 }
+
+/// The file in the `--listen-unix` directory where InitClone's effects are
+/// recorded, one line each.
+pub const CLONE_JOURNAL: &str = "clone-platform.log";
 
 /// Starts the reaper and the stdio service, then serves the agent on this
 /// thread; returns only the error that stopped it.
@@ -98,6 +108,7 @@ fn serve(
     agent_l: Listener,
     stdio_l: Listener,
     on_shutdown: OnShutdown,
+    platform: Box<dyn ClonePlatform>,
 ) -> io::Error {
     let reaper = match Reaper::start() {
         Ok(reaper) => reaper,
@@ -114,7 +125,10 @@ fn serve(
     if let Err(e) = stdio_thread {
         return e;
     }
-    agent::serve(Arc::new(Agent::new(supervisor, on_shutdown)), agent_l)
+    agent::serve(
+        Arc::new(Agent::new(supervisor, on_shutdown, platform)),
+        agent_l,
+    )
 }
 
 /// Makes sure fds 0-2 are open (the kernel leaves them closed when the

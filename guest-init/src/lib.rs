@@ -8,6 +8,7 @@
 pub mod log;
 
 pub mod agent;
+pub mod clone;
 pub mod cmdline;
 pub mod conn;
 pub mod init;

@@ -3,7 +3,7 @@
 //! started go to the callback registered for their pid, everything else is
 //! reaped silently.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::io;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
@@ -32,7 +32,8 @@ type OnExit = Box<dyn FnOnce(ExitStatus) + Send>;
 
 #[derive(Default)]
 struct Table {
-    watched: HashMap<i32, OnExit>,
+    /// Ordered, not hashed: no hash keys shared by every clone.
+    watched: BTreeMap<i32, OnExit>,
     /// Set when a child may exist again after `waitpid` said ECHILD.
     kicked: bool,
 }

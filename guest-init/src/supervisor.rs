@@ -2,7 +2,7 @@
 //! deleted): what each call may do in which state, and the stdio ends each
 //! process holds until a stream attaches or it starts.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -162,7 +162,9 @@ pub enum Attachment {
 
 /// The table of processes.
 pub struct Supervisor {
-    processes: Mutex<HashMap<String, Arc<Process>>>,
+    /// A BTreeMap, not a HashMap: a HashMap's hash keys would be the same
+    /// in every clone of a template snapshot.
+    processes: Mutex<BTreeMap<String, Arc<Process>>>,
     reaper: Arc<Reaper>,
     /// Opened once; every unattached stdio of every process uses it.
     null: OwnedFd,
@@ -176,14 +178,14 @@ impl Supervisor {
         // SAFETY: geteuid/getegid cannot fail and touch no memory.
         let agent_ids = unsafe { (libc::geteuid(), libc::getegid()) };
         Self {
-            processes: Mutex::new(HashMap::new()),
+            processes: Mutex::new(BTreeMap::new()),
             reaper,
             null,
             agent_ids,
         }
     }
 
-    fn table(&self) -> MutexGuard<'_, HashMap<String, Arc<Process>>> {
+    fn table(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Process>>> {
         self.processes
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

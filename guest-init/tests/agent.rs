@@ -515,3 +515,200 @@ fn shutdown_exits_the_test_agent() {
         thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// What the agent's fake clone platform recorded (`--listen-unix` mode).
+fn clone_journal(agent: &Agent) -> Vec<String> {
+    std::fs::read_to_string(agent.dir.join(guest_init::init::CLONE_JOURNAL))
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn host_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap()
+}
+
+#[test]
+fn init_clone_applies_through_the_fake_and_leaves_the_host_alone() {
+    let host_name = host_hostname();
+    let agent = Agent::start();
+    let client = agent.client();
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    // 2001-09-09: a clock the host would never accept quietly.
+    let clone_time = 1_000_000_000_000_000_000;
+    let entropy = proto::client::fresh_entropy(64).unwrap();
+    let done = client.init_clone(clone_time, &entropy, "clone-7").unwrap();
+    // The fake starts from the host's clock, as a template's stale one.
+    assert!(
+        done.previous_unix_time_ns.abs_diff(host_now) < 60_000_000_000,
+        "{} vs {host_now}",
+        done.previous_unix_time_ns
+    );
+    assert_eq!(done.entropy_bytes, 64);
+    assert_eq!(done.hostname, "clone-7");
+    assert_eq!(
+        clone_journal(&agent),
+        [
+            format!("set_wall_clock {clone_time}"),
+            "add_entropy 64".into(),
+            "reseed_crng".into(),
+            "set_hostname clone-7".into(),
+        ]
+    );
+
+    // Again, keeping the hostname: the clock reads what was set.
+    let again = client
+        .init_clone(clone_time + 5, &entropy[..32], "")
+        .unwrap();
+    assert!((clone_time..clone_time + 60_000_000_000).contains(&again.previous_unix_time_ns));
+    assert_eq!(
+        (again.entropy_bytes, again.hostname.as_str()),
+        (32, "clone-7")
+    );
+    assert_eq!(clone_journal(&agent).len(), 7);
+
+    // The host kept its own.
+    assert_eq!(host_hostname(), host_name);
+    let after = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    assert!(after >= host_now);
+    // Uptime is the agent's (here the host's) boot time, not the wall clock.
+    assert!(client.ping().unwrap().uptime_ms > 0);
+}
+
+#[test]
+fn init_clone_refuses_bad_fields_and_applies_nothing() {
+    let agent = Agent::start();
+    let client = agent.client();
+    let good = proto::client::fresh_entropy(proto::CLONE_ENTROPY_MIN).unwrap();
+    let long = vec![1u8; proto::CLONE_ENTROPY_MAX + 1];
+    let long_name = "h".repeat(proto::HOSTNAME_MAX + 1);
+    let cases: [(u64, &[u8], &str); 6] = [
+        (0, &good, "h"),
+        (u64::MAX, &good, "h"),
+        (1, &good[..31], "h"),
+        (1, &long, "h"),
+        (1, &good, &long_name),
+        (1, &good, "a\0b"),
+    ];
+    for (time, entropy, name) in cases {
+        let err = client.init_clone(time, entropy, name).unwrap_err();
+        assert!(
+            matches!(err, ClientError::InvalidArgument(_)),
+            "({time}, {} bytes, {name:?}): {err}",
+            entropy.len()
+        );
+    }
+    assert!(clone_journal(&agent).is_empty());
+    client.ping().unwrap();
+}
+
+fn thread_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .count()
+}
+
+/// As after a snapshot restore, when the vsock transport reset kills every
+/// connection under the agent: connections cut mid-call end their threads,
+/// and the agent keeps serving new ones.
+#[test]
+fn connections_cut_mid_call_leave_the_agent_serving() {
+    let mut agent = Agent::start();
+    let pid = agent.child.id();
+    let client = agent.client();
+    client.ping().unwrap();
+    let baseline = thread_count(pid);
+
+    // 1. Cut inside a frame.
+    let mut conn = agent.raw_agent_conn();
+    conn.write_all(&[0, 0, 0, 50, 8, 1]).unwrap();
+    conn.shutdown(std::net::Shutdown::Both).unwrap();
+
+    // 2. Cut while a WaitProcess is pending: its answer later meets a dead
+    // connection.
+    client
+        .create_process(CreateProcess {
+            id: "sleeper".into(),
+            args: vec!["sleep".into(), "100".into()],
+            ..Default::default()
+        })
+        .unwrap();
+    client.start_process("sleeper").unwrap();
+    let mut conn = agent.raw_agent_conn();
+    let wait = Request {
+        id: 1,
+        body: Some(proto::agent::request::Body::WaitProcess(
+            proto::agent::WaitProcess {
+                id: "sleeper".into(),
+            },
+        )),
+    };
+    proto::write_frame(&mut conn, &wait).unwrap();
+    thread::sleep(Duration::from_millis(100));
+    conn.shutdown(std::net::Shutdown::Both).unwrap();
+
+    // 3. Cut a client with a call in flight.
+    let stream = agent.raw_agent_conn();
+    let cutter = stream.try_clone().unwrap();
+    let doomed = AgentClient::from_unix(stream).unwrap();
+    thread::scope(|s| {
+        let call = s.spawn(|| doomed.wait("sleeper"));
+        thread::sleep(Duration::from_millis(100));
+        cutter.shutdown(std::net::Shutdown::Both).unwrap();
+        assert!(matches!(
+            call.join().unwrap(),
+            Err(ClientError::ConnectionClosed(_))
+        ));
+    });
+
+    // 4. Cut an output stream mid-stream and a stdin stream: the process
+    // keeps running (its output is discarded, no SIGPIPE), stdin sees EOF.
+    client
+        .create_process(sh("chatty", "while :; do echo x; done"))
+        .unwrap();
+    let mut out = agent.attach("chatty", StreamKind::Stdout).unwrap();
+    client.start_process("chatty").unwrap();
+    let mut some = [0u8; 64];
+    out.read_exact(&mut some).unwrap();
+    out.shutdown(std::net::Shutdown::Both).unwrap();
+    let mut req = sh("cat", "cat; echo eof >&2");
+    req.stdin = true;
+    client.create_process(req).unwrap();
+    let stdin = agent.attach("cat", StreamKind::Stdin).unwrap();
+    client.start_process("cat").unwrap();
+    stdin.shutdown(std::net::Shutdown::Both).unwrap();
+    assert_eq!(client.wait("cat").unwrap().exit_code, 0);
+    thread::sleep(Duration::from_millis(200));
+    client.signal("chatty", 0, false).unwrap();
+
+    // Kill what runs; the pending waits answer into dead connections.
+    client.signal("chatty", libc::SIGKILL, true).unwrap();
+    client.signal("sleeper", libc::SIGKILL, false).unwrap();
+    assert_eq!(client.wait("chatty").unwrap().signal, libc::SIGKILL);
+    assert_eq!(client.wait("sleeper").unwrap().signal, libc::SIGKILL);
+
+    // The agent is alive, serves new connections, and every connection
+    // thread of the cut connections has ended.
+    assert!(agent.child.try_wait().unwrap().is_none());
+    let fresh = agent.client();
+    fresh.ping().unwrap();
+    let (out, _, status) = run(&agent, &fresh, sh("after", "echo still here"));
+    assert_eq!((out.as_str(), status), ("still here\n", (0, 0)));
+    drop(fresh);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while thread_count(pid) > baseline {
+        assert!(
+            Instant::now() < deadline,
+            "{} threads left, {baseline} before",
+            thread_count(pid)
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}

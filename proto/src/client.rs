@@ -3,6 +3,7 @@
 //! id, so a blocking `wait` on one thread never holds up calls from others.
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,9 +12,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread;
 
 use crate::agent::{
-    error::Code, request, response, CloseStdin, CreateProcess, DeleteProcess, Exited, Ping, Pong,
-    Request, ResizeTty, Response, Shutdown, SignalProcess, StartProcess, StreamAttach,
-    StreamAttached, StreamKind, WaitProcess,
+    error::Code, request, response, CloneInitialized, CloseStdin, CreateProcess, DeleteProcess,
+    Exited, InitClone, Ping, Pong, Request, ResizeTty, Response, Shutdown, SignalProcess,
+    StartProcess, StreamAttach, StreamAttached, StreamKind, WaitProcess,
 };
 use crate::frame::{read_frame, write_frame, FrameError};
 
@@ -128,6 +129,28 @@ impl AgentClient {
         match self.call("ping", request::Body::Ping(Ping {}))? {
             response::Result::Pong(pong) => Ok(pong),
             other => Err(unexpected("ping", &other)),
+        }
+    }
+
+    /// Makes a freshly restored clone unique: sets its wall clock to
+    /// `unix_time_ns`, mixes `entropy` into its kernel random pool and
+    /// reseeds the CRNG, and sets its hostname unless `hostname` is empty
+    /// (see `InitClone` in agent.proto). Call it first on a new clone, with
+    /// the time sampled just before and entropy from [`fresh_entropy`].
+    pub fn init_clone(
+        &self,
+        unix_time_ns: u64,
+        entropy: &[u8],
+        hostname: &str,
+    ) -> Result<CloneInitialized> {
+        let body = request::Body::InitClone(InitClone {
+            unix_time_ns,
+            entropy: entropy.to_vec(),
+            hostname: hostname.into(),
+        });
+        match self.call("init_clone", body)? {
+            response::Result::CloneInitialized(done) => Ok(done),
+            other => Err(unexpected("init_clone", &other)),
         }
     }
 
@@ -292,6 +315,15 @@ pub fn attach_stream<S: Read + Write>(
     }
 }
 
+/// `len` bytes from the host's CSPRNG (/dev/urandom, which never blocks once
+/// the host's pool is initialised), for `InitClone`'s `entropy`
+/// ([`crate::CLONE_ENTROPY_MIN`]..=[`crate::CLONE_ENTROPY_MAX`] bytes).
+pub fn fresh_entropy(len: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    File::open("/dev/urandom")?.read_exact(&mut buf)?;
+    Ok(buf)
+}
+
 /// The reader thread: routes every response to its caller until the
 /// connection ends, then fails every call still waiting.
 fn dispatch_responses<R: Read>(mut reader: R, shared: &Shared) {
@@ -325,6 +357,7 @@ fn unexpected(call: &'static str, got: &response::Result) -> ClientError {
         response::Result::ShutdownStarted(_) => "shutdown_started",
         response::Result::Pong(_) => "pong",
         response::Result::ProcessDeleted(_) => "process_deleted",
+        response::Result::CloneInitialized(_) => "clone_initialized",
     };
     ClientError::UnexpectedResponse { call, got }
 }
@@ -489,6 +522,48 @@ mod tests {
             agent.conn.shutdown(std::net::Shutdown::Both).unwrap();
             call.join().unwrap().unwrap();
         });
+    }
+
+    #[test]
+    fn init_clone_round_trip() {
+        let (client, agent) = pair();
+        let entropy = fresh_entropy(crate::CLONE_ENTROPY_MIN).unwrap();
+        thread::scope(|s| {
+            let call = s.spawn(|| client.init_clone(1_700_000_000_000_000_000, &entropy, "c1"));
+            let req = agent.next();
+            let Some(request::Body::InitClone(init)) = req.body else {
+                panic!("sent {:?}", req.body);
+            };
+            assert_eq!(init.unix_time_ns, 1_700_000_000_000_000_000);
+            assert_eq!(init.entropy, entropy);
+            assert_eq!(init.hostname, "c1");
+            agent.answer(
+                req.id,
+                response::Result::CloneInitialized(CloneInitialized {
+                    previous_unix_time_ns: 5,
+                    entropy_bytes: 32,
+                    hostname: "c1".into(),
+                }),
+            );
+            let done = call.join().unwrap().unwrap();
+            assert_eq!(
+                (
+                    done.previous_unix_time_ns,
+                    done.entropy_bytes,
+                    done.hostname.as_str()
+                ),
+                (5, 32, "c1")
+            );
+        });
+    }
+
+    #[test]
+    fn fresh_entropy_is_fresh() {
+        let a = fresh_entropy(64).unwrap();
+        let b = fresh_entropy(64).unwrap();
+        assert_eq!((a.len(), b.len()), (64, 64));
+        assert_ne!(a, b);
+        assert!(fresh_entropy(0).unwrap().is_empty());
     }
 
     #[test]

@@ -21,3 +21,10 @@ pub const GUEST_CID: u32 = 3;
 pub const AGENT_PORT: u32 = 1024;
 /// Vsock port of the stdio stream service.
 pub const STDIO_PORT: u32 = 1025;
+
+/// Fewest bytes of entropy `InitClone` accepts (256 bits).
+pub const CLONE_ENTROPY_MIN: usize = 32;
+/// Most bytes of entropy `InitClone` accepts.
+pub const CLONE_ENTROPY_MAX: usize = 4096;
+/// Longest hostname `InitClone` accepts (Linux `HOST_NAME_MAX`), in bytes.
+pub const HOSTNAME_MAX: usize = 64;
