@@ -11,6 +11,7 @@ pub mod exit;
 pub mod hypervisor;
 pub mod initramfs;
 pub mod loader;
+pub mod snapshot;
 pub mod test_guest;
 pub mod vcpu;
 pub mod virtio;

@@ -1,7 +1,8 @@
 //! vCPUs: set-up for the 64-bit boot, and the run loop each vCPU thread
 //! spins in, dispatching I/O and MMIO exits to the buses.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use crate::arch::x86_64::{cpuid, interrupts, msr, regs};
 use crate::devices::bus::Bus;
 use crate::exit::{ExitNotifier, VmExit};
+use crate::snapshot::vcpu_state::{VcpuState, VcpuStateError};
 
 /// Offset from SIGRTMIN of the signal that kicks a vCPU out of `KVM_RUN`.
 const KICK_SIGNAL_OFFSET: i32 = 0;
@@ -51,6 +53,13 @@ pub enum VcpuError {
         #[source]
         source: std::io::Error,
     },
+    /// Restoring saved state into the vCPU failed.
+    #[error("vCPU {index}: {source}")]
+    Restore {
+        index: u8,
+        #[source]
+        source: VcpuStateError,
+    },
     /// The kick signal handler could not be installed.
     #[error("installing the vCPU kick signal handler: {0}")]
     Signal(#[source] vmm_sys_util::errno::Error),
@@ -60,6 +69,9 @@ pub enum VcpuError {
 pub struct Vcpu {
     index: u8,
     fd: VcpuFd,
+    cpuid: CpuId,
+    /// The MSRs a snapshot saves (KVM's index list).
+    msr_index_list: Arc<Vec<u32>>,
 }
 
 impl Vcpu {
@@ -71,6 +83,7 @@ impl Vcpu {
         count: u8,
         base_cpuid: &CpuId,
         entry: u64,
+        msr_index_list: Arc<Vec<u32>>,
     ) -> Result<Self, VcpuError> {
         let kvm_err = |what| {
             move |source| VcpuError::Kvm {
@@ -110,7 +123,39 @@ impl Vcpu {
             regs::configure_sregs(&mut sregs);
             fd.set_sregs(&sregs).map_err(kvm_err("set sregs"))?;
         }
-        Ok(Self { index, fd })
+        Ok(Self {
+            index,
+            fd,
+            cpuid,
+            msr_index_list,
+        })
+    }
+
+    /// Creates vCPU `index` with the state saved in a snapshot.
+    pub fn restore(
+        vm: &VmFd,
+        index: u8,
+        state: &VcpuState,
+        msr_index_list: Arc<Vec<u32>>,
+    ) -> Result<Self, VcpuError> {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(|source| VcpuError::Kvm {
+                index,
+                what: "create",
+                source,
+            })?;
+        state
+            .restore(&fd)
+            .map_err(|source| VcpuError::Restore { index, source })?;
+        let cpuid = CpuId::from_entries(&state.cpuid)
+            .map_err(|source| VcpuError::MsrList { index, source })?;
+        Ok(Self {
+            index,
+            fd,
+            cpuid,
+            msr_index_list,
+        })
     }
 
     /// Starts the vCPU on its own thread. The thread ends when the VM exits
@@ -120,18 +165,47 @@ impl Vcpu {
         pio: Arc<Bus>,
         mmio: Arc<Bus>,
         exit: ExitNotifier,
+        control: Arc<VcpuControl>,
     ) -> Result<VcpuHandle, VcpuError> {
         install_kick_handler()?;
         let index = self.index;
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || self.run_loop(&pio, &mmio, &exit))
+            .spawn(move || self.run_loop(&pio, &mmio, &exit, &control))
             .map_err(|source| VcpuError::Spawn { index, source })?;
         Ok(VcpuHandle { thread })
     }
 
-    fn run_loop(mut self, pio: &Bus, mmio: &Bus, exit: &ExitNotifier) {
+    /// Stops at a clean point: completes any I/O KVM still has pending (one
+    /// `KVM_RUN` with immediate exit), saves the state for the snapshot, and
+    /// waits until resumed or the VM ends.
+    fn park(&mut self, control: &VcpuControl, exit: &ExitNotifier) {
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
+        let saved = VcpuState::save(&self.fd, &self.cpuid, &self.msr_index_list)
+            .map_err(|e| format!("vCPU {}: {e}", self.index));
+        let mut st = control.lock();
+        st.saved.push((self.index, saved));
+        st.parked += 1;
+        control.cvar.notify_all();
+        let generation = st.generation;
+        while st.generation == generation && !exit.has_exited() {
+            st = control
+                .cvar
+                .wait_timeout(st, Duration::from_millis(50))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        st.parked -= 1;
+    }
+
+    fn run_loop(mut self, pio: &Bus, mmio: &Bus, exit: &ExitNotifier, control: &VcpuControl) {
         while !exit.has_exited() {
+            if control.pause.load(Ordering::Acquire) {
+                self.park(control, exit);
+                continue;
+            }
             if let Some(mut reason) = self.run_once(pio, mmio) {
                 if let VmExit::VcpuError { message, .. } = &mut reason {
                     if let Ok(regs) = self.fd.get_regs() {
@@ -207,6 +281,73 @@ impl Vcpu {
                 message: format!("KVM_RUN failed: {e}"),
             }),
         }
+    }
+}
+
+/// Pausing and resuming the vCPUs of one VM, and the states they saved when
+/// they parked.
+#[derive(Default)]
+pub struct VcpuControl {
+    /// Checked by every vCPU loop iteration, so it is an atomic.
+    pause: AtomicBool,
+    state: Mutex<ControlState>,
+    cvar: Condvar,
+}
+
+#[derive(Default)]
+struct ControlState {
+    parked: usize,
+    /// Bumped by each resume, so a parked vCPU knows it may go on.
+    generation: u64,
+    saved: Vec<(u8, Result<VcpuState, String>)>,
+}
+
+impl VcpuControl {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ControlState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks every vCPU to park, kicks them out of `KVM_RUN`, and waits until
+    /// all `handles` are parked (or their threads ended). Returns each vCPU's
+    /// saved state, ordered by index.
+    pub fn pause(
+        &self,
+        handles: &[VcpuHandle],
+        timeout: Duration,
+    ) -> Result<Vec<VcpuState>, String> {
+        self.lock().saved.clear();
+        self.pause.store(true, Ordering::Release);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let st = self.lock();
+            let running = handles.iter().filter(|h| !h.thread.is_finished()).count();
+            if st.parked >= running {
+                break;
+            }
+            drop(st);
+            if Instant::now() > deadline {
+                self.resume();
+                return Err(format!("vCPUs did not pause within {timeout:?}"));
+            }
+            for h in handles {
+                let _ = h.thread.kill(SIGRTMIN() + KICK_SIGNAL_OFFSET);
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let mut saved = std::mem::take(&mut self.lock().saved);
+        saved.sort_by_key(|(index, _)| *index);
+        if saved.len() != handles.len() {
+            return Err("a vCPU thread ended before it could be paused".into());
+        }
+        saved.into_iter().map(|(_, state)| state).collect()
+    }
+
+    /// Lets parked vCPUs run again.
+    pub fn resume(&self) {
+        self.pause.store(false, Ordering::Release);
+        let mut st = self.lock();
+        st.generation += 1;
+        self.cvar.notify_all();
     }
 }
 

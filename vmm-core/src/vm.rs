@@ -2,7 +2,7 @@
 //! Firecracker's builder), then started, waited on and stopped.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -24,10 +24,13 @@ use crate::devices::serial::{ConsoleTail, SerialConsole};
 use crate::exit::{ExitNotifier, VmExit};
 use crate::hypervisor::KvmFlavour;
 use crate::loader::{self, LoadError};
-use crate::vcpu::{Vcpu, VcpuError, VcpuHandle};
+use crate::snapshot::vcpu_state::VcpuState;
+use crate::snapshot::{
+    self, HostSignature, KvmVmState, SnapshotError, VmShape, VmSnapshot, VsockSnapshot,
+};
+use crate::vcpu::{Vcpu, VcpuControl, VcpuError, VcpuHandle};
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::vsock::{VirtioVsock, VsockError};
-use crate::virtio::VirtioDevice;
 
 /// The event loop's subscribers: every device with host-side I/O.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -40,6 +43,28 @@ pub enum ConsoleOutput {
     Stderr,
     /// Any writer: a file, a pipe.
     Writer(Box<dyn Write + Send>),
+}
+
+impl ConsoleOutput {
+    /// The writer, leaving `Sink` behind.
+    fn take_writer(&mut self) -> Option<Box<dyn Write + Send>> {
+        match std::mem::replace(self, ConsoleOutput::Sink) {
+            ConsoleOutput::Sink => None,
+            ConsoleOutput::Stderr => Some(Box::new(std::io::stderr())),
+            ConsoleOutput::Writer(w) => Some(w),
+        }
+    }
+}
+
+/// The host backends of a clone: everything the snapshot cannot carry.
+pub struct RestoreConfig {
+    /// Console output.
+    pub console: ConsoleOutput,
+    /// New path of the vsock device's Unix socket (needed when the snapshot
+    /// has a vsock device).
+    pub vsock_uds_path: Option<PathBuf>,
+    /// Override of the detected KVM flavour.
+    pub flavour: Option<KvmFlavour>,
 }
 
 /// The vsock device: the guest's context id, and the Unix socket on which
@@ -140,10 +165,19 @@ pub enum VmError {
     /// The event loop could not be created or started.
     #[error("device event loop: {0}")]
     EventLoop(String),
+    /// Saving or loading a snapshot failed.
+    #[error("snapshot: {0}")]
+    Snapshot(#[from] SnapshotError),
+    /// A snapshot could not be taken or restored.
+    #[error("{0}")]
+    Restore(String),
     /// `start` was called twice.
     #[error("the VM was already started")]
     AlreadyStarted,
 }
+
+/// The vsock device and its transport, kept for snapshots.
+type VsockHandles = (Arc<Mutex<MmioTransport>>, Arc<Mutex<VirtioVsock>>);
 
 /// A built, possibly running, microVM. Dropping it stops the VM.
 pub struct Vm {
@@ -151,16 +185,19 @@ pub struct Vm {
     // VM fd and the guest memory they use go away.
     vcpus: Vec<Vcpu>,
     running: Vec<VcpuHandle>,
+    control: Arc<VcpuControl>,
     event_loop: Option<EventLoop>,
     subscribers: Vec<Subscriber>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     exit: ExitNotifier,
     console: ConsoleTail,
+    serial: Arc<Mutex<SerialConsole>>,
+    vsock: Option<VsockHandles>,
     flavour: KvmFlavour,
-    cmdline: String,
+    shape: VmShape,
     memory: GuestMemoryMmap<()>,
-    _vm_fd: VmFd,
+    vm_fd: VmFd,
 }
 
 impl Vm {
@@ -176,75 +213,40 @@ impl Vm {
         }
         let kvm = Kvm::new().map_err(VmError::NoKvm)?;
         let flavour = config.flavour.unwrap_or_else(KvmFlavour::detect);
-        let kvm_err = |what| move |source| VmError::Kvm { what, source };
-        let vm_fd = kvm.create_vm().map_err(kvm_err("create VM"))?;
-        vm_fd
-            .set_tss_address(layout::KVM_TSS_ADDRESS as usize)
-            .map_err(kvm_err("set TSS address"))?;
-        vm_fd.create_irq_chip().map_err(kvm_err("create irqchip"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm_fd.create_pit2(pit).map_err(kvm_err("create PIT"))?;
-
         let memory =
             loader::create_guest_memory(config.memory_bytes).map_err(|source| VmError::Memory {
                 size: config.memory_bytes,
                 source,
             })?;
-        for (slot, region) in memory.iter().enumerate() {
-            let mem_region = kvm_userspace_memory_region {
-                slot: slot as u32,
-                guest_phys_addr: region.start_addr().raw_value(),
-                memory_size: region.len(),
-                userspace_addr: region.as_ptr() as u64,
-                flags: 0,
-            };
-            // SAFETY: the region is a live mapping owned by `memory`, which
-            // the Vm keeps until after the VM fd is closed; no other slot
-            // overlaps it.
-            unsafe { vm_fd.set_user_memory_region(mem_region) }
-                .map_err(kvm_err("register guest memory"))?;
-        }
-
+        let vm_fd = create_kvm_vm(&kvm, &memory)?;
         let exit = ExitNotifier::new();
         let console = ConsoleTail::default();
-        let mut pio = Bus::new();
-        let out: Option<Box<dyn Write + Send>> =
-            match std::mem::replace(&mut config.console, ConsoleOutput::Sink) {
-                ConsoleOutput::Sink => None,
-                ConsoleOutput::Stderr => Some(Box::new(std::io::stderr())),
-                ConsoleOutput::Writer(w) => Some(w),
-            };
         let serial_irq = new_irq_line(&vm_fd, layout::SERIAL_IRQ)?;
-        let serial = SerialConsole::new(serial_irq, out, console.clone());
-        pio.insert(Arc::new(Mutex::new(serial)), layout::SERIAL_PORT, 8)?;
-        pio.insert(
-            Arc::new(Mutex::new(I8042::new(exit.clone()))),
-            layout::I8042_PORT,
-            5,
-        )?;
+        let serial = SerialConsole::new(serial_irq, config.console.take_writer(), console.clone());
+        let serial = Arc::new(Mutex::new(serial));
+        let pio = legacy_bus(serial.clone(), &exit)?;
 
-        let mut cmdline = KernelCmdline::for_flavour(flavour);
-        let mut devices = VirtioDevices {
-            vm_fd: &vm_fd,
-            memory: &memory,
-            cmdline: &mut cmdline,
-            mmio: Bus::new(),
-            subscribers: Vec::new(),
-            next_slot: 0,
+        let mut cmdline = KernelCmdline::for_flavour(flavour, config.vcpus);
+        let mut devices = VirtioDevices::new(&vm_fd, &memory);
+        let vsock = match &config.vsock {
+            Some(vsock) => {
+                let dev = Arc::new(Mutex::new(VirtioVsock::new(
+                    vsock.guest_cid,
+                    vsock.uds_path.clone(),
+                )?));
+                let (base, gsi) = devices.next_slot()?;
+                let irq = new_irq_line(&vm_fd, gsi)?;
+                let transport = Arc::new(Mutex::new(MmioTransport::new(
+                    memory.clone(),
+                    dev.clone(),
+                    irq,
+                )));
+                devices.place(transport.clone(), base, Some(dev.clone()))?;
+                cmdline.push_virtio_mmio(base, gsi);
+                Some((transport, dev))
+            }
+            None => None,
         };
-        if let Some(vsock) = &config.vsock {
-            let dev = Arc::new(Mutex::new(VirtioVsock::new(
-                vsock.guest_cid,
-                vsock.uds_path.clone(),
-            )?));
-            devices.add(dev.clone(), Some(dev))?;
-        }
-        let VirtioDevices {
-            mmio, subscribers, ..
-        } = devices;
         for arg in &config.kernel_args {
             cmdline.push(arg.clone())?;
         }
@@ -259,30 +261,207 @@ impl Vm {
             &cmdline,
         )?;
 
+        let kvm_err = |what| move |source| VmError::Kvm { what, source };
         let mut base_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("get supported CPUID"))?;
         if flavour.emulates_guest_kernel() {
             cpuid::mask_for_instruction_emulation(base_cpuid.as_mut_slice());
         }
+        let msr_index_list = msr_index_list(&kvm)?;
         let vcpus = (0..config.vcpus)
-            .map(|i| Vcpu::new(&vm_fd, i, config.vcpus, &base_cpuid, entry.0))
+            .map(|i| {
+                Vcpu::new(
+                    &vm_fd,
+                    i,
+                    config.vcpus,
+                    &base_cpuid,
+                    entry.0,
+                    msr_index_list.clone(),
+                )
+            })
             .collect::<Result<Vec<_>, _>>()?;
 
         Ok(Self {
             vcpus,
             running: Vec::new(),
+            control: Arc::new(VcpuControl::default()),
             event_loop: None,
-            subscribers,
+            subscribers: devices.subscribers,
             pio: Arc::new(pio),
-            mmio: Arc::new(mmio),
+            mmio: Arc::new(devices.mmio),
             exit,
             console,
+            serial,
+            vsock,
             flavour,
-            cmdline,
+            shape: VmShape {
+                vcpus: config.vcpus,
+                memory_bytes: config.memory_bytes,
+                cmdline,
+            },
             memory,
-            _vm_fd: vm_fd,
+            vm_fd,
         })
+    }
+
+    /// Creates a clone of the VM saved in `snapshot_dir`: its memory mapped
+    /// copy-on-write from the snapshot's memory file, every vCPU, in-kernel
+    /// irqchip and device state restored, and host backends attached anew
+    /// (console writer, vsock socket path). After [`Vm::start`] the guest
+    /// continues where the snapshot was taken; its vsock connections are
+    /// reset so it drops those of the template.
+    pub fn restore(snapshot_dir: &Path, mut config: RestoreConfig) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::NoKvm)?;
+        let flavour = config.flavour.unwrap_or_else(KvmFlavour::detect);
+        let snap = snapshot::read_state(snapshot_dir, &HostSignature::current(flavour))?;
+        let memory = snapshot::memory::map_private(
+            &snapshot_dir.join(snapshot::MEMORY_FILE),
+            snap.shape.memory_bytes,
+        )?;
+        let vm_fd = create_kvm_vm(&kvm, &memory)?;
+        let kvm_err = |what| move |source| VmError::Kvm { what, source };
+        for chip in &snap.vm.irqchips {
+            vm_fd.set_irqchip(chip).map_err(kvm_err("set irqchip"))?;
+        }
+        vm_fd.set_pit2(&snap.vm.pit).map_err(kvm_err("set PIT"))?;
+        let clock = kvm_bindings::kvm_clock_data {
+            clock: snap.vm.clock.clock,
+            ..Default::default()
+        };
+        vm_fd.set_clock(&clock).map_err(kvm_err("set kvmclock"))?;
+
+        let exit = ExitNotifier::new();
+        let console = ConsoleTail::default();
+        let serial_irq = new_irq_line(&vm_fd, layout::SERIAL_IRQ)?;
+        let serial = SerialConsole::restore(
+            &snap.serial,
+            serial_irq,
+            config.console.take_writer(),
+            console.clone(),
+        )
+        .map_err(VmError::Restore)?;
+        let serial = Arc::new(Mutex::new(serial));
+        let pio = legacy_bus(serial.clone(), &exit)?;
+
+        let mut devices = VirtioDevices::new(&vm_fd, &memory);
+        let vsock = match (&snap.vsock, config.vsock_uds_path.take()) {
+            (Some(saved), Some(uds_path)) => {
+                let dev = Arc::new(Mutex::new(VirtioVsock::restore(&saved.device, uds_path)?));
+                let (base, gsi) = devices.next_slot()?;
+                let irq = new_irq_line(&vm_fd, gsi)?;
+                let transport =
+                    MmioTransport::restore(memory.clone(), dev.clone(), irq, &saved.transport)
+                        .map_err(|e| VmError::Restore(format!("vsock transport: {e}")))?;
+                let transport = Arc::new(Mutex::new(transport));
+                devices.place(transport.clone(), base, Some(dev.clone()))?;
+                Some((transport, dev))
+            }
+            (Some(_), None) => {
+                return Err(VmError::Restore(
+                    "the snapshot has a vsock device: a socket path for it is needed".into(),
+                ))
+            }
+            (None, _) => None,
+        };
+
+        let msr_index_list = msr_index_list(&kvm)?;
+        let vcpus = snap
+            .vcpus
+            .iter()
+            .enumerate()
+            .map(|(i, state)| Vcpu::restore(&vm_fd, i as u8, state, msr_index_list.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some((_, dev)) = &vsock {
+            dev.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send_transport_reset();
+        }
+
+        Ok(Self {
+            vcpus,
+            running: Vec::new(),
+            control: Arc::new(VcpuControl::default()),
+            event_loop: None,
+            subscribers: devices.subscribers,
+            pio: Arc::new(pio),
+            mmio: Arc::new(devices.mmio),
+            exit,
+            console,
+            serial,
+            vsock,
+            flavour,
+            shape: snap.shape,
+            memory,
+            vm_fd,
+        })
+    }
+
+    /// Pauses the running VM at a clean point, writes a snapshot of it into
+    /// `dir` (`vmstate` and `memory`), then resumes it if `resume`.
+    pub fn snapshot(&mut self, dir: &Path, resume: bool) -> Result<(), VmError> {
+        if self.running.is_empty() {
+            return Err(VmError::Restore(
+                "only a running VM can be snapshotted".into(),
+            ));
+        }
+        let vcpus = self
+            .control
+            .pause(&self.running, Duration::from_secs(10))
+            .map_err(VmError::Restore);
+        let result = vcpus.and_then(|vcpus| self.write_snapshot(dir, vcpus));
+        if resume {
+            self.control.resume();
+        }
+        result
+    }
+
+    fn write_snapshot(&self, dir: &Path, vcpus: Vec<VcpuState>) -> Result<(), VmError> {
+        let kvm_err = |what| move |source| VmError::Kvm { what, source };
+        let mut irqchips = Vec::new();
+        for chip_id in 0..3 {
+            let mut chip = kvm_bindings::kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.vm_fd
+                .get_irqchip(&mut chip)
+                .map_err(kvm_err("get irqchip"))?;
+            irqchips.push(chip);
+        }
+        let vm = KvmVmState {
+            irqchips,
+            pit: self.vm_fd.get_pit2().map_err(kvm_err("get PIT"))?,
+            clock: self.vm_fd.get_clock().map_err(kvm_err("get kvmclock"))?,
+        };
+        std::fs::create_dir_all(dir).map_err(|source| snapshot::SnapshotError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        // The device locks are held until guest memory is written, so the
+        // event loop cannot move a queue on after its state was saved.
+        let transport_and_device = self.vsock.as_ref().map(|(t, d)| {
+            (
+                t.lock().unwrap_or_else(|e| e.into_inner()),
+                d.lock().unwrap_or_else(|e| e.into_inner()),
+            )
+        });
+        let state = VmSnapshot {
+            host: HostSignature::current(self.flavour),
+            shape: self.shape.clone(),
+            vm,
+            vcpus,
+            serial: self.serial.lock().unwrap_or_else(|e| e.into_inner()).save(),
+            vsock: transport_and_device.as_ref().map(|(t, d)| VsockSnapshot {
+                transport: t.save_from(&**d),
+                device: d.save(),
+            }),
+        };
+        snapshot::memory::save(&self.memory, &dir.join(snapshot::MEMORY_FILE))?;
+        // vmstate last: its presence marks a complete snapshot.
+        snapshot::write_state(dir, &state)?;
+        drop(transport_and_device);
+        Ok(())
     }
 
     /// Starts the device event loop and every vCPU.
@@ -295,7 +474,12 @@ impl Vm {
             self.exit.clone(),
         )?);
         for vcpu in self.vcpus.drain(..) {
-            let handle = vcpu.start(self.pio.clone(), self.mmio.clone(), self.exit.clone())?;
+            let handle = vcpu.start(
+                self.pio.clone(),
+                self.mmio.clone(),
+                self.exit.clone(),
+                self.control.clone(),
+            )?;
             self.running.push(handle);
         }
         Ok(())
@@ -333,7 +517,12 @@ impl Vm {
 
     /// The kernel command line the guest booted with.
     pub fn cmdline(&self) -> &str {
-        &self.cmdline
+        &self.shape.cmdline
+    }
+
+    /// vCPUs and memory.
+    pub fn shape(&self) -> &VmShape {
+        &self.shape
     }
 
     /// The last lines of the guest console.
@@ -348,37 +537,90 @@ impl Drop for Vm {
     }
 }
 
-/// Places virtio devices on the MMIO bus, one window and one GSI each, and
-/// announces them on the kernel command line.
-struct VirtioDevices<'a> {
-    vm_fd: &'a VmFd,
-    memory: &'a GuestMemoryMmap<()>,
-    cmdline: &'a mut KernelCmdline,
+/// Places virtio devices on the MMIO bus, one window and one GSI each.
+struct VirtioDevices {
     mmio: Bus,
     subscribers: Vec<Subscriber>,
     next_slot: u32,
 }
 
-impl VirtioDevices<'_> {
-    fn add(
+impl VirtioDevices {
+    fn new(_vm_fd: &VmFd, _memory: &GuestMemoryMmap<()>) -> Self {
+        Self {
+            mmio: Bus::new(),
+            subscribers: Vec::new(),
+            next_slot: 0,
+        }
+    }
+
+    /// The window and GSI of the next device.
+    fn next_slot(&mut self) -> Result<(u64, u32), VmError> {
+        let slot = layout::virtio_mmio_slot(self.next_slot).ok_or(VmError::TooManyDevices)?;
+        self.next_slot += 1;
+        Ok(slot)
+    }
+
+    fn place(
         &mut self,
-        device: Arc<Mutex<dyn VirtioDevice>>,
+        transport: Arc<Mutex<MmioTransport>>,
+        base: u64,
         subscriber: Option<Subscriber>,
     ) -> Result<(), VmError> {
-        let (base, gsi) =
-            layout::virtio_mmio_slot(self.next_slot).ok_or(VmError::TooManyDevices)?;
-        self.next_slot += 1;
-        let irq = new_irq_line(self.vm_fd, gsi)?;
-        let transport = MmioTransport::new(self.memory.clone(), device, irq);
-        self.mmio.insert(
-            Arc::new(Mutex::new(transport)),
-            base,
-            layout::VIRTIO_MMIO_SIZE,
-        )?;
-        self.cmdline.push_virtio_mmio(base, gsi);
+        self.mmio
+            .insert(transport, base, layout::VIRTIO_MMIO_SIZE)?;
         self.subscribers.extend(subscriber);
         Ok(())
     }
+}
+
+/// A KVM VM with its in-kernel irqchip and PIT, and `memory` registered.
+fn create_kvm_vm(kvm: &Kvm, memory: &GuestMemoryMmap<()>) -> Result<VmFd, VmError> {
+    let kvm_err = |what| move |source| VmError::Kvm { what, source };
+    let vm_fd = kvm.create_vm().map_err(kvm_err("create VM"))?;
+    vm_fd
+        .set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+        .map_err(kvm_err("set TSS address"))?;
+    vm_fd.create_irq_chip().map_err(kvm_err("create irqchip"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm_fd.create_pit2(pit).map_err(kvm_err("create PIT"))?;
+    for (slot, region) in memory.iter().enumerate() {
+        let mem_region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mapping owned by `memory`, which the
+        // Vm keeps until after the VM fd is closed; no other slot overlaps.
+        unsafe { vm_fd.set_user_memory_region(mem_region) }
+            .map_err(kvm_err("register guest memory"))?;
+    }
+    Ok(vm_fd)
+}
+
+/// The port I/O bus: COM1 and the i8042.
+fn legacy_bus(serial: Arc<Mutex<SerialConsole>>, exit: &ExitNotifier) -> Result<Bus, VmError> {
+    let mut pio = Bus::new();
+    pio.insert(serial, layout::SERIAL_PORT, 8)?;
+    pio.insert(
+        Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        layout::I8042_PORT,
+        5,
+    )?;
+    Ok(pio)
+}
+
+/// The MSRs a snapshot saves: all KVM lists.
+fn msr_index_list(kvm: &Kvm) -> Result<Arc<Vec<u32>>, VmError> {
+    let list = kvm.get_msr_index_list().map_err(|source| VmError::Kvm {
+        what: "get MSR index list",
+        source,
+    })?;
+    Ok(Arc::new(list.as_slice().to_vec()))
 }
 
 fn new_irq_line(vm_fd: &VmFd, gsi: u32) -> Result<IrqLine, VmError> {

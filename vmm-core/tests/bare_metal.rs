@@ -119,3 +119,133 @@ fn bad_shapes_are_rejected() {
     assert!(Vm::build(config).is_err());
     std::fs::remove_file(kernel).unwrap();
 }
+
+mod snapshots {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_core::vm::RestoreConfig;
+
+    const COUNTER: u64 = 0x20_0000;
+
+    fn counter(vm: &Vm) -> u64 {
+        vm.memory().read_obj(GuestAddress(COUNTER)).unwrap()
+    }
+
+    #[test]
+    fn a_snapshot_taken_mid_run_continues_in_ten_clones() {
+        let mut p = GuestProgram::new();
+        p.serial_write(b"go").count_forever(COUNTER);
+        let kernel = guest_file(&p, "counter");
+        let out = Captured::default();
+        let mut config = VmConfig::new(&kernel);
+        config.memory_bytes = 32 << 20;
+        config.console = ConsoleOutput::Writer(Box::new(out.clone()));
+        let mut vm = Vm::build(config).unwrap();
+        vm.start().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+
+        let dir = std::env::temp_dir().join(format!("arrow-snap-{}", std::process::id()));
+        vm.snapshot(&dir, true).unwrap();
+        let saved: u64 = {
+            let mem = std::fs::read(dir.join("memory")).unwrap();
+            u64::from_le_bytes(
+                mem[COUNTER as usize..COUNTER as usize + 8]
+                    .try_into()
+                    .unwrap(),
+            )
+        };
+        assert!(saved > 0, "the guest counted before the snapshot");
+        // The original goes on after the snapshot.
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(counter(&vm) > saved);
+        vm.stop();
+
+        for _ in 0..10 {
+            let mut clone = Vm::restore(
+                &dir,
+                RestoreConfig {
+                    console: ConsoleOutput::Sink,
+                    vsock_uds_path: None,
+                    flavour: None,
+                },
+            )
+            .unwrap();
+            assert_eq!(
+                counter(&clone),
+                saved,
+                "the clone starts where the snapshot was"
+            );
+            clone.start().unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while counter(&clone) <= saved {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the clone does not run"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert_eq!(clone.stop(), VmExit::Stopped);
+        }
+        assert_eq!(out.bytes(), b"go", "clones do not replay the console");
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_file(kernel).unwrap();
+    }
+
+    #[test]
+    fn a_clone_resumes_port_io_and_resets_as_the_original_would() {
+        // The guest prints, waits for the host to write a flag, prints again
+        // and resets; the snapshot is taken while it spins on the flag.
+        let flag = 0x30_0000;
+        let mut p = GuestProgram::new();
+        p.serial_write(b"a")
+            .wait_until_changed32(flag, 0)
+            .serial_write(b"b")
+            .reset();
+        let kernel = guest_file(&p, "flag");
+        let mut config = VmConfig::new(&kernel);
+        config.memory_bytes = 32 << 20;
+        let mut vm = Vm::build(config).unwrap();
+        vm.start().unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        let dir = std::env::temp_dir().join(format!("arrow-snap-flag-{}", std::process::id()));
+        vm.snapshot(&dir, false).unwrap();
+        vm.stop();
+
+        let out = Captured::default();
+        let mut clone = Vm::restore(
+            &dir,
+            RestoreConfig {
+                console: ConsoleOutput::Writer(Box::new(out.clone())),
+                vsock_uds_path: None,
+                flavour: None,
+            },
+        )
+        .unwrap();
+        clone.memory().write_obj(1u32, GuestAddress(flag)).unwrap();
+        clone.start().unwrap();
+        assert_eq!(
+            clone.wait(Some(Duration::from_secs(5))),
+            Some(VmExit::Reset)
+        );
+        assert_eq!(out.bytes(), b"b");
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_file(kernel).unwrap();
+    }
+
+    #[test]
+    fn a_missing_or_corrupt_snapshot_is_refused() {
+        let config = || RestoreConfig {
+            console: ConsoleOutput::Sink,
+            vsock_uds_path: None,
+            flavour: None,
+        };
+        let dir = std::env::temp_dir().join(format!("arrow-snap-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let err = Vm::restore(&dir, config()).err().unwrap();
+        assert!(err.to_string().contains("vmstate"), "{err}");
+        std::fs::write(dir.join("vmstate"), b"ARROWSNP\x01\0\0\0garbage").unwrap();
+        let err = Vm::restore(&dir, config()).err().unwrap();
+        assert!(err.to_string().contains("truncated"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

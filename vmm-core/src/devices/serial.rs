@@ -6,7 +6,9 @@ use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
-use vm_superio::{serial::NoEvents, Serial as Uart16550, Trigger};
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
+use vm_superio::{Serial as Uart16550, Trigger};
 
 use super::bus::BusDevice;
 use super::irq::IrqLine;
@@ -89,6 +91,56 @@ impl Trigger for IrqTrigger {
     }
 }
 
+/// The UART's registers and receive FIFO, for snapshots (vm-superio's
+/// `SerialState` has no serde support).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<SerialState> for SerialSnapshot {
+    fn from(s: SerialState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialSnapshot> for SerialState {
+    fn from(s: &SerialSnapshot) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
 /// COM1: a 16550 UART from vm-superio on the port I/O bus.
 pub struct SerialConsole {
     uart: Uart16550<IrqTrigger, NoEvents, ConsoleWriter>,
@@ -100,6 +152,30 @@ impl SerialConsole {
         Self {
             uart: Uart16550::new(IrqTrigger(irq), ConsoleWriter { out, tail }),
         }
+    }
+}
+
+impl SerialConsole {
+    /// The UART's state for a snapshot.
+    pub fn save(&self) -> SerialSnapshot {
+        self.uart.state().into()
+    }
+
+    /// A console in the saved state, writing to `out`.
+    pub fn restore(
+        state: &SerialSnapshot,
+        irq: IrqLine,
+        out: Option<Box<dyn Write + Send>>,
+        tail: ConsoleTail,
+    ) -> Result<Self, String> {
+        Uart16550::from_state(
+            &state.into(),
+            IrqTrigger(irq),
+            NoEvents,
+            ConsoleWriter { out, tail },
+        )
+        .map(|uart| Self { uart })
+        .map_err(|e| format!("restoring the serial console: {e:?}"))
     }
 }
 
@@ -168,6 +244,20 @@ mod tests {
             tail.kernel_panic().as_deref(),
             Some("Kernel panic - not syncing: VFS")
         );
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let (mut dev, _) = console(None);
+        dev.write(7, &[0x5a]); // scratch register
+        dev.write(3, &[0x03]); // line control
+        let state = dev.save();
+        let irq = IrqLine::new(4, EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let mut back = SerialConsole::restore(&state, irq, None, ConsoleTail::default()).unwrap();
+        let mut b = [0u8];
+        back.read(7, &mut b);
+        assert_eq!(b, [0x5a]);
+        assert_eq!(back.save(), state);
     }
 
     #[test]

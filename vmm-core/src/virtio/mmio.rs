@@ -32,20 +32,22 @@ pub const CONFIG_SPACE_OFFSET: u64 = regs::VIRTIO_MMIO_CONFIG as u64;
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
 
 /// A virtio-mmio register window in front of one device.
+///
+/// Fields are visible to `super::persist`, which saves and rebuilds them.
 pub struct MmioTransport {
-    mem: GuestMemory,
-    device: Arc<Mutex<dyn VirtioDevice>>,
-    interrupt: Arc<Interrupt>,
-    queue_evts: Vec<Arc<EventFd>>,
-    queues: Vec<Queue>,
-    device_type: u32,
-    device_features: u64,
-    device_features_sel: u32,
-    driver_features: u64,
-    driver_features_sel: u32,
-    queue_sel: u32,
-    status: u32,
-    config_generation: u32,
+    pub(super) mem: GuestMemory,
+    pub(super) device: Arc<Mutex<dyn VirtioDevice>>,
+    pub(super) interrupt: Arc<Interrupt>,
+    pub(super) queue_evts: Vec<Arc<EventFd>>,
+    pub(super) queues: Vec<Queue>,
+    pub(super) device_type: u32,
+    pub(super) device_features: u64,
+    pub(super) device_features_sel: u32,
+    pub(super) driver_features: u64,
+    pub(super) driver_features_sel: u32,
+    pub(super) queue_sel: u32,
+    pub(super) status: u32,
+    pub(super) config_generation: u32,
 }
 
 impl MmioTransport {
@@ -95,7 +97,7 @@ impl MmioTransport {
         self.status
     }
 
-    fn device(&self) -> MutexGuard<'_, dyn VirtioDevice + 'static> {
+    pub(super) fn device(&self) -> MutexGuard<'_, dyn VirtioDevice + 'static> {
         // A poisoned lock means a thread panicked inside the device; keep
         // serving the guest rather than cascading the panic.
         self.device.lock().unwrap_or_else(|e| e.into_inner())
@@ -498,6 +500,9 @@ mod tests {
         }
         fn is_activated(&self) -> bool {
             self.active
+        }
+        fn queues(&self) -> &[Queue] {
+            &[]
         }
         fn reset(&mut self) {
             self.active = false;

@@ -14,6 +14,7 @@
 //!   queues and raises the interrupt through the shared [`Interrupt`].
 
 pub mod mmio;
+pub mod persist;
 pub mod vsock;
 
 use std::io;
@@ -170,6 +171,11 @@ pub trait VirtioDevice: Send {
 
     /// Whether `activate` succeeded and no reset happened since.
     fn is_activated(&self) -> bool;
+
+    /// The live queues while the device is active, empty otherwise. The
+    /// transport's own copies stop advancing at activation, so snapshots
+    /// read the rings' positions (`next_avail`, `next_used`) from here.
+    fn queues(&self) -> &[Queue];
 
     /// Returns the device to its pre-activation state: queues, memory and
     /// interrupt are dropped, backend connections are closed.

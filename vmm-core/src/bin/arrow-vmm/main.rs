@@ -8,6 +8,7 @@
 mod paths;
 mod run;
 mod stdio;
+mod template;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,6 +30,9 @@ struct Cli {
 enum Command {
     /// Boot a microVM and run one program in it; exit with its exit code.
     Run(run::RunArgs),
+    /// Manage templates: booted VMs that later VMs are cloned from.
+    #[command(subcommand)]
+    Template(TemplateCommand),
     /// Boot a kernel with its console on stdout until the guest resets.
     Boot(BootArgs),
     /// Write the bare-metal test guest (prints "ready" and resets) as ELF.
@@ -40,6 +44,13 @@ enum Command {
         #[arg(long)]
         spin: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum TemplateCommand {
+    /// Boot a VM, snapshot it when arrow-init is ready (replacing the
+    /// template for the same inputs), and print the template's directory.
+    Create(run::VmArgs),
 }
 
 #[derive(clap::Args)]
@@ -76,6 +87,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Template(TemplateCommand::Create(args)) => run::create_template(args),
         Command::Boot(args) => boot(args),
         Command::TestGuest { out, spin } => {
             let mut guest = GuestProgram::new();

@@ -12,11 +12,20 @@ use proto::agent::{CreateProcess, StreamKind};
 use proto::client::AgentClient;
 use proto::{hybrid, AGENT_PORT, GUEST_CID, STDIO_PORT};
 use vmm_core::exit::VmExit;
+use vmm_core::hypervisor::KvmFlavour;
 use vmm_core::initramfs::Initramfs;
-use vmm_core::vm::{ConsoleOutput, Vm, VmConfig, VsockConfig};
+use vmm_core::vm::{ConsoleOutput, RestoreConfig, Vm, VmConfig, VsockConfig};
 
 use crate::paths;
 use crate::stdio;
+use crate::template::{TemplateCache, TemplateInputs};
+
+fn unix_time_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
 
 /// Where arrow-init lives in the initramfs (`rdinit=`).
 const INIT_PATH: &str = "/.arrow/init";
@@ -25,8 +34,9 @@ const PROCESS_ID: &str = "main";
 /// How long the guest may take to power off after the program ended.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// The VM a program runs in: what it boots from and its shape.
 #[derive(clap::Args)]
-pub struct RunArgs {
+pub struct VmArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
@@ -42,18 +52,6 @@ pub struct RunArgs {
     /// Static arrow-init binary; default: next to arrow-vmm.
     #[arg(long)]
     init: Option<PathBuf>,
-    /// Give the program a terminal.
-    #[arg(short = 't', long)]
-    tty: bool,
-    /// Environment variables, KEY=VALUE.
-    #[arg(short = 'e', long = "env")]
-    env: Vec<String>,
-    /// Working directory in the guest.
-    #[arg(short = 'w', long, default_value = "/")]
-    workdir: String,
-    /// User as UID[:GID].
-    #[arg(short = 'u', long, default_value = "0:0")]
-    user: String,
     /// Show the guest kernel console on stderr.
     #[arg(long)]
     console: bool,
@@ -66,6 +64,30 @@ pub struct RunArgs {
     /// Print how long each phase took (for benchmarks) on stderr.
     #[arg(long)]
     timings: bool,
+}
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    vm: VmArgs,
+    /// Boot afresh instead of cloning the matching template.
+    #[arg(long)]
+    no_template: bool,
+    /// The guest's hostname.
+    #[arg(long, default_value = "arrow")]
+    hostname: String,
+    /// Give the program a terminal.
+    #[arg(short = 't', long)]
+    tty: bool,
+    /// Environment variables, KEY=VALUE.
+    #[arg(short = 'e', long = "env")]
+    env: Vec<String>,
+    /// Working directory in the guest.
+    #[arg(short = 'w', long, default_value = "/")]
+    workdir: String,
+    /// User as UID[:GID].
+    #[arg(short = 'u', long, default_value = "0:0")]
+    user: String,
     /// The program and its arguments.
     #[arg(last = true, required = true)]
     command: Vec<String>,
@@ -79,9 +101,37 @@ impl RunDir {
         let base = std::env::var_os("XDG_RUNTIME_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(std::env::temp_dir);
+        Self::sweep_stale(&base);
         let dir = base.join(format!("arrow-vmm-{}", std::process::id()));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         Ok(Self(dir))
+    }
+}
+
+impl RunDir {
+    /// Removes the directories of arrow-vmm processes that died without
+    /// cleaning up (killed by SIGKILL, say).
+    fn sweep_stale(base: &Path) {
+        let Ok(entries) = std::fs::read_dir(base) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("arrow-vmm-"))
+                .and_then(|p| p.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let dead = matches!(
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+                Err(nix::errno::Errno::ESRCH)
+            );
+            if dead {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
     }
 }
 
@@ -209,17 +259,90 @@ impl Timings {
     }
 }
 
-pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let timings = Timings {
-        start: Instant::now(),
-        enabled: args.timings,
-    };
+/// How to get a guest VM.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// Clone the matching template; boot (and save a template) if none.
+    CloneOrBoot,
+    /// Boot afresh and save no template.
+    Boot,
+    /// Boot afresh and save the template, replacing any.
+    BootAndSaveTemplate,
+}
+
+/// A running guest whose agent answered, with the directory of its sockets.
+struct Guest {
+    vm: Vm,
+    client: Arc<AgentClient>,
+    uds: PathBuf,
+    run_dir: RunDir,
+    template: Option<PathBuf>,
+}
+
+fn start_guest(
+    args: &VmArgs,
+    origin: Origin,
+    hostname: &str,
+    timings: &Timings,
+) -> anyhow::Result<Guest> {
     let kernel = paths::kernel(args.kernel.as_deref())?;
     let init = paths::init(args.init.as_deref())?;
-    let (uid, gid) = parse_user(&args.user)?;
     let initramfs = build_initramfs(args.rootfs.as_deref(), &init)?;
     let run_dir = RunDir::create()?;
     let uds = run_dir.0.join("vsock.sock");
+    let mut kernel_args = vec![format!("rdinit={INIT_PATH}")];
+    kernel_args.push(if args.console { "arrow.debug" } else { "quiet" }.into());
+    kernel_args.extend(args.kernel_args.iter().cloned());
+    let flavour = KvmFlavour::detect();
+    let console = || {
+        if args.console {
+            ConsoleOutput::Stderr
+        } else {
+            ConsoleOutput::Sink
+        }
+    };
+
+    let kernel_bytes =
+        std::fs::read(&kernel).with_context(|| format!("reading {}", kernel.display()))?;
+    let key = TemplateInputs {
+        kernel: &kernel_bytes,
+        initramfs: &initramfs,
+        vcpus: args.vcpus,
+        memory_bytes: args.memory,
+        kernel_args: &kernel_args,
+        flavour: &flavour.to_string(),
+    }
+    .key();
+    let cache = TemplateCache::new(paths::cache_dir().join("templates"));
+    let clone = match origin {
+        Origin::CloneOrBoot => cache.clone_vm(
+            &key,
+            RestoreConfig {
+                console: console(),
+                vsock_uds_path: Some(uds.clone()),
+                flavour: Some(flavour),
+            },
+        ),
+        Origin::Boot | Origin::BootAndSaveTemplate => None,
+    };
+    let timeout = Duration::from_secs(args.boot_timeout);
+
+    if let Some(mut vm) = clone {
+        timings.mark("clone-restored");
+        vm.start().context("starting the clone")?;
+        let client = connect_agent(&vm, &uds, timeout)?;
+        let entropy = proto::client::fresh_entropy(64).context("reading host entropy")?;
+        client
+            .init_clone(unix_time_ns(), &entropy, hostname)
+            .context("initialising the clone")?;
+        return Ok(Guest {
+            vm,
+            client: Arc::new(client),
+            uds,
+            run_dir,
+            template: Some(cache.dir(&key)),
+        });
+    }
 
     let mut config = VmConfig::new(&kernel);
     config.vcpus = args.vcpus;
@@ -229,28 +352,89 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         guest_cid: u64::from(GUEST_CID),
         uds_path: uds.clone(),
     });
-    config.kernel_args = vec![format!("rdinit={INIT_PATH}")];
-    if args.console {
-        config.console = ConsoleOutput::Stderr;
-        config.kernel_args.push("arrow.debug".into());
-    } else {
-        config.kernel_args.push("quiet".into());
-    }
-    config.kernel_args.extend(args.kernel_args);
-
+    config.kernel_args = kernel_args;
+    config.console = console();
+    config.flavour = Some(flavour);
     let mut vm = Vm::build(config).context("building the VM")?;
     if args.console {
         eprintln!("arrow-vmm: {} ; cmdline: {}", vm.flavour(), vm.cmdline());
     }
     timings.mark("vm-built");
     vm.start().context("starting the VM")?;
-    let client = Arc::new(connect_agent(
-        &vm,
-        &uds,
-        Duration::from_secs(args.boot_timeout),
-    )?);
+    let client = connect_agent(&vm, &uds, timeout)?;
+    timings.mark("booted");
+    let mut template = None;
+    if origin != Origin::Boot {
+        if origin == Origin::BootAndSaveTemplate {
+            let _ = std::fs::remove_dir_all(cache.dir(&key));
+        }
+        match cache.publish(&key, &mut vm) {
+            Ok(dir) => {
+                timings.mark("template-saved");
+                template = Some(dir);
+            }
+            Err(e) if origin == Origin::BootAndSaveTemplate => return Err(e),
+            Err(e) => eprintln!("arrow-vmm: could not save a template: {e:#}"),
+        }
+    }
+    if hostname != "arrow" || origin != Origin::Boot {
+        // A booted guest gets the same identity a clone would.
+        let entropy = proto::client::fresh_entropy(64).context("reading host entropy")?;
+        client
+            .init_clone(unix_time_ns(), &entropy, hostname)
+            .context("initialising the guest")?;
+    }
+    Ok(Guest {
+        vm,
+        client: Arc::new(client),
+        uds,
+        run_dir,
+        template,
+    })
+}
 
+impl Guest {
+    /// Powers the guest off cleanly, stops it if it does not comply, and
+    /// removes its sockets.
+    fn shut_down(mut self) {
+        if self.client.shutdown().is_ok() && self.vm.wait(Some(SHUTDOWN_GRACE)).is_none() {
+            eprintln!("arrow-vmm: guest did not power off within {SHUTDOWN_GRACE:?}; stopping it");
+        }
+        self.vm.stop();
+        drop(self.run_dir);
+    }
+}
+
+/// `arrow-vmm template create`: boots a VM, snapshots it as the template for
+/// its inputs (replacing any), and prints where it is.
+pub fn create_template(args: VmArgs) -> anyhow::Result<ExitCode> {
+    let timings = Timings {
+        start: Instant::now(),
+        enabled: args.timings,
+    };
+    let guest = start_guest(&args, Origin::BootAndSaveTemplate, "arrow", &timings)?;
+    if let Some(dir) = &guest.template {
+        println!("{}", dir.display());
+    }
+    guest.shut_down();
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let timings = Timings {
+        start: Instant::now(),
+        enabled: args.vm.timings,
+    };
+    let (uid, gid) = parse_user(&args.user)?;
+    let origin = if args.no_template {
+        Origin::Boot
+    } else {
+        Origin::CloneOrBoot
+    };
+    let guest = start_guest(&args.vm, origin, &args.hostname, &timings)?;
     timings.mark("agent-ready");
+    let client = guest.client.clone();
+    let uds = guest.uds.clone();
 
     let mut env = vec![
         "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
@@ -309,18 +493,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let status = match status {
         Ok(status) => status,
         Err(e) => {
-            let exit = vm.wait(Some(Duration::from_secs(1)));
-            let why = exit.map(|x| explain_exit(&vm, &x)).unwrap_or_default();
+            let exit = guest.vm.wait(Some(Duration::from_secs(1)));
+            let why = exit
+                .map(|x| explain_exit(&guest.vm, &x))
+                .unwrap_or_default();
             bail!("lost the program's exit status: {e}. {why}");
         }
     };
 
-    // Power the guest off cleanly; stop it if it does not comply.
-    if client.shutdown().is_ok() && vm.wait(Some(SHUTDOWN_GRACE)).is_none() {
-        eprintln!("arrow-vmm: guest did not power off within {SHUTDOWN_GRACE:?}; stopping it");
-    }
-    vm.stop();
-    drop(run_dir);
+    guest.shut_down();
     timings.mark("vm-stopped");
 
     Ok(if status.signal != 0 {

@@ -389,6 +389,10 @@ impl VirtioDevice for VirtioVsock {
         self.active.is_some()
     }
 
+    fn queues(&self) -> &[Queue] {
+        self.active.as_ref().map_or(&[], |a| &a.queues)
+    }
+
     fn reset(&mut self) {
         self.active = None;
         self.acked_features = 0;

@@ -20,6 +20,7 @@ pub mod device;
 pub mod event_handler;
 pub mod muxer;
 pub mod packet;
+pub mod persist;
 
 #[cfg(test)]
 mod tests;
@@ -114,4 +115,10 @@ pub enum VsockError {
     /// The CID is reserved.
     #[error("invalid guest CID {0}")]
     InvalidCid(u64),
+    /// A snapshot state acks features the device never offers.
+    #[error("snapshot acks features {acked:#x}, the device offers {offered:#x}")]
+    UnofferedFeatures { acked: u64, offered: u64 },
+    /// A snapshot state's next host port is outside the host-port range.
+    #[error("snapshot host port {0} outside the host-port range")]
+    InvalidHostPort(u32),
 }

@@ -150,6 +150,23 @@ impl Muxer {
         self.conns.len()
     }
 
+    /// The host port the next host-initiated connection tries first.
+    pub fn next_host_port(&self) -> u32 {
+        self.next_host_port
+    }
+
+    /// Continues host-port allocation at `port` (after a snapshot restore,
+    /// so new connections do not reuse the ports of connections the guest
+    /// may not have dropped yet). Ports outside `HOST_PORT_FIRST..u32::MAX`
+    /// restart at [`HOST_PORT_FIRST`].
+    pub fn set_next_host_port(&mut self, port: u32) {
+        self.next_host_port = if (HOST_PORT_FIRST..u32::MAX).contains(&port) {
+            port
+        } else {
+            HOST_PORT_FIRST
+        };
+    }
+
     /// Accepts host clients. With `guest_ready` false (no driver yet) they
     /// are closed at once.
     pub fn accept_clients(&mut self, guest_ready: bool, now: Instant) {

@@ -21,13 +21,13 @@ use super::*;
 use crate::devices::irq::IrqLine;
 use crate::virtio::{GuestMemory, Interrupt, VirtioDevice};
 
-const GUEST_CID: u64 = 3;
-const QSIZE: u16 = 64;
-const MEM_SIZE: usize = 0x100_0000;
+pub(super) const GUEST_CID: u64 = 3;
+pub(super) const QSIZE: u16 = 64;
+pub(super) const MEM_SIZE: usize = 0x100_0000;
 
-type Em = EventManager<Arc<Mutex<VirtioVsock>>>;
+pub(super) type Em = EventManager<Arc<Mutex<VirtioVsock>>>;
 
-fn temp_path(tag: &str) -> PathBuf {
+pub(super) fn temp_path(tag: &str) -> PathBuf {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -39,12 +39,12 @@ fn temp_path(tag: &str) -> PathBuf {
 }
 
 /// One queue as the guest driver sees it.
-struct GuestQueue<'a> {
-    mock: MockSplitQueue<'a, GuestMemory>,
+pub(super) struct GuestQueue<'a> {
+    pub(super) mock: MockSplitQueue<'a, GuestMemory>,
     mem: &'a GuestMemory,
     next_desc: u16,
     avail_idx: u16,
-    last_used: u16,
+    pub(super) last_used: u16,
     /// Where this queue's buffers live.
     buf_base: u64,
     next_buf: u64,
@@ -60,6 +60,27 @@ impl<'a> GuestQueue<'a> {
             last_used: 0,
             buf_base,
             next_buf: 0,
+        }
+    }
+
+    /// The same driver state over `mem`, a copy of this queue's memory (a
+    /// snapshot restored in another process).
+    fn resume_on<'b>(&self, mem: &'b GuestMemory) -> GuestQueue<'b> {
+        // Creating the mock zeroes the rings' flags and indexes; keep the
+        // restored ones.
+        let start = self.mock.desc_table_addr();
+        let mut rings = vec![0u8; (self.mock.end().0 - start.0) as usize];
+        mem.read_slice(&mut rings, start).unwrap();
+        let mock = MockSplitQueue::create(mem, start, QSIZE);
+        mem.write_slice(&rings, start).unwrap();
+        GuestQueue {
+            mock,
+            mem,
+            next_desc: self.next_desc,
+            avail_idx: self.avail_idx,
+            last_used: self.last_used,
+            buf_base: self.buf_base,
+            next_buf: self.next_buf,
         }
     }
 
@@ -123,20 +144,20 @@ impl<'a> GuestQueue<'a> {
 }
 
 /// The fake guest driver.
-struct Guest<'a> {
+pub(super) struct Guest<'a> {
     mem: &'a GuestMemory,
-    rx: GuestQueue<'a>,
-    tx: GuestQueue<'a>,
-    ev: GuestQueue<'a>,
+    pub(super) rx: GuestQueue<'a>,
+    pub(super) tx: GuestQueue<'a>,
+    pub(super) ev: GuestQueue<'a>,
     /// Head index of posted rx chains -> (header addr, data addr).
     rx_bufs: std::collections::HashMap<u32, (u64, u64)>,
     ev_bufs: std::collections::HashMap<u32, u64>,
-    received: Vec<(VsockHeader, Vec<u8>)>,
-    events: Vec<u32>,
+    pub(super) received: Vec<(VsockHeader, Vec<u8>)>,
+    pub(super) events: Vec<u32>,
 }
 
 impl<'a> Guest<'a> {
-    fn new(mem: &'a GuestMemory) -> Self {
+    pub(super) fn new(mem: &'a GuestMemory) -> Self {
         Self {
             mem,
             rx: GuestQueue::new(mem, 0x1_0000, 0x10_0000),
@@ -149,9 +170,24 @@ impl<'a> Guest<'a> {
         }
     }
 
+    /// The same driver, continuing on `mem`, a copy of this guest's
+    /// memory (a snapshot restored in another process).
+    pub(super) fn resume_on<'b>(&self, mem: &'b GuestMemory) -> Guest<'b> {
+        Guest {
+            mem,
+            rx: self.rx.resume_on(mem),
+            tx: self.tx.resume_on(mem),
+            ev: self.ev.resume_on(mem),
+            rx_bufs: self.rx_bufs.clone(),
+            ev_bufs: self.ev_bufs.clone(),
+            received: Vec::new(),
+            events: Vec::new(),
+        }
+    }
+
     /// Posts rx buffers the way Linux 6.1 does: header and data in two
     /// descriptors.
-    fn post_rx(&mut self, n: usize) {
+    pub(super) fn post_rx(&mut self, n: usize) {
         for _ in 0..n {
             let hdr = self.rx.alloc(44);
             let data = self.rx.alloc(4096);
@@ -160,7 +196,7 @@ impl<'a> Guest<'a> {
         }
     }
 
-    fn post_events(&mut self, n: usize) {
+    pub(super) fn post_events(&mut self, n: usize) {
         for _ in 0..n {
             let a = self.ev.alloc(4);
             let head = self.ev.add_chain(&[(a, 4, true)]);
@@ -168,7 +204,7 @@ impl<'a> Guest<'a> {
         }
     }
 
-    fn send(&mut self, op: u16, src_port: u32, dst_port: u32, flags: u32, data: &[u8]) {
+    pub(super) fn send(&mut self, op: u16, src_port: u32, dst_port: u32, flags: u32, data: &[u8]) {
         let h = VsockHeader {
             src_cid: GUEST_CID,
             dst_cid: VSOCK_HOST_CID,
@@ -196,7 +232,7 @@ impl<'a> Guest<'a> {
     }
 
     /// Collects what the device put in rx and event buffers.
-    fn collect(&mut self) {
+    pub(super) fn collect(&mut self) {
         for (head, len) in self.rx.take_used() {
             let (ha, da) = self.rx_bufs.remove(&head).expect("known rx head");
             assert!(len >= 44, "rx packet of {len} bytes");
@@ -219,16 +255,16 @@ impl<'a> Guest<'a> {
     }
 }
 
-struct Harness {
-    mem: GuestMemory,
-    dev: Arc<Mutex<VirtioVsock>>,
-    em: Em,
-    irq: EventFd,
-    path: PathBuf,
+pub(super) struct Harness {
+    pub(super) mem: GuestMemory,
+    pub(super) dev: Arc<Mutex<VirtioVsock>>,
+    pub(super) em: Em,
+    pub(super) irq: EventFd,
+    pub(super) path: PathBuf,
 }
 
 impl Harness {
-    fn new(tag: &str) -> Self {
+    pub(super) fn new(tag: &str) -> Self {
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let path = temp_path(tag);
         let dev = Arc::new(Mutex::new(VirtioVsock::new(GUEST_CID, &path).unwrap()));
@@ -261,7 +297,7 @@ impl Harness {
     }
 
     /// Runs the event loop until `done` holds (or panics after 5 s).
-    fn pump(&mut self, guest: &mut Guest, mut done: impl FnMut(&mut Guest) -> bool) {
+    pub(super) fn pump(&mut self, guest: &mut Guest, mut done: impl FnMut(&mut Guest) -> bool) {
         let start = Instant::now();
         loop {
             self.em.run_with_timeout(20).unwrap();
@@ -277,7 +313,7 @@ impl Harness {
     }
 }
 
-fn read_available(s: &mut UnixStream, out: &mut Vec<u8>) -> bool {
+pub(super) fn read_available(s: &mut UnixStream, out: &mut Vec<u8>) -> bool {
     let mut buf = [0u8; 4096];
     loop {
         match s.read(&mut buf) {
