@@ -120,7 +120,11 @@ fn a_guest_kernel_panic_ends_with_a_clear_error_and_no_leftovers() {
 #[test]
 fn a_guest_that_never_becomes_ready_times_out_cleanly() {
     let _boot = boot_lock();
-    let (out, pid) = run_with_stdin(&["--boot-timeout", "1"], &["/bin/true"], b"");
+    let (out, pid) = run_with_stdin(
+        &["--boot-timeout", "1", "--no-template"],
+        &["/bin/true"],
+        b"",
+    );
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(125), "{stderr}");
     assert!(
