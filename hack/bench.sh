@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Benchmarks (not tests): VMM overhead with the bare-metal test guest, and
-# Linux boot to arrow-init ready. Usage: hack/bench.sh [VMM_RUNS] [LINUX_RUNS]
+# Benchmarks (not tests): VMM overhead with the bare-metal test guest, Linux
+# boot to arrow-init ready, and template clones (start and memory).
+# Usage: hack/bench.sh [VMM_RUNS] [LINUX_RUNS] [CLONE_RUNS] [CLONES_AT_ONCE]
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 require_root
@@ -14,3 +15,5 @@ cargo build --release --locked -p integration --bin arrow-bench
 target/release/arrow-bench vmm "${1:-30}"
 echo
 target/release/arrow-bench linux "${2:-3}"
+echo
+target/release/arrow-bench clones "${3:-20}" "${4:-20}"

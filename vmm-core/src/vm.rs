@@ -227,7 +227,7 @@ impl Vm {
         let pio = legacy_bus(serial.clone(), &exit)?;
 
         let mut cmdline = KernelCmdline::for_flavour(flavour, config.vcpus);
-        let mut devices = VirtioDevices::new(&vm_fd, &memory);
+        let mut devices = VirtioDevices::new();
         let vsock = match &config.vsock {
             Some(vsock) => {
                 let dev = Arc::new(Mutex::new(VirtioVsock::new(
@@ -315,6 +315,16 @@ impl Vm {
         let kvm = Kvm::new().map_err(VmError::NoKvm)?;
         let flavour = config.flavour.unwrap_or_else(KvmFlavour::detect);
         let snap = snapshot::read_state(snapshot_dir, &HostSignature::current(flavour))?;
+        let vcpu_count = snap.vcpus.len();
+        if vcpu_count == 0
+            || vcpu_count > usize::from(MAX_VCPUS)
+            || vcpu_count != usize::from(snap.shape.vcpus)
+        {
+            return Err(VmError::Restore(format!(
+                "snapshot holds {vcpu_count} vCPU states for a {}-vCPU VM",
+                snap.shape.vcpus
+            )));
+        }
         let memory = snapshot::memory::map_private(
             &snapshot_dir.join(snapshot::MEMORY_FILE),
             snap.shape.memory_bytes,
@@ -344,7 +354,7 @@ impl Vm {
         let serial = Arc::new(Mutex::new(serial));
         let pio = legacy_bus(serial.clone(), &exit)?;
 
-        let mut devices = VirtioDevices::new(&vm_fd, &memory);
+        let mut devices = VirtioDevices::new();
         let vsock = match (&snap.vsock, config.vsock_uds_path.take()) {
             (Some(saved), Some(uds_path)) => {
                 let dev = Arc::new(Mutex::new(VirtioVsock::restore(&saved.device, uds_path)?));
@@ -545,7 +555,7 @@ struct VirtioDevices {
 }
 
 impl VirtioDevices {
-    fn new(_vm_fd: &VmFd, _memory: &GuestMemoryMmap<()>) -> Self {
+    fn new() -> Self {
         Self {
             mmio: Bus::new(),
             subscribers: Vec::new(),

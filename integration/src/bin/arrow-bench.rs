@@ -4,9 +4,13 @@
 //!
 //! `arrow-bench vmm [N]`: bare-metal test guest, process start to first
 //! guest output, VMM peak RSS and PSS.
-//! `arrow-bench linux [N]`: the Linux guest, process start to arrow-init
-//! ready and to the program's first output, VMM RSS and PSS while the guest
-//! idles.
+//! `arrow-bench linux [N]`: the Linux guest booted afresh, process start to
+//! arrow-init ready and to the program's first output, VMM RSS and PSS while
+//! the guest idles.
+//! `arrow-bench clones [N] [AT_ONCE]`: template creation, then N clones one
+//! after another (restore and arrow-init ready), then AT_ONCE idle clones at
+//! the same time with the memory each one holds: PSS, private pages, and the
+//! pages still shared with the template.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
@@ -148,7 +152,14 @@ fn bench_linux(runs: usize) -> anyhow::Result<()> {
     for _ in 0..runs {
         let start = Instant::now();
         let mut child = Command::new(arrow_vmm())
-            .args(["run", "--timings", "--memory", "128M", "--kernel"])
+            .args([
+                "run",
+                "--timings",
+                "--no-template",
+                "--memory",
+                "128M",
+                "--kernel",
+            ])
             .arg(kernel())
             .arg("--rootfs")
             .arg(busybox_rootfs())
@@ -204,6 +215,162 @@ fn bench_linux(runs: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Sums the fields of the mappings in /proc/PID/smaps whose path ends with
+/// `suffix`, in MiB: (Rss, Pss, Shared_Clean, Private_Dirty + Private_Clean).
+fn mapping_memory(pid: u32, suffix: &str) -> anyhow::Result<(f64, f64, f64, f64)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let (mut rss, mut pss, mut shared, mut private) = (0.0, 0.0, 0.0, 0.0);
+    let mut inside = false;
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or_default();
+        if first.contains('-') && !first.ends_with(':') {
+            inside = line.trim_end().ends_with(suffix);
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        let kb: f64 = words.next().and_then(|n| n.parse().ok()).unwrap_or(0.0);
+        let mib = kb / 1024.0;
+        match first {
+            "Rss:" => rss += mib,
+            "Pss:" => pss += mib,
+            "Shared_Clean:" | "Shared_Dirty:" => shared += mib,
+            "Private_Clean:" | "Private_Dirty:" => private += mib,
+            _ => {}
+        }
+    }
+    Ok((rss, pss, shared, private))
+}
+
+fn timing(stderr: &str, phase: &str) -> Option<f64> {
+    let prefix = format!("arrow-vmm: timing {phase} ");
+    stderr
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|l| l.trim_end_matches(" ms").parse::<f64>().ok())
+}
+
+fn vm_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(arrow_vmm());
+    cmd.args(args)
+        .args(["--memory", "128M", "--kernel"])
+        .arg(kernel())
+        .arg("--rootfs")
+        .arg(busybox_rootfs());
+    cmd
+}
+
+fn bench_clones(runs: usize, at_once: usize) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let out = vm_command(&["template", "create", "--timings"]).output()?;
+    if !out.status.success() {
+        bail!(
+            "template create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let creation = start.elapsed().as_secs_f64() * 1000.0;
+    let template = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+
+    let (mut restored, mut ready, mut total) = (Stats(vec![]), Stats(vec![]), Stats(vec![]));
+    for _ in 0..runs {
+        let start = Instant::now();
+        let out = vm_command(&["run", "--timings"])
+            .args(["--", "/bin/true"])
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            bail!("clone failed: {stderr}");
+        }
+        total.0.push(start.elapsed().as_secs_f64() * 1000.0);
+        restored
+            .0
+            .push(timing(&stderr, "clone-restored").context("not a clone")?);
+        ready
+            .0
+            .push(timing(&stderr, "agent-ready").context("no agent-ready")?);
+    }
+
+    let mut children = Vec::new();
+    for _ in 0..at_once {
+        let mut child = vm_command(&["run"])
+            .args(["--", "/bin/sh", "-c", "echo up; exec sleep 600"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let stdout = child.stdout.take().context("stdout")?;
+        children.push((child, BufReader::new(stdout)));
+    }
+    let all_up = Instant::now();
+    for (_, out) in children.iter_mut() {
+        let mut line = String::new();
+        out.read_line(&mut line)?;
+        if line.trim() != "up" {
+            bail!("a clone did not come up: {line:?}");
+        }
+    }
+    let all_up = all_up.elapsed().as_secs_f64() * 1000.0;
+    std::thread::sleep(Duration::from_secs(3));
+    let (mut pss, mut private, mut guest_pss, mut guest_private, mut guest_shared) = (
+        Stats(vec![]),
+        Stats(vec![]),
+        Stats(vec![]),
+        Stats(vec![]),
+        Stats(vec![]),
+    );
+    for (child, _) in &children {
+        let (_, p, _) = memory_of(child.id())?;
+        pss.0.push(p);
+        let (_, gp, gs, gpriv) = mapping_memory(child.id(), &format!("{template}/memory"))?;
+        guest_pss.0.push(gp);
+        guest_shared.0.push(gs);
+        guest_private.0.push(gpriv);
+        let rollup = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", child.id()))?;
+        let private_kb: f64 = rollup
+            .lines()
+            .filter(|l| l.starts_with("Private_"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .sum();
+        private.0.push(private_kb / 1024.0);
+    }
+    for (child, _) in &mut children {
+        // SIGTERM is forwarded to the program; the guest then powers off.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    for (child, _) in &mut children {
+        child.wait()?;
+    }
+
+    println!(
+        "VM templates on {}, 1 vCPU, 128 MiB, busybox initramfs",
+        flavour()
+    );
+    Stats(vec![creation]).show("template creation (boot + snapshot)", "ms", None);
+    restored.show("clone: process start -> VM restored", "ms", None);
+    ready.show(
+        "clone: process start -> arrow-init ready",
+        "ms",
+        Some("fresh boot: see `arrow-bench linux`"),
+    );
+    total.show("clone: whole run of /bin/true", "ms", None);
+    Stats(vec![all_up]).show(
+        &format!("{at_once} clones at once: all printed"),
+        "ms",
+        None,
+    );
+    pss.show("per idle clone: process PSS", "MiB", None);
+    private.show("per idle clone: process private", "MiB", None);
+    guest_pss.show("per idle clone: guest RAM PSS", "MiB", None);
+    guest_private.show("per idle clone: guest RAM private (written)", "MiB", None);
+    guest_shared.show("per idle clone: guest RAM shared w/ template", "MiB", None);
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let runs =
@@ -211,8 +378,12 @@ fn main() -> anyhow::Result<()> {
     match args.get(1).map(String::as_str) {
         Some("vmm") => bench_vmm(runs(30)),
         Some("linux") => bench_linux(runs(3)),
+        Some("clones") => {
+            let at_once = args.get(3).and_then(|n| n.parse().ok()).unwrap_or(20);
+            bench_clones(runs(20), at_once)
+        }
         _ => {
-            eprintln!("usage: arrow-bench vmm [RUNS] | linux [RUNS]");
+            eprintln!("usage: arrow-bench vmm [RUNS] | linux [RUNS] | clones [RUNS] [AT_ONCE]");
             if !Path::new("/dev/kvm").exists() {
                 eprintln!("(and /dev/kvm is missing)");
             }

@@ -377,13 +377,11 @@ fn start_guest(
             Err(e) => eprintln!("arrow-vmm: could not save a template: {e:#}"),
         }
     }
-    if hostname != "arrow" || origin != Origin::Boot {
-        // A booted guest gets the same identity a clone would.
-        let entropy = proto::client::fresh_entropy(64).context("reading host entropy")?;
-        client
-            .init_clone(unix_time_ns(), &entropy, hostname)
-            .context("initialising the guest")?;
-    }
+    // A booted guest gets the same identity a clone would.
+    let entropy = proto::client::fresh_entropy(64).context("reading host entropy")?;
+    client
+        .init_clone(unix_time_ns(), &entropy, hostname)
+        .context("initialising the guest")?;
     Ok(Guest {
         vm,
         client: Arc::new(client),
