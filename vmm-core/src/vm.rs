@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
@@ -647,11 +647,29 @@ fn new_irq_line(vm_fd: &VmFd, gsi: u32) -> Result<IrqLine, VmError> {
 /// The thread that serves every device's host-side I/O from one epoll set.
 struct EventLoop {
     thread: JoinHandle<()>,
+    /// Written by [`EventLoop::join`] so the loop notices the VM ended at once.
+    wake: EventFd,
+}
+
+/// Wakes the event loop; reading it is all it needs.
+struct Waker(EventFd);
+
+impl MutEventSubscriber for Waker {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.0, EventSet::IN)) {
+            log::error!("registering the event loop's waker: {e:?}");
+        }
+    }
 }
 
 impl EventLoop {
-    /// How often the loop checks whether the VM has ended.
-    const TICK_MS: i32 = 50;
+    /// How often the loop checks whether the VM has ended, should a wake-up
+    /// be missed.
+    const TICK_MS: i32 = 1000;
 
     fn start(subscribers: Vec<Subscriber>, exit: ExitNotifier) -> Result<Self, VmError> {
         let mut manager =
@@ -659,6 +677,9 @@ impl EventLoop {
         for sub in subscribers {
             manager.add_subscriber(sub);
         }
+        let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        let waker = wake.try_clone().map_err(VmError::EventFd)?;
+        manager.add_subscriber(Arc::new(Mutex::new(Waker(waker))));
         let thread = std::thread::Builder::new()
             .name("devices".into())
             .spawn(move || {
@@ -673,10 +694,12 @@ impl EventLoop {
                 }
             })
             .map_err(|e| VmError::EventLoop(e.to_string()))?;
-        Ok(Self { thread })
+        Ok(Self { thread, wake })
     }
 
+    /// Wakes the loop (the caller has reported the VM's exit) and joins it.
     fn join(self) {
+        let _ = self.wake.write(1);
         let _ = self.thread.join();
     }
 }
