@@ -293,24 +293,37 @@ fn bench_clones(runs: usize, at_once: usize) -> anyhow::Result<()> {
             .push(timing(&stderr, "agent-ready").context("no agent-ready")?);
     }
 
+    let logs = std::env::temp_dir().join(format!("arrow-bench-clones-{}", std::process::id()));
+    std::fs::create_dir_all(&logs)?;
     let mut children = Vec::new();
-    for _ in 0..at_once {
+    for i in 0..at_once {
         let mut child = vm_command(&["run"])
             .args(["--", "/bin/sh", "-c", "echo up; exec sleep 600"])
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(logs.join(format!("{i}.err")))?)
             .spawn()?;
         let stdout = child.stdout.take().context("stdout")?;
         children.push((child, BufReader::new(stdout)));
     }
     let all_up = Instant::now();
-    for (_, out) in children.iter_mut() {
+    let mut failed = None;
+    for (i, (_, out)) in children.iter_mut().enumerate() {
         let mut line = String::new();
         out.read_line(&mut line)?;
         if line.trim() != "up" {
-            bail!("a clone did not come up: {line:?}");
+            let err = std::fs::read_to_string(logs.join(format!("{i}.err"))).unwrap_or_default();
+            failed = Some(format!("clone {i} did not come up: {err}"));
+            break;
         }
     }
+    if let Some(why) = failed {
+        for (child, _) in &mut children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        bail!(why);
+    }
+    std::fs::remove_dir_all(&logs)?;
     let all_up = all_up.elapsed().as_secs_f64() * 1000.0;
     std::thread::sleep(Duration::from_secs(3));
     let (mut pss, mut private, mut guest_pss, mut guest_private, mut guest_shared) = (
