@@ -13,6 +13,7 @@
 //!   backend file descriptors) wake the event-loop thread, which processes the
 //!   queues and raises the interrupt through the shared [`Interrupt`].
 
+pub mod fs;
 pub mod mmio;
 pub mod persist;
 pub mod vsock;

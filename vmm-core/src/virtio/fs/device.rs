@@ -1,0 +1,317 @@
+//! The virtio-fs device: configuration space, queues and the passthrough
+//! file system behind them.
+//!
+//! Queue work runs on the event-loop thread (see `event_handler.rs`); each
+//! descriptor chain is one FUSE request, served by `request.rs`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fuse_backend_rs::api::filesystem::FileSystem;
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::passthrough::{Config, PassthroughFs};
+use log::{debug, error, warn};
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{
+    FsError, CONFIG_SPACE_SIZE, NUM_QUEUES, NUM_REQUEST_QUEUES, QUEUE_SIZE, TAG_LEN, VIRTIO_ID_FS,
+};
+use crate::virtio::{ActivateError, GuestMemory, Interrupt, VirtioDevice};
+
+/// The passthrough file system as the FUSE server sees it.
+pub(super) type SharedFs = Arc<PassthroughFs>;
+
+pub(super) struct Active {
+    pub(super) mem: GuestMemory,
+    pub(super) interrupt: Arc<Interrupt>,
+    pub(super) queues: Vec<Queue>,
+}
+
+/// A virtio-fs device sharing one host directory.
+pub struct VirtioFs {
+    tag: String,
+    shared_dir: PathBuf,
+    read_only: bool,
+    config: [u8; CONFIG_SPACE_SIZE],
+    queue_max_sizes: [u16; NUM_QUEUES],
+    queue_evts: Vec<Arc<EventFd>>,
+    acked_features: u64,
+    pub(super) active: Option<Active>,
+    fs: SharedFs,
+    pub(super) server: Server<SharedFs>,
+    /// Written when another thread changed what the event loop must look at
+    /// (activation, reset).
+    pub(super) kick_evt: EventFd,
+}
+
+impl VirtioFs {
+    /// Creates the device: the guest mounts it by `tag` (1 to 36 bytes) and
+    /// sees `shared_dir`, which must be an existing directory. With
+    /// `read_only`, every request that would change the host directory is
+    /// answered with `EROFS`.
+    ///
+    /// Setting up the passthrough file system clears the process's umask
+    /// (fuse-backend-rs does, so the guest's modes apply unchanged).
+    pub fn new(tag: &str, shared_dir: &Path, read_only: bool) -> Result<Self, FsError> {
+        if tag.is_empty() || tag.len() > TAG_LEN || tag.contains('\0') {
+            return Err(FsError::InvalidTag(tag.to_owned()));
+        }
+        if !shared_dir.is_dir() {
+            return Err(FsError::NotADirectory(shared_dir.to_owned()));
+        }
+        let root_dir = shared_dir
+            .to_str()
+            .ok_or_else(|| FsError::NonUtf8Path(shared_dir.to_owned()))?
+            .to_owned();
+        let passthrough_err = |source| FsError::Passthrough {
+            path: shared_dir.to_owned(),
+            source,
+        };
+        let cfg = Config {
+            root_dir,
+            // `do_import` also turns on the check of every name the guest
+            // sends ("..", "/"): it must stay on without a VFS layer above.
+            do_import: true,
+            xattr: false,
+            ..Config::default()
+        };
+        let fs: SharedFs = Arc::new(PassthroughFs::new(cfg).map_err(passthrough_err)?);
+        // The root inode, once; FUSE_DESTROY (and our reset) re-import it.
+        fs.import().map_err(passthrough_err)?;
+
+        let queue_evts = (0..NUM_QUEUES)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(FsError::EventFd)?;
+        let kick_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(FsError::EventFd)?;
+
+        let mut config = [0u8; CONFIG_SPACE_SIZE];
+        config[..tag.len()].copy_from_slice(tag.as_bytes());
+        config[TAG_LEN..].copy_from_slice(&NUM_REQUEST_QUEUES.to_le_bytes());
+
+        Ok(Self {
+            tag: tag.to_owned(),
+            shared_dir: shared_dir.to_owned(),
+            read_only,
+            config,
+            queue_max_sizes: [QUEUE_SIZE; NUM_QUEUES],
+            queue_evts,
+            acked_features: 0,
+            active: None,
+            server: Server::new(fs.clone()),
+            fs,
+            kick_evt,
+        })
+    }
+
+    /// The tag the guest mounts the device by.
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// The host directory the guest sees.
+    pub fn shared_dir(&self) -> &Path {
+        &self.shared_dir
+    }
+
+    /// Whether requests that change the directory are refused.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    pub(super) fn queue_evt(&self, index: usize) -> &EventFd {
+        &self.queue_evts[index]
+    }
+
+    fn kick(&self) {
+        if let Err(e) = self.kick_evt.write(1) {
+            error!("virtio-fs: cannot wake the event loop: {e}");
+        }
+    }
+}
+
+impl VirtioDevice for VirtioFs {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_FS
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_max_sizes
+    }
+
+    fn queue_events(&self) -> &[Arc<EventFd>] {
+        &self.queue_evts
+    }
+
+    fn avail_features(&self) -> u64 {
+        // No VIRTIO_FS_F_NOTIFICATION; VERSION_1 comes from the transport.
+        0
+    }
+
+    fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let src = usize::try_from(offset)
+            .ok()
+            .and_then(|start| Some((start, start.checked_add(data.len())?)))
+            .and_then(|(start, end)| self.config.get(start..end));
+        match src {
+            Some(src) => data.copy_from_slice(src),
+            None => {
+                warn!(
+                    "virtio-fs: config read at {offset:#x} size {} out of range",
+                    data.len()
+                );
+                data.fill(0);
+            }
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        warn!(
+            "virtio-fs: config space is read-only (write at {offset:#x}, {} bytes)",
+            data.len()
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if queues.len() != NUM_QUEUES {
+            return Err(ActivateError::QueueCount {
+                expected: NUM_QUEUES,
+                got: queues.len(),
+            });
+        }
+        debug!(
+            "virtio-fs: activated, tag {:?}, sharing {}",
+            self.tag,
+            self.shared_dir.display()
+        );
+        self.active = Some(Active {
+            mem,
+            interrupt,
+            queues,
+        });
+        // The guest may have queued requests before the event loop noticed.
+        self.kick();
+        Ok(())
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn queues(&self) -> &[Queue] {
+        self.active.as_ref().map_or(&[], |a| &a.queues)
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.acked_features = 0;
+        // The guest's FUSE session is gone: drop its inodes and open files
+        // and start again from the root, as FUSE_DESTROY does.
+        self.fs.destroy();
+        self.kick();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let dir =
+            std::env::temp_dir().join(format!("arrow-fs-dev-{tag}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn identity_and_config_space() {
+        let dir = temp_dir("cfg");
+        let dev = VirtioFs::new("rootfs", &dir, false).unwrap();
+        assert_eq!(dev.device_type(), 26);
+        assert_eq!(dev.queue_max_sizes(), &[QUEUE_SIZE; 2]);
+        assert_eq!(dev.queue_events().len(), 2);
+        assert_eq!(dev.avail_features(), 0);
+        assert_eq!(
+            (dev.tag(), dev.shared_dir(), dev.read_only()),
+            ("rootfs", dir.as_path(), false)
+        );
+
+        let mut tag = [0xffu8; TAG_LEN];
+        dev.read_config(0, &mut tag);
+        assert_eq!(&tag[..6], b"rootfs");
+        assert!(tag[6..].iter().all(|&b| b == 0));
+        let mut n = [0u8; 4];
+        dev.read_config(TAG_LEN as u64, &mut n);
+        assert_eq!(u32::from_le_bytes(n), 1);
+        let mut whole = [0u8; CONFIG_SPACE_SIZE];
+        dev.read_config(0, &mut whole);
+        assert_eq!(&whole[TAG_LEN..], &1u32.to_le_bytes());
+        // Out of range, straddling the end, absurd offsets: zeroes.
+        n = [0xff; 4];
+        dev.read_config(CONFIG_SPACE_SIZE as u64 - 2, &mut n);
+        assert_eq!(n, [0; 4]);
+        n = [0xff; 4];
+        dev.read_config(u64::MAX, &mut n);
+        assert_eq!(n, [0; 4]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_36_byte_tag_fills_the_field() {
+        let dir = temp_dir("tag36");
+        let tag = "a".repeat(TAG_LEN);
+        let mut dev = VirtioFs::new(&tag, &dir, true).unwrap();
+        let mut b = [0u8; TAG_LEN];
+        dev.read_config(0, &mut b);
+        assert_eq!(&b[..], tag.as_bytes());
+        // Writes are ignored.
+        dev.write_config(0, b"zz");
+        dev.read_config(0, &mut b);
+        assert_eq!(&b[..], tag.as_bytes());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn rejects_bad_tags_and_missing_directories() {
+        let dir = temp_dir("bad");
+        for tag in ["", "a\0b", &"x".repeat(TAG_LEN + 1)] {
+            assert!(
+                matches!(VirtioFs::new(tag, &dir, false), Err(FsError::InvalidTag(_))),
+                "{tag:?}"
+            );
+        }
+        let missing = dir.join("missing");
+        assert!(matches!(
+            VirtioFs::new("t", &missing, false),
+            Err(FsError::NotADirectory(p)) if p == missing
+        ));
+        let file = dir.join("file");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(matches!(
+            VirtioFs::new("t", &file, false),
+            Err(FsError::NotADirectory(_))
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

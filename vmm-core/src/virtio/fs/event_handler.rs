@@ -1,0 +1,109 @@
+//! What wakes the virtio-fs device: the event-manager subscriber, and the
+//! queue processing it runs.
+//!
+//! The device watches its two queue eventfds (written by the transport on
+//! `QueueNotify`) and a kick eventfd (written when another thread activated
+//! or reset it). Every descriptor chain on a notified queue is one FUSE
+//! request, served synchronously on the event-loop thread.
+
+use std::os::unix::io::AsRawFd;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use log::{error, warn};
+use virtio_queue::{Queue, QueueT};
+
+use super::device::VirtioFs;
+use super::request::handle_chain;
+use super::{HIPRIO_QUEUE_INDEX, NUM_QUEUES, REQUEST_QUEUE_INDEX};
+use crate::virtio::{GuestMemory, Interrupt};
+
+impl VirtioFs {
+    /// Serves every request waiting on queue `index`. Returns how many
+    /// chains were used.
+    pub(super) fn process_queue(&mut self, index: usize) -> usize {
+        let read_only = self.read_only();
+        let Some(active) = self.active.as_mut() else {
+            return 0;
+        };
+        let mem = &active.mem;
+        let Some(q) = active.queues.get_mut(index) else {
+            return 0;
+        };
+        let mut used = 0;
+        while let Some(chain) = q.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let len = match handle_chain(&self.server, read_only, mem, chain) {
+                Ok(len) => len,
+                Err(e) => {
+                    warn!("virtio-fs: queue {index}, chain {head}: {e}");
+                    0
+                }
+            };
+            add_used(q, mem, head, len);
+            used += 1;
+        }
+        if used > 0 {
+            signal(q, mem, &active.interrupt);
+        }
+        used
+    }
+
+    fn process_all(&mut self) {
+        for index in 0..NUM_QUEUES {
+            self.process_queue(index);
+        }
+    }
+}
+
+fn add_used(q: &mut Queue, mem: &GuestMemory, head: u16, len: u32) {
+    if let Err(e) = q.add_used(mem, head, len) {
+        error!("virtio-fs: cannot add used descriptor {head}: {e:?}");
+    }
+}
+
+fn signal(q: &mut Queue, mem: &GuestMemory, interrupt: &Interrupt) {
+    // When in doubt, interrupt: a spurious one is cheap, a lost one hangs.
+    if q.needs_notification(mem).unwrap_or(true) {
+        if let Err(e) = interrupt.signal_used_queue() {
+            error!("virtio-fs: cannot raise interrupt: {e}");
+        }
+    }
+}
+
+fn drain(evt: &vmm_sys_util::eventfd::EventFd) {
+    // Non-blocking: EAGAIN just means another wakeup already drained it.
+    let _ = evt.read();
+}
+
+impl MutEventSubscriber for VirtioFs {
+    fn init(&mut self, ops: &mut EventOps) {
+        let fds = [
+            self.queue_evt(HIPRIO_QUEUE_INDEX).as_raw_fd(),
+            self.queue_evt(REQUEST_QUEUE_INDEX).as_raw_fd(),
+            self.kick_evt.as_raw_fd(),
+        ];
+        for fd in fds {
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                error!("virtio-fs: cannot watch fd {fd}: {e:?}");
+            }
+        }
+        self.process_all();
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.kick_evt.as_raw_fd() {
+            drain(&self.kick_evt);
+            self.process_all();
+            return;
+        }
+        for index in [HIPRIO_QUEUE_INDEX, REQUEST_QUEUE_INDEX] {
+            if fd == self.queue_evt(index).as_raw_fd() {
+                drain(self.queue_evt(index));
+                self.process_queue(index);
+                return;
+            }
+        }
+        warn!("virtio-fs: event on unknown fd {fd}");
+    }
+}

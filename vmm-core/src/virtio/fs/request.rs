@@ -1,0 +1,122 @@
+//! One FUSE request: a descriptor chain in, a reply written back into it.
+//!
+//! It exists to keep the guest-facing parsing in one place. The chain's
+//! device-readable descriptors hold the request (`fuse_in_header` and its
+//! arguments), its device-writable ones receive the reply. fuse-backend-rs
+//! checks every descriptor against guest memory while building the
+//! reader and writer, and its server does not trust the request's contents;
+//! whatever fails is an error value for the caller to log, never a panic.
+//!
+//! The read-only policy lives here too: fuse-backend-rs's passthrough file
+//! system has no read-only mode, so a read-only device answers every request
+//! that could change the host directory with `EROFS` before it reaches the
+//! file system. It is an allow-list: opcodes it does not know are refused.
+
+use std::mem::size_of;
+
+use fuse_backend_rs::abi::fuse_abi::{AccessIn, InHeader, Opcode, OpenIn, OutHeader};
+use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
+use virtio_queue::DescriptorChain;
+
+use super::device::SharedFs;
+use crate::virtio::GuestMemory;
+
+/// Why a request got no reply.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// A descriptor lies outside guest memory, or the chain is malformed.
+    #[error("bad descriptor chain: {0}")]
+    Chain(fuse_backend_rs::transport::Error),
+    /// The request could not be decoded or its reply not written.
+    #[error("FUSE request failed: {0}")]
+    Server(fuse_backend_rs::Error),
+    /// The `EROFS` reply could not be written.
+    #[error("cannot write the EROFS reply: {0}")]
+    Reply(std::io::Error),
+}
+
+/// Serves the request in `chain` and returns how many bytes of reply were
+/// written (0 for requests without a reply, such as FORGET).
+pub fn handle_chain(
+    server: &fuse_backend_rs::api::server::Server<SharedFs>,
+    read_only: bool,
+    mem: &GuestMemory,
+    chain: DescriptorChain<&GuestMemory>,
+) -> Result<u32, RequestError> {
+    let reader = Reader::from_descriptor_chain(mem, chain.clone()).map_err(RequestError::Chain)?;
+    let mut writer = VirtioFsWriter::new(mem, chain).map_err(RequestError::Chain)?;
+    if read_only {
+        if let Some(unique) = refused_when_read_only(&reader) {
+            let reply = OutHeader {
+                len: size_of::<OutHeader>() as u32,
+                error: -libc::EROFS,
+                unique,
+            };
+            writer.write_obj(reply).map_err(RequestError::Reply)?;
+            return Ok(reply.len);
+        }
+    }
+    let written = server
+        .handle_message(reader, Writer::from(writer), None, None)
+        .map_err(RequestError::Server)?;
+    // A reply never exceeds the chain's writable bytes, which the queue
+    // bounds to far less than 4 GiB; saturate rather than trust that.
+    Ok(u32::try_from(written).unwrap_or(u32::MAX))
+}
+
+/// The `unique` of a request a read-only device must refuse, or `None` if
+/// it may go to the file system. Undecodable requests go on too: the server
+/// rejects them itself.
+fn refused_when_read_only(reader: &Reader<'_, ()>) -> Option<u64> {
+    let mut r = reader.clone();
+    let header: InHeader = r.read_obj().ok()?;
+    let op = header.opcode;
+    let is = |o: Opcode| op == o as u32;
+    let allowed = if is(Opcode::Open) {
+        // Opening for writing, or truncating, changes the file (or would).
+        match r.read_obj::<OpenIn>() {
+            Ok(open) => {
+                let flags = open.flags as i32;
+                flags & libc::O_ACCMODE == libc::O_RDONLY && flags & libc::O_TRUNC == 0
+            }
+            Err(_) => true,
+        }
+    } else if is(Opcode::Access) {
+        // access(W_OK) must say what a write would get.
+        match r.read_obj::<AccessIn>() {
+            Ok(access) => access.mask & libc::W_OK as u32 == 0,
+            Err(_) => true,
+        }
+    } else {
+        [
+            Opcode::Lookup,
+            Opcode::Forget,
+            Opcode::BatchForget,
+            Opcode::Getattr,
+            Opcode::Readlink,
+            Opcode::Read,
+            Opcode::Statfs,
+            Opcode::Release,
+            Opcode::Fsync,
+            Opcode::Getxattr,
+            Opcode::Listxattr,
+            Opcode::Flush,
+            Opcode::Init,
+            Opcode::Destroy,
+            Opcode::Opendir,
+            Opcode::Readdir,
+            Opcode::Readdirplus,
+            Opcode::Releasedir,
+            Opcode::Fsyncdir,
+            Opcode::Getlk,
+            Opcode::Setlk,
+            Opcode::Setlkw,
+            Opcode::Interrupt,
+            Opcode::Lseek,
+            Opcode::Poll,
+        ]
+        .into_iter()
+        .any(is)
+    };
+    (!allowed).then_some(header.unique)
+}

@@ -1,0 +1,713 @@
+//! End-to-end tests: a fake guest FUSE driver on real guest memory, the
+//! device on a real event manager, a real host directory behind it.
+
+use std::ffi::CString;
+use std::mem::size_of;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, SubscriberOps};
+use fuse_backend_rs::abi::fuse_abi::{
+    AccessIn, CreateIn, EntryOut, InHeader, InitIn, InitOut, MkdirIn, Opcode, OpenIn, OpenOut,
+    OutHeader, ReadIn, KERNEL_MINOR_VERSION, KERNEL_VERSION, ROOT_ID,
+};
+use virtio_bindings::virtio_mmio as regs;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Address, ByteValued, Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::*;
+use crate::devices::bus::BusDevice;
+use crate::devices::irq::IrqLine;
+use crate::virtio::mmio::MmioTransport;
+use crate::virtio::{status, GuestMemory, Interrupt, VirtioDevice};
+
+const QSIZE: u16 = 64;
+const MEM_SIZE: usize = 0x100_0000;
+const HELLO: &[u8] = b"hello from the host\n";
+
+type Em = EventManager<Arc<Mutex<VirtioFs>>>;
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let dir =
+        std::env::temp_dir().join(format!("arrow-fs-e2e-{tag}-{}-{nanos}", std::process::id()));
+    std::fs::create_dir(&dir).unwrap();
+    dir
+}
+
+fn new_mem() -> GuestMemory {
+    GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+}
+
+/// One queue as the guest driver sees it.
+struct GuestQueue<'a> {
+    mock: MockSplitQueue<'a, GuestMemory>,
+    mem: &'a GuestMemory,
+    next_desc: u16,
+    avail_idx: u16,
+    last_used: u16,
+}
+
+impl<'a> GuestQueue<'a> {
+    fn new(mem: &'a GuestMemory, ring: u64) -> Self {
+        Self {
+            mock: MockSplitQueue::create(mem, GuestAddress(ring), QSIZE),
+            mem,
+            next_desc: 0,
+            avail_idx: 0,
+            last_used: 0,
+        }
+    }
+
+    /// Publishes raw descriptors `(addr, len, flags, next)`; the first is
+    /// the head.
+    fn add_raw(&mut self, descs: &[(u64, u32, u16, u16)]) -> u16 {
+        let head = self.next_desc;
+        for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
+            let d = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next));
+            self.mock.desc_table().store(head + i as u16, d).unwrap();
+        }
+        self.publish(head, descs.len() as u16)
+    }
+
+    /// Publishes a chain of `(addr, len, device_writable)` descriptors.
+    fn add_chain(&mut self, descs: &[(u64, u32, bool)]) -> u16 {
+        if self.next_desc as usize + descs.len() > QSIZE as usize {
+            self.next_desc = 0;
+        }
+        let head = self.next_desc;
+        let raw: Vec<_> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, write))| {
+                let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
+                let mut next = 0;
+                if i + 1 < descs.len() {
+                    flags |= VRING_DESC_F_NEXT as u16;
+                    next = head + i as u16 + 1;
+                }
+                (addr, len, flags, next)
+            })
+            .collect();
+        self.add_raw(&raw)
+    }
+
+    fn publish(&mut self, head: u16, n: u16) -> u16 {
+        self.next_desc = (self.next_desc + n) % QSIZE;
+        let avail = self.mock.avail_addr();
+        let slot = 4 + 2 * u64::from(self.avail_idx % QSIZE);
+        self.mem.write_obj(head, avail.unchecked_add(slot)).unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.mem
+            .write_obj(self.avail_idx, avail.unchecked_add(2))
+            .unwrap();
+        head
+    }
+
+    /// New used entries `(head, len)`.
+    fn take_used(&mut self) -> Vec<(u32, u32)> {
+        let used = self.mock.used_addr();
+        let idx: u16 = self.mem.read_obj(used.unchecked_add(2)).unwrap();
+        let mut out = Vec::new();
+        while self.last_used != idx {
+            let slot = 4 + 8 * u64::from(self.last_used % QSIZE);
+            let id: u32 = self.mem.read_obj(used.unchecked_add(slot)).unwrap();
+            let len: u32 = self.mem.read_obj(used.unchecked_add(slot + 4)).unwrap();
+            out.push((id, len));
+            self.last_used = self.last_used.wrapping_add(1);
+        }
+        out
+    }
+}
+
+/// A reply: the header and the bytes after it.
+struct Reply {
+    header: OutHeader,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn obj<T: ByteValued>(&self) -> T {
+        assert_eq!(self.header.error, 0, "FUSE error {}", self.header.error);
+        T::from_slice(&self.body[..size_of::<T>()])
+            .copied()
+            .unwrap()
+    }
+}
+
+/// The fake guest: its FUSE driver and the device on an event loop.
+struct Guest<'a> {
+    mem: &'a GuestMemory,
+    hiprio: GuestQueue<'a>,
+    req: GuestQueue<'a>,
+    dev: Arc<Mutex<VirtioFs>>,
+    em: Em,
+    irq: EventFd,
+    unique: u64,
+    /// Request and reply buffers.
+    in_buf: u64,
+    out_buf: u64,
+}
+
+impl<'a> Guest<'a> {
+    /// Activates `dev` on fresh queues in `mem` and puts it on an event loop.
+    fn start(mem: &'a GuestMemory, dev: VirtioFs) -> Self {
+        let hiprio = GuestQueue::new(mem, 0x1_0000);
+        let req = GuestQueue::new(mem, 0x2_0000);
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let interrupt = Arc::new(Interrupt::new(IrqLine::new(5, irq.try_clone().unwrap())));
+        let dev = Arc::new(Mutex::new(dev));
+        dev.lock()
+            .unwrap()
+            .activate(
+                mem.clone(),
+                interrupt,
+                vec![
+                    hiprio.mock.create_queue().unwrap(),
+                    req.mock.create_queue().unwrap(),
+                ],
+            )
+            .unwrap();
+        let mut em = Em::new().unwrap();
+        em.add_subscriber(dev.clone());
+        Self {
+            mem,
+            hiprio,
+            req,
+            dev,
+            em,
+            irq,
+            unique: 0,
+            in_buf: 0x10_0000,
+            out_buf: 0x20_0000,
+        }
+    }
+
+    /// Activates the device again on fresh rings, as a driver does after a
+    /// reset.
+    fn reactivate(&mut self) {
+        self.hiprio = GuestQueue::new(self.mem, 0x1_0000);
+        self.req = GuestQueue::new(self.mem, 0x2_0000);
+        let interrupt = Arc::new(Interrupt::new(IrqLine::new(
+            5,
+            self.irq.try_clone().unwrap(),
+        )));
+        self.dev
+            .lock()
+            .unwrap()
+            .activate(
+                self.mem.clone(),
+                interrupt,
+                vec![
+                    self.hiprio.mock.create_queue().unwrap(),
+                    self.req.mock.create_queue().unwrap(),
+                ],
+            )
+            .unwrap();
+    }
+
+    /// Tells the device about queue `index` and runs the event loop until
+    /// one chain comes back on it; returns its used length.
+    fn kick_and_wait(&mut self, index: usize) -> u32 {
+        self.dev.lock().unwrap().queue_events()[index]
+            .write(1)
+            .unwrap();
+        for _ in 0..100 {
+            self.em.run_with_timeout(100).unwrap();
+            let q = if index == HIPRIO_QUEUE_INDEX {
+                &mut self.hiprio
+            } else {
+                &mut self.req
+            };
+            let used = q.take_used();
+            if !used.is_empty() {
+                assert_eq!(used.len(), 1, "one chain per request");
+                assert!(self.irq.read().unwrap() >= 1, "used-buffer interrupt");
+                return used[0].1;
+            }
+        }
+        panic!("no reply on queue {index}");
+    }
+
+    /// The request bytes: header (with the right length) then `args`.
+    fn request_bytes(&mut self, opcode: Opcode, nodeid: u64, args: &[u8]) -> Vec<u8> {
+        self.unique += 1;
+        let header = InHeader {
+            len: (size_of::<InHeader>() + args.len()) as u32,
+            opcode: opcode as u32,
+            unique: self.unique,
+            nodeid,
+            uid: 0,
+            gid: 0,
+            pid: 1,
+            padding: 0,
+        };
+        let mut bytes = header.as_slice().to_vec();
+        bytes.extend_from_slice(args);
+        bytes
+    }
+
+    /// Sends one request in one readable descriptor, with one writable
+    /// descriptor of `reply_cap` bytes, and returns the reply.
+    fn call(&mut self, opcode: Opcode, nodeid: u64, args: &[u8], reply_cap: u32) -> Reply {
+        let bytes = self.request_bytes(opcode, nodeid, args);
+        self.mem
+            .write_slice(&bytes, GuestAddress(self.in_buf))
+            .unwrap();
+        self.req.add_chain(&[
+            (self.in_buf, bytes.len() as u32, false),
+            (self.out_buf, reply_cap, true),
+        ]);
+        let len = self.kick_and_wait(REQUEST_QUEUE_INDEX);
+        self.read_reply(len, self.unique)
+    }
+
+    fn read_reply(&self, len: u32, unique: u64) -> Reply {
+        let mut bytes = vec![0u8; len as usize];
+        self.mem
+            .read_slice(&mut bytes, GuestAddress(self.out_buf))
+            .unwrap();
+        let header = *OutHeader::from_slice(&bytes[..size_of::<OutHeader>()]).unwrap();
+        assert_eq!(header.len, len, "header length matches the used length");
+        assert_eq!(header.unique, unique);
+        Reply {
+            header,
+            body: bytes[size_of::<OutHeader>()..].to_vec(),
+        }
+    }
+
+    fn init(&mut self) -> InitOut {
+        let init = InitIn {
+            major: KERNEL_VERSION,
+            minor: KERNEL_MINOR_VERSION,
+            max_readahead: 0x20000,
+            flags: 0,
+        };
+        let out: InitOut = self.call(Opcode::Init, 0, init.as_slice(), 256).obj();
+        assert_eq!(out.major, KERNEL_VERSION);
+        out
+    }
+
+    fn lookup(&mut self, parent: u64, name: &str) -> Reply {
+        let name = CString::new(name).unwrap();
+        self.call(Opcode::Lookup, parent, name.as_bytes_with_nul(), 256)
+    }
+
+    fn open(&mut self, nodeid: u64, flags: i32) -> Reply {
+        let open = OpenIn {
+            flags: flags as u32,
+            fuse_flags: 0,
+        };
+        self.call(Opcode::Open, nodeid, open.as_slice(), 256)
+    }
+
+    fn mkdir(&mut self, parent: u64, name: &str) -> Reply {
+        let mut args = MkdirIn {
+            mode: 0o755,
+            umask: 0,
+        }
+        .as_slice()
+        .to_vec();
+        args.extend_from_slice(CString::new(name).unwrap().as_bytes_with_nul());
+        self.call(Opcode::Mkdir, parent, &args, 256)
+    }
+}
+
+fn read_in(fh: u64, size: u32) -> ReadIn {
+    ReadIn {
+        fh,
+        offset: 0,
+        size,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn init_lookup_open_read_through_the_event_loop() {
+    let dir = temp_dir("read");
+    std::fs::write(dir.join("hello.txt"), HELLO).unwrap();
+    let mem = new_mem();
+    let mut g = Guest::start(&mem, VirtioFs::new("share", &dir, false).unwrap());
+
+    g.init();
+    let entry: EntryOut = g.lookup(ROOT_ID, "hello.txt").obj();
+    assert_ne!(entry.nodeid, 0);
+    assert_eq!(entry.attr.size, HELLO.len() as u64);
+    assert_eq!(entry.attr.mode & libc::S_IFMT, libc::S_IFREG);
+
+    let open: OpenOut = g.open(entry.nodeid, libc::O_RDONLY).obj();
+
+    // READ, with the request in two descriptors and the reply in three: the
+    // header alone, then the data split across two buffers.
+    let header_and_args = g.request_bytes(
+        Opcode::Read,
+        entry.nodeid,
+        read_in(open.fh, 4096).as_slice(),
+    );
+    let unique = g.unique;
+    let (hdr, args) = header_and_args.split_at(size_of::<InHeader>());
+    let (in0, in1) = (g.in_buf, g.in_buf + 0x1000);
+    mem.write_slice(hdr, GuestAddress(in0)).unwrap();
+    mem.write_slice(args, GuestAddress(in1)).unwrap();
+    let out = g.out_buf;
+    g.req.add_chain(&[
+        (in0, hdr.len() as u32, false),
+        (in1, args.len() as u32, false),
+        (out, size_of::<OutHeader>() as u32, true),
+        (out + size_of::<OutHeader>() as u64, 5, true),
+        (out + size_of::<OutHeader>() as u64 + 5, 4091, true),
+    ]);
+    let len = g.kick_and_wait(REQUEST_QUEUE_INDEX);
+    let reply = g.read_reply(len, unique);
+    assert_eq!(reply.header.error, 0);
+    assert_eq!(reply.body, HELLO);
+
+    // A name that does not exist is ENOENT, not a failure.
+    let missing = g.lookup(ROOT_ID, "missing");
+    assert_eq!(missing.header.error, -libc::ENOENT);
+    // ".." must not climb out of the shared directory: it is the root.
+    let dotdot: EntryOut = g.lookup(ROOT_ID, "..").obj();
+    assert_eq!(dotdot.nodeid, ROOT_ID);
+
+    // FORGET on the hiprio queue: no reply, the chain comes back empty.
+    let forget = g.request_bytes(Opcode::Forget, entry.nodeid, &1u64.to_le_bytes());
+    mem.write_slice(&forget, GuestAddress(g.in_buf)).unwrap();
+    let in_buf = g.in_buf;
+    g.hiprio.add_chain(&[(in_buf, forget.len() as u32, false)]);
+    assert_eq!(g.kick_and_wait(HIPRIO_QUEUE_INDEX), 0);
+
+    // A write lands on the host.
+    let made = g.mkdir(ROOT_ID, "made-by-guest");
+    assert_eq!(made.header.error, 0);
+    assert!(dir.join("made-by-guest").is_dir());
+
+    drop(g);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn malformed_chains_are_used_without_a_panic() {
+    let dir = temp_dir("malformed");
+    std::fs::write(dir.join("hello.txt"), HELLO).unwrap();
+    let mem = new_mem();
+    let mut g = Guest::start(&mem, VirtioFs::new("share", &dir, false).unwrap());
+    g.init();
+    let (inb, outb) = (g.in_buf, g.out_buf);
+    let beyond = MEM_SIZE as u64 + 0x1000;
+    let w = VRING_DESC_F_WRITE as u16;
+    let n = VRING_DESC_F_NEXT as u16;
+
+    let lookup = g.request_bytes(Opcode::Lookup, ROOT_ID, b"hello.txt\0");
+    mem.write_slice(&lookup, GuestAddress(inb)).unwrap();
+    let len = lookup.len() as u32;
+    let mut huge = lookup.clone();
+    huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+    mem.write_slice(&huge, GuestAddress(inb + 0x1000)).unwrap();
+    let mut short = lookup.clone();
+    short[..4].copy_from_slice(&8u32.to_le_bytes());
+    mem.write_slice(&short, GuestAddress(inb + 0x2000)).unwrap();
+
+    let chains: Vec<Vec<(u64, u32, u16, u16)>> = vec![
+        // The request lies outside guest memory.
+        vec![(beyond, len, n, 1), (outb, 256, w, 0)],
+        // The request straddles the end of guest memory.
+        vec![(MEM_SIZE as u64 - 8, len, n, 1), (outb, 256, w, 0)],
+        // The reply buffer lies outside guest memory.
+        vec![(inb, len, n, 1), (beyond, 256, w, 0)],
+        // Too short for a header.
+        vec![(inb, 8, n, 1), (outb, 256, w, 0)],
+        // No reply buffer at all.
+        vec![(inb, len, 0, 0)],
+        // A reply buffer too small for the reply.
+        vec![(inb, len, n, 1), (outb, 4, w, 0)],
+        // The header claims 4 GiB.
+        vec![(inb + 0x1000, len, n, 1), (outb, 256, w, 0)],
+        // The header claims less than itself.
+        vec![(inb + 0x2000, len, n, 1), (outb, 256, w, 0)],
+        // `next` points past the descriptor table.
+        vec![(inb, len, n, QSIZE + 7)],
+        // Zero-length descriptors.
+        vec![(inb, 0, n, 1), (outb, 0, w, 0)],
+    ];
+    let mut lens = Vec::new();
+    for chain in chains {
+        // Chains here use table slots 0.. with `next` relative to 0.
+        g.req.next_desc = 0;
+        g.req.add_raw(&chain);
+        // Every chain is given back, never with more bytes than it could
+        // hold.
+        let writable: u32 = chain.iter().filter(|d| d.2 & w != 0).map(|d| d.1).sum();
+        let used = g.kick_and_wait(REQUEST_QUEUE_INDEX);
+        assert!(used <= writable, "{chain:x?}: used {used} of {writable}");
+        lens.push(used);
+    }
+
+    // Outside memory, no reply buffer, a bad `next`: nothing written. A
+    // header claiming 4 GiB: an error reply (header only).
+    assert_eq!(
+        (lens[0], lens[1], lens[2], lens[4], lens[8]),
+        (0, 0, 0, 0, 0)
+    );
+    assert_eq!(lens[6], size_of::<OutHeader>() as u32);
+    let enomem = *OutHeader::from_slice(&{
+        let mut b = [0u8; 16];
+        mem.read_slice(&mut b, GuestAddress(outb)).unwrap();
+        b
+    })
+    .unwrap();
+    assert_eq!(enomem.error, -libc::ENOMEM);
+
+    // A descriptor loop: 0 -> 1 -> 0.
+    g.req.next_desc = 0;
+    g.req.add_raw(&[(inb, len, n, 1), (outb, 256, w | n, 0)]);
+    let _ = g.kick_and_wait(REQUEST_QUEUE_INDEX);
+
+    // The device still works.
+    g.req.next_desc = 0;
+    let entry: EntryOut = g.lookup(ROOT_ID, "hello.txt").obj();
+    assert_eq!(entry.attr.size, HELLO.len() as u64);
+    drop(g);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn read_only_refuses_every_change() {
+    let dir = temp_dir("ro");
+    std::fs::write(dir.join("hello.txt"), HELLO).unwrap();
+    let mem = new_mem();
+    let mut g = Guest::start(&mem, VirtioFs::new("ro", &dir, true).unwrap());
+    g.init();
+    let erofs = -libc::EROFS;
+
+    assert_eq!(g.mkdir(ROOT_ID, "nope").header.error, erofs);
+    assert!(!dir.join("nope").exists());
+
+    let entry: EntryOut = g.lookup(ROOT_ID, "hello.txt").obj();
+    for flags in [libc::O_WRONLY, libc::O_RDWR, libc::O_RDONLY | libc::O_TRUNC] {
+        assert_eq!(
+            g.open(entry.nodeid, flags).header.error,
+            erofs,
+            "{flags:#x}"
+        );
+    }
+    let mut create = CreateIn {
+        flags: libc::O_WRONLY as u32,
+        mode: 0o644,
+        umask: 0,
+        fuse_flags: 0,
+    }
+    .as_slice()
+    .to_vec();
+    create.extend_from_slice(b"new.txt\0");
+    assert_eq!(
+        g.call(Opcode::Create, ROOT_ID, &create, 256).header.error,
+        erofs
+    );
+    assert!(!dir.join("new.txt").exists());
+    let unlink = g.call(Opcode::Unlink, ROOT_ID, b"hello.txt\0", 256);
+    assert_eq!(unlink.header.error, erofs);
+    let access_w = AccessIn {
+        mask: libc::W_OK as u32,
+        padding: 0,
+    };
+    assert_eq!(
+        g.call(Opcode::Access, entry.nodeid, access_w.as_slice(), 256)
+            .header
+            .error,
+        erofs
+    );
+    // An opcode the policy does not know is refused too.
+    assert_eq!(
+        g.call(Opcode::Fallocate, entry.nodeid, &[0; 32], 256)
+            .header
+            .error,
+        erofs
+    );
+
+    // Reading still works.
+    let open: OpenOut = g.open(entry.nodeid, libc::O_RDONLY).obj();
+    let reply = g.call(
+        Opcode::Read,
+        entry.nodeid,
+        read_in(open.fh, 4096).as_slice(),
+        8192,
+    );
+    assert_eq!(reply.header.error, 0);
+    assert_eq!(reply.body, HELLO);
+    assert_eq!(std::fs::read(dir.join("hello.txt")).unwrap(), HELLO);
+    drop(g);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn wr(t: &mut MmioTransport, reg: u32, v: u32) {
+    t.write(u64::from(reg), &v.to_le_bytes());
+}
+
+fn rd(t: &mut MmioTransport, reg: u32) -> u32 {
+    let mut b = [0u8; 4];
+    t.read(u64::from(reg), &mut b);
+    u32::from_le_bytes(b)
+}
+
+#[test]
+fn feature_negotiation_and_config_through_mmio() {
+    let dir = temp_dir("mmio");
+    let mem = new_mem();
+    let dev = Arc::new(Mutex::new(VirtioFs::new("myfs", &dir, false).unwrap()));
+    let irq = IrqLine::new(5, EventFd::new(libc::EFD_NONBLOCK).unwrap());
+    let mut t = MmioTransport::new(mem, dev.clone(), irq);
+
+    assert_eq!(rd(&mut t, regs::VIRTIO_MMIO_DEVICE_ID), VIRTIO_ID_FS);
+    wr(&mut t, regs::VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
+    assert_eq!(rd(&mut t, regs::VIRTIO_MMIO_DEVICE_FEATURES), 0);
+    wr(&mut t, regs::VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+    assert_eq!(
+        rd(&mut t, regs::VIRTIO_MMIO_DEVICE_FEATURES),
+        1,
+        "VERSION_1 only"
+    );
+    for q in 0..2 {
+        wr(&mut t, regs::VIRTIO_MMIO_QUEUE_SEL, q);
+        assert_eq!(
+            rd(&mut t, regs::VIRTIO_MMIO_QUEUE_NUM_MAX),
+            u32::from(QUEUE_SIZE)
+        );
+    }
+    wr(&mut t, regs::VIRTIO_MMIO_QUEUE_SEL, 2);
+    assert_eq!(rd(&mut t, regs::VIRTIO_MMIO_QUEUE_NUM_MAX), 0, "two queues");
+
+    // The tag and queue count through the config window.
+    let mut tag = [0u8; TAG_LEN];
+    t.read(u64::from(regs::VIRTIO_MMIO_CONFIG), &mut tag);
+    assert_eq!(&tag[..5], b"myfs\0");
+    assert_eq!(
+        rd(&mut t, regs::VIRTIO_MMIO_CONFIG + TAG_LEN as u32),
+        NUM_REQUEST_QUEUES
+    );
+
+    // A driver asking for an unoffered bit does not get FEATURES_OK.
+    let ad = status::ACKNOWLEDGE | status::DRIVER;
+    wr(&mut t, regs::VIRTIO_MMIO_STATUS, status::ACKNOWLEDGE);
+    wr(&mut t, regs::VIRTIO_MMIO_STATUS, ad);
+    wr(&mut t, regs::VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+    wr(&mut t, regs::VIRTIO_MMIO_DRIVER_FEATURES, 1);
+    wr(&mut t, regs::VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+    wr(&mut t, regs::VIRTIO_MMIO_DRIVER_FEATURES, 1); // VIRTIO_FS_F_NOTIFICATION
+    wr(&mut t, regs::VIRTIO_MMIO_STATUS, ad | status::FEATURES_OK);
+    assert_eq!(
+        rd(&mut t, regs::VIRTIO_MMIO_STATUS) & status::FEATURES_OK,
+        0
+    );
+
+    // After a reset, VERSION_1 alone is accepted.
+    wr(&mut t, regs::VIRTIO_MMIO_STATUS, 0);
+    wr(&mut t, regs::VIRTIO_MMIO_STATUS, status::ACKNOWLEDGE);
+    wr(&mut t, regs::VIRTIO_MMIO_STATUS, ad);
+    wr(&mut t, regs::VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+    wr(&mut t, regs::VIRTIO_MMIO_DRIVER_FEATURES, 1);
+    wr(&mut t, regs::VIRTIO_MMIO_STATUS, ad | status::FEATURES_OK);
+    assert_eq!(
+        rd(&mut t, regs::VIRTIO_MMIO_STATUS),
+        ad | status::FEATURES_OK
+    );
+    assert_eq!(dev.lock().unwrap().acked_features(), 1 << 32);
+    drop(t);
+    drop(dev);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn snapshot_state_round_trip_and_restore_on_another_directory() {
+    let template_dir = temp_dir("tmpl");
+    let mut dev = VirtioFs::new("pod-rootfs", &template_dir, false).unwrap();
+    dev.set_acked_features(1 << 32);
+    let state = dev.save();
+    assert_eq!(
+        state,
+        VirtioFsState {
+            tag: "pod-rootfs".into(),
+            acked_features: 1 << 32,
+        }
+    );
+    let bytes = postcard::to_allocvec(&state).unwrap();
+    let back: VirtioFsState = postcard::from_bytes(&bytes).unwrap();
+    assert_eq!(back, state);
+
+    // Invalid states are errors.
+    let unoffered = VirtioFsState {
+        acked_features: (1 << 32) | 1,
+        ..state.clone()
+    };
+    assert!(matches!(
+        VirtioFs::restore(&unoffered, &template_dir, false),
+        Err(FsError::UnofferedFeatures { .. })
+    ));
+    let bad_tag = VirtioFsState {
+        tag: "t".repeat(TAG_LEN + 1),
+        ..state.clone()
+    };
+    assert!(matches!(
+        VirtioFs::restore(&bad_tag, &template_dir, false),
+        Err(FsError::InvalidTag(_))
+    ));
+
+    // The clone's device shares its own directory.
+    let clone_dir = temp_dir("clone");
+    std::fs::write(clone_dir.join("only-in-clone"), HELLO).unwrap();
+    let restored = VirtioFs::restore(&back, &clone_dir, true).unwrap();
+    assert_eq!(restored.save(), state);
+    assert!(!restored.is_activated());
+    assert!(restored.read_only());
+    assert_eq!(restored.shared_dir(), clone_dir.as_path());
+    let mem = new_mem();
+    let mut g = Guest::start(&mem, restored);
+    g.init();
+    let entry: EntryOut = g.lookup(ROOT_ID, "only-in-clone").obj();
+    assert_eq!(entry.attr.size, HELLO.len() as u64);
+    drop(g);
+    drop(dev);
+    std::fs::remove_dir_all(&template_dir).unwrap();
+    std::fs::remove_dir_all(&clone_dir).unwrap();
+}
+
+#[test]
+fn reset_drops_the_fuse_session() {
+    let dir = temp_dir("reset");
+    std::fs::write(dir.join("hello.txt"), HELLO).unwrap();
+    let mem = new_mem();
+    let mut g = Guest::start(&mem, VirtioFs::new("share", &dir, false).unwrap());
+    g.init();
+    let entry: EntryOut = g.lookup(ROOT_ID, "hello.txt").obj();
+    assert_eq!(
+        g.call(Opcode::Getattr, entry.nodeid, &[0; 16], 256)
+            .header
+            .error,
+        0
+    );
+
+    g.dev.lock().unwrap().reset();
+    assert!(!g.dev.lock().unwrap().is_activated());
+    assert!(g.dev.lock().unwrap().queues().is_empty());
+    assert_eq!(g.dev.lock().unwrap().acked_features(), 0);
+
+    // The driver probes again: new rings, a new session. The old node ID
+    // is gone; the root works.
+    g.reactivate();
+    g.init();
+    assert_ne!(
+        g.call(Opcode::Getattr, entry.nodeid, &[0; 16], 256)
+            .header
+            .error,
+        0
+    );
+    let again: EntryOut = g.lookup(ROOT_ID, "hello.txt").obj();
+    assert_eq!(again.attr.size, HELLO.len() as u64);
+    drop(g);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
