@@ -12,9 +12,11 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread;
 
 use crate::agent::{
-    error::Code, request, response, CloneInitialized, CloseStdin, CreateProcess, DeleteProcess,
-    Exited, InitClone, Ping, Pong, Request, ResizeTty, Response, Shutdown, SignalProcess,
-    StartProcess, StreamAttach, StreamAttached, StreamKind, WaitProcess,
+    error::Code, request, response, CloneInitialized, CloseStdin, ContainerStats, CreateContainer,
+    CreateProcess, DeleteProcess, Exited, FreezeContainer, InitClone, ListPids, Ping, Pong,
+    RemoveContainer, Request, ResizeTty, Resources, Response, Shutdown, SignalProcess,
+    StartProcess, Stats, StreamAttach, StreamAttached, StreamKind, UpdateContainer, WaitOom,
+    WaitProcess,
 };
 use crate::frame::{read_frame, write_frame, FrameError};
 
@@ -224,6 +226,81 @@ impl AgentClient {
         }
     }
 
+    /// Prepares a container: mounts its rootfs and mounts, creates its
+    /// cgroup, applies sysctls and the hostname (see `CreateContainer` in
+    /// agent.proto). Runs nothing; its processes are created with
+    /// `CreateProcess.container_id`.
+    pub fn create_container(&self, req: CreateContainer) -> Result<()> {
+        match self.call("create_container", request::Body::CreateContainer(req))? {
+            response::Result::ContainerCreated(_) => Ok(()),
+            other => Err(unexpected("create_container", &other)),
+        }
+    }
+
+    /// Kills what is left in the container, unmounts everything it had,
+    /// removes its cgroup and forgets its processes.
+    pub fn remove_container(&self, id: &str) -> Result<()> {
+        let body = request::Body::RemoveContainer(RemoveContainer { id: id.into() });
+        match self.call("remove_container", body)? {
+            response::Result::ContainerRemoved(_) => Ok(()),
+            other => Err(unexpected("remove_container", &other)),
+        }
+    }
+
+    /// Applies the set fields of `resources` to the container's cgroup.
+    pub fn update_container(&self, id: &str, resources: Resources) -> Result<()> {
+        let body = request::Body::UpdateContainer(UpdateContainer {
+            id: id.into(),
+            resources: Some(resources),
+        });
+        match self.call("update_container", body)? {
+            response::Result::ContainerUpdated(_) => Ok(()),
+            other => Err(unexpected("update_container", &other)),
+        }
+    }
+
+    /// Freezes (`frozen`, pause) or thaws (resume) every process of the
+    /// container; returns once the cgroup reports the change.
+    pub fn freeze_container(&self, id: &str, frozen: bool) -> Result<()> {
+        let body = request::Body::FreezeContainer(FreezeContainer {
+            id: id.into(),
+            frozen,
+        });
+        match self.call("freeze_container", body)? {
+            response::Result::ContainerFrozen(_) => Ok(()),
+            other => Err(unexpected("freeze_container", &other)),
+        }
+    }
+
+    /// Reads the container's cgroup statistics.
+    pub fn container_stats(&self, id: &str) -> Result<Stats> {
+        let body = request::Body::ContainerStats(ContainerStats { id: id.into() });
+        match self.call("container_stats", body)? {
+            response::Result::Stats(stats) => Ok(stats),
+            other => Err(unexpected("container_stats", &other)),
+        }
+    }
+
+    /// The guest pids of the container's processes.
+    pub fn list_pids(&self, id: &str) -> Result<Vec<u32>> {
+        let body = request::Body::ListPids(ListPids { id: id.into() });
+        match self.call("list_pids", body)? {
+            response::Result::Pids(pids) => Ok(pids.pids),
+            other => Err(unexpected("list_pids", &other)),
+        }
+    }
+
+    /// Blocks until a container records an OOM kill not reported before and
+    /// returns its id (oldest first). Keep one such call in flight, on a
+    /// thread of its own; it ends with `ConnectionClosed` when the
+    /// connection does.
+    pub fn wait_oom(&self) -> Result<String> {
+        match self.call("wait_oom", request::Body::WaitOom(WaitOom {}))? {
+            response::Result::OomEvent(event) => Ok(event.container_id),
+            other => Err(unexpected("wait_oom", &other)),
+        }
+    }
+
     /// Asks the guest to power off. The VM may vanish before its reply
     /// arrives, so a connection closing after the request went out counts as
     /// success.
@@ -358,6 +435,13 @@ fn unexpected(call: &'static str, got: &response::Result) -> ClientError {
         response::Result::Pong(_) => "pong",
         response::Result::ProcessDeleted(_) => "process_deleted",
         response::Result::CloneInitialized(_) => "clone_initialized",
+        response::Result::ContainerCreated(_) => "container_created",
+        response::Result::ContainerRemoved(_) => "container_removed",
+        response::Result::ContainerUpdated(_) => "container_updated",
+        response::Result::ContainerFrozen(_) => "container_frozen",
+        response::Result::Stats(_) => "stats",
+        response::Result::Pids(_) => "pids",
+        response::Result::OomEvent(_) => "oom_event",
     };
     ClientError::UnexpectedResponse { call, got }
 }
@@ -564,6 +648,198 @@ mod tests {
         assert_eq!((a.len(), b.len()), (64, 64));
         assert_ne!(a, b);
         assert!(fresh_entropy(0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn container_calls_round_trip() {
+        use crate::agent::{
+            ContainerCreated, ContainerFrozen, ContainerRemoved, ContainerUpdated, Mount, OomEvent,
+            Pids, StatEntry,
+        };
+        let (client, agent) = pair();
+        thread::scope(|s| {
+            let create = CreateContainer {
+                id: "c1".into(),
+                rootfs: "c1/rootfs".into(),
+                readonly_rootfs: true,
+                mounts: vec![Mount {
+                    destination: "/proc".into(),
+                    r#type: "proc".into(),
+                    source: "proc".into(),
+                    options: vec!["nosuid".into()],
+                }],
+                hostname: "pod".into(),
+                ..Default::default()
+            };
+            let sent = create.clone();
+            let call = s.spawn(|| client.create_container(sent));
+            let req = agent.next();
+            assert_eq!(req.body, Some(request::Body::CreateContainer(create)));
+            agent.answer(
+                req.id,
+                response::Result::ContainerCreated(ContainerCreated {}),
+            );
+            call.join().unwrap().unwrap();
+
+            let call = s.spawn(|| client.remove_container("c1"));
+            let req = agent.next();
+            assert_eq!(
+                req.body,
+                Some(request::Body::RemoveContainer(RemoveContainer {
+                    id: "c1".into()
+                }))
+            );
+            agent.answer(
+                req.id,
+                response::Result::ContainerRemoved(ContainerRemoved {}),
+            );
+            call.join().unwrap().unwrap();
+
+            let resources = Resources {
+                memory_limit: Some(64 << 20),
+                cpu_quota: Some(-1),
+                pids_limit: Some(100),
+                ..Default::default()
+            };
+            let c = &client;
+            let call = s.spawn(move || c.update_container("c1", resources));
+            let req = agent.next();
+            assert_eq!(
+                req.body,
+                Some(request::Body::UpdateContainer(UpdateContainer {
+                    id: "c1".into(),
+                    resources: Some(resources),
+                }))
+            );
+            agent.answer(
+                req.id,
+                response::Result::ContainerUpdated(ContainerUpdated {}),
+            );
+            call.join().unwrap().unwrap();
+
+            let call = s.spawn(|| client.freeze_container("c1", true));
+            let req = agent.next();
+            assert_eq!(
+                req.body,
+                Some(request::Body::FreezeContainer(FreezeContainer {
+                    id: "c1".into(),
+                    frozen: true,
+                }))
+            );
+            agent.answer(
+                req.id,
+                response::Result::ContainerFrozen(ContainerFrozen {}),
+            );
+            call.join().unwrap().unwrap();
+
+            let call = s.spawn(|| client.container_stats("c1"));
+            let req = agent.next();
+            assert_eq!(
+                req.body,
+                Some(request::Body::ContainerStats(ContainerStats {
+                    id: "c1".into()
+                }))
+            );
+            let stats = Stats {
+                cpu_usage_usec: 7,
+                memory_stat: vec![StatEntry {
+                    key: "anon".into(),
+                    value: 4096,
+                }],
+                pids_current: 2,
+                ..Default::default()
+            };
+            agent.answer(req.id, response::Result::Stats(stats.clone()));
+            assert_eq!(call.join().unwrap().unwrap(), stats);
+
+            let call = s.spawn(|| client.list_pids("c1"));
+            let req = agent.next();
+            assert_eq!(
+                req.body,
+                Some(request::Body::ListPids(ListPids { id: "c1".into() }))
+            );
+            agent.answer(req.id, response::Result::Pids(Pids { pids: vec![5, 9] }));
+            assert_eq!(call.join().unwrap().unwrap(), vec![5, 9]);
+
+            let call = s.spawn(|| client.wait_oom());
+            let req = agent.next();
+            assert_eq!(req.body, Some(request::Body::WaitOom(WaitOom {})));
+            agent.answer(
+                req.id,
+                response::Result::OomEvent(OomEvent {
+                    container_id: "c1".into(),
+                }),
+            );
+            assert_eq!(call.join().unwrap().unwrap(), "c1");
+        });
+    }
+
+    #[test]
+    fn container_calls_report_errors_and_mismatches() {
+        let (client, agent) = pair();
+        thread::scope(|s| {
+            let call = s.spawn(|| client.remove_container("nope"));
+            let req = agent.next();
+            agent.answer(
+                req.id,
+                response::Result::Error(WireError {
+                    code: Code::NotFound as i32,
+                    message: "container \"nope\" not found".into(),
+                }),
+            );
+            assert!(matches!(
+                call.join().unwrap().unwrap_err(),
+                ClientError::NotFound(m) if m.contains("nope")
+            ));
+
+            let call = s.spawn(|| client.list_pids("c"));
+            let req = agent.next();
+            agent.answer(req.id, response::Result::Pong(Pong::default()));
+            assert!(matches!(
+                call.join().unwrap().unwrap_err(),
+                ClientError::UnexpectedResponse {
+                    call: "list_pids",
+                    got: "pong"
+                }
+            ));
+
+            let call = s.spawn(|| client.start_process("p"));
+            let req = agent.next();
+            agent.answer(
+                req.id,
+                response::Result::OomEvent(crate::agent::OomEvent::default()),
+            );
+            assert!(matches!(
+                call.join().unwrap().unwrap_err(),
+                ClientError::UnexpectedResponse {
+                    got: "oom_event",
+                    ..
+                }
+            ));
+        });
+    }
+
+    #[test]
+    fn wait_oom_does_not_block_other_calls_and_ends_with_the_connection() {
+        let (client, agent) = pair();
+        thread::scope(|s| {
+            let oom = s.spawn(|| client.wait_oom());
+            let oom_req = agent.next();
+            assert!(matches!(oom_req.body, Some(request::Body::WaitOom(_))));
+            let pids = s.spawn(|| client.list_pids("c"));
+            let req = agent.next();
+            agent.answer(
+                req.id,
+                response::Result::Pids(crate::agent::Pids { pids: vec![1] }),
+            );
+            assert_eq!(pids.join().unwrap().unwrap(), vec![1]);
+            assert!(!oom.is_finished());
+            agent.conn.shutdown(std::net::Shutdown::Both).unwrap();
+            assert!(matches!(
+                oom.join().unwrap().unwrap_err(),
+                ClientError::ConnectionClosed(_)
+            ));
+        });
     }
 
     #[test]
