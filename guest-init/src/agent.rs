@@ -9,13 +9,15 @@ use std::thread;
 use std::time::Duration;
 
 use proto::agent::{
-    request::Body, response, Exited, Pong, ProcessCreated, ProcessDeleted, Request, Response,
+    request::Body, response, ContainerCreated, ContainerFrozen, ContainerRemoved, ContainerUpdated,
+    Exited, OomEvent, Pids, Pong, ProcessCreated, ProcessDeleted, Request, Response,
     ShutdownStarted, Signalled, StartProcess, StdinClosed, TtyResized,
 };
 use proto::{read_frame, write_frame, FrameError};
 
 use crate::clone::{self, ClonePlatform};
 use crate::conn::{is_disconnect, Conn, Listener};
+use crate::container::Containers;
 use crate::reaper::ExitStatus;
 use crate::supervisor::{ProcError, Supervisor};
 use crate::{log_debug, log_error, log_info};
@@ -33,10 +35,12 @@ pub enum OnShutdown {
     Exit,
 }
 
-/// The agent: the process table, what shutdown means here and what
-/// InitClone changes (the guest itself, or a fake in host tests).
+/// The agent: the process table, the containers, what shutdown means here
+/// and what InitClone (and a container's hostname) changes (the guest
+/// itself, or a fake in host tests).
 pub struct Agent {
     supervisor: Arc<Supervisor>,
+    containers: Containers,
     on_shutdown: OnShutdown,
     platform: Box<dyn ClonePlatform>,
 }
@@ -44,11 +48,13 @@ pub struct Agent {
 impl Agent {
     pub fn new(
         supervisor: Arc<Supervisor>,
+        containers: Containers,
         on_shutdown: OnShutdown,
         platform: Box<dyn ClonePlatform>,
     ) -> Self {
         Self {
             supervisor,
+            containers,
             on_shutdown,
             platform,
         }
@@ -90,14 +96,66 @@ impl Agent {
                 self.shut_down();
                 return;
             }
-            Some(Body::CreateProcess(create)) => sup
-                .create(&create)
-                .map(|()| response::Result::ProcessCreated(ProcessCreated {})),
-            Some(Body::StartProcess(StartProcess { id })) => sup.start(&id).map(|pid| {
-                response::Result::Started(proto::agent::Started {
-                    pid: pid.unsigned_abs(),
+            Some(Body::WaitOom(_)) => {
+                let (agent, out2) = (Arc::clone(self), Arc::clone(out));
+                let waiter = thread::Builder::new()
+                    .name("wait-oom".into())
+                    .stack_size(THREAD_STACK)
+                    .spawn(move || agent.wait_oom(req.id, &out2));
+                match waiter {
+                    Ok(_) => return,
+                    Err(e) => Err(ProcError::Internal {
+                        what: "spawn wait-oom thread",
+                        source: e,
+                    }),
+                }
+            }
+            Some(Body::CreateProcess(create)) => {
+                let created = if create.container_id.is_empty() {
+                    sup.create(&create, None)
+                } else {
+                    self.containers
+                        .with_placement(&create.container_id, |place| {
+                            sup.create(&create, Some(place))
+                        })
+                };
+                created.map(|()| response::Result::ProcessCreated(ProcessCreated {}))
+            }
+            Some(Body::StartProcess(StartProcess { id })) => {
+                let started = match sup.container_of(&id) {
+                    Ok(Some(container)) => self.containers.start_in(&container, || sup.start(&id)),
+                    Ok(None) => sup.start(&id),
+                    Err(e) => Err(e),
+                };
+                started.map(|pid| {
+                    response::Result::Started(proto::agent::Started {
+                        pid: pid.unsigned_abs(),
+                    })
                 })
-            }),
+            }
+            Some(Body::CreateContainer(create)) => self
+                .containers
+                .create(&create, &*self.platform)
+                .map(|()| response::Result::ContainerCreated(ContainerCreated {})),
+            Some(Body::RemoveContainer(r)) => self
+                .containers
+                .remove(&r.id, sup)
+                .map(|()| response::Result::ContainerRemoved(ContainerRemoved {})),
+            Some(Body::UpdateContainer(u)) => self
+                .containers
+                .update(&u.id, &u.resources.unwrap_or_default())
+                .map(|()| response::Result::ContainerUpdated(ContainerUpdated {})),
+            Some(Body::FreezeContainer(f)) => self
+                .containers
+                .freeze(&f.id, f.frozen)
+                .map(|()| response::Result::ContainerFrozen(ContainerFrozen {})),
+            Some(Body::ContainerStats(s)) => {
+                self.containers.stats(&s.id).map(response::Result::Stats)
+            }
+            Some(Body::ListPids(l)) => self
+                .containers
+                .pids(&l.id)
+                .map(|pids| response::Result::Pids(Pids { pids })),
             Some(Body::SignalProcess(s)) => sup
                 .signal(&s.id, s.signal, s.all)
                 .map(|()| response::Result::Signalled(Signalled {})),
@@ -127,12 +185,31 @@ impl Agent {
         out.send(req.id, result);
     }
 
+    /// WaitOom, on its own thread: answers with the next OOM kill, or
+    /// gives up once the connection is gone (a kill taken but not sent is
+    /// put back for the next WaitOom).
+    fn wait_oom(&self, id: u64, out: &Responder) {
+        let still_wanted =
+            || !out.closed.load(Ordering::Relaxed) && !out.gone.load(Ordering::Relaxed);
+        let Some(container_id) = self.containers.wait_oom(still_wanted) else {
+            return;
+        };
+        let event = response::Result::OomEvent(OomEvent {
+            container_id: container_id.clone(),
+        });
+        if !out.send(id, Ok(event)) {
+            self.containers.requeue_oom(container_id);
+        }
+    }
+
     fn shut_down(&self) {
         match self.on_shutdown {
             OnShutdown::PowerOff => power_off(),
             OnShutdown::Exit => {
                 log_info!("shutdown requested, exiting");
                 self.supervisor.kill_all();
+                // Host tests: leave no mount or cgroup behind.
+                self.containers.remove_all(&self.supervisor);
                 std::process::exit(0);
             }
         }
@@ -183,10 +260,14 @@ struct Responder {
     /// Set once a write found the connection gone: later answers (waits
     /// finishing after a reset) are dropped without a system call.
     gone: AtomicBool,
+    /// Set when the connection's reader stopped (the host closed it, or it
+    /// broke): calls still waiting give up.
+    closed: AtomicBool,
 }
 
 impl Responder {
-    fn send(&self, id: u64, result: Result<response::Result, ProcError>) {
+    /// Sends the answer to call `id`; returns whether it was written.
+    fn send(&self, id: u64, result: Result<response::Result, ProcError>) -> bool {
         let result = result.unwrap_or_else(|e| {
             log_debug!("request {id}: {e}");
             response::Result::Error(e.to_wire())
@@ -197,14 +278,16 @@ impl Responder {
         };
         let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
         if self.gone.load(Ordering::Relaxed) {
-            return;
+            return false;
         }
         if let Err(e) = write_frame(&mut &*self.conn, &resp) {
             log_debug!("response {id} not sent: {e}");
             if matches!(&e, FrameError::Io(io) if is_disconnect(io)) {
                 self.gone.store(true, Ordering::Relaxed);
             }
+            return false;
         }
+        true
     }
 }
 
@@ -223,6 +306,7 @@ fn handle_connection(agent: &Arc<Agent>, conn: Conn) {
         conn: Arc::clone(&conn),
         lock: Mutex::new(()),
         gone: AtomicBool::new(false),
+        closed: AtomicBool::new(false),
     });
     // Buffered: a frame's header and body usually arrive in one read.
     let mut reader = BufReader::with_capacity(8 * 1024, &*conn);
@@ -242,6 +326,9 @@ fn handle_connection(agent: &Arc<Agent>, conn: Conn) {
             }
         }
     }
+    out.closed.store(true, Ordering::Relaxed);
+    // A WaitOom of this connection stops waiting.
+    agent.containers.wake_oom_waiters();
     // Waits still in flight hold the fd; make sure the peer sees the end now.
     let _ = conn.shutdown(std::net::Shutdown::Both);
 }

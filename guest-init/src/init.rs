@@ -12,6 +12,7 @@ use std::thread;
 use crate::agent::{self, Agent, OnShutdown};
 use crate::clone::{ClonePlatform, GuestPlatform, RecordingPlatform};
 use crate::conn::Listener;
+use crate::container::{Containers, Layout};
 use crate::reaper::Reaper;
 use crate::supervisor::Supervisor;
 use crate::{cmdline, log, log_error, mounts, stdio, vsock};
@@ -63,6 +64,7 @@ fn serve_vsock(
         stdio_listener,
         OnShutdown::PowerOff,
         Box::new(GuestPlatform),
+        Layout::guest(),
     ))
 }
 
@@ -70,8 +72,11 @@ fn serve_vsock(
 /// `dir`/stdio.sock; Shutdown exits. Becomes a child subreaper so orphans
 /// come back to it as they would to PID 1. InitClone only records what it
 /// would do, in `dir`/[`CLONE_JOURNAL`]: this runs on the host, whose clock,
-/// random pool and hostname are not ours.
+/// random pool and hostname are not ours. Containers live under `dir` too
+/// (see [`Layout::for_host_tests`]), in a private mount namespace.
 pub fn run_unix(dir: &Path) -> io::Result<()> {
+    // First, while this process has a single thread (unshare needs that).
+    let layout = Layout::for_host_tests(dir);
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } == -1 {
         return Err(io::Error::last_os_error());
@@ -94,6 +99,7 @@ pub fn run_unix(dir: &Path) -> io::Result<()> {
         stdio_listener,
         OnShutdown::Exit,
         Box::new(platform),
+        layout,
     ))
 }
 
@@ -109,6 +115,7 @@ fn serve(
     stdio_l: Listener,
     on_shutdown: OnShutdown,
     platform: Box<dyn ClonePlatform>,
+    layout: Layout,
 ) -> io::Error {
     let reaper = match Reaper::start() {
         Ok(reaper) => reaper,
@@ -125,8 +132,9 @@ fn serve(
     if let Err(e) = stdio_thread {
         return e;
     }
+    let containers = Containers::new(layout);
     agent::serve(
-        Arc::new(Agent::new(supervisor, on_shutdown, platform)),
+        Arc::new(Agent::new(supervisor, containers, on_shutdown, platform)),
         agent_l,
     )
 }

@@ -8,9 +8,11 @@
 pub mod log;
 
 pub mod agent;
+pub mod capabilities;
 pub mod clone;
 pub mod cmdline;
 pub mod conn;
+pub mod container;
 pub mod init;
 pub mod mounts;
 pub mod process;

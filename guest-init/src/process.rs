@@ -17,6 +17,9 @@ use std::os::unix::fs::OpenOptionsExt;
 
 use proto::agent::CreateProcess;
 
+use crate::capabilities::{self, CapSets};
+use crate::container::Placement;
+
 /// The child's stack; it only makes a few system calls.
 const CHILD_STACK_SIZE: usize = 64 * 1024;
 /// PATH used when the process's environment has none (the OCI/runc default).
@@ -62,6 +65,12 @@ pub struct Plan {
     rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
     umask: Option<libc::mode_t>,
     no_new_privs: bool,
+    /// A container's cgroup.procs: the child writes "0" there to join.
+    cgroup_procs: Option<CString>,
+    /// The oom_score_adj to write, as text.
+    oom_score_adj: Option<CString>,
+    /// Capability sets to apply; None = leave them as they are.
+    caps: Option<CapSets>,
     /// Whether the process gets a pty.
     pub terminal: bool,
     /// Whether the process gets a stdin pipe (non-terminal only).
@@ -71,8 +80,13 @@ pub struct Plan {
 impl Plan {
     /// Validates `req`. `agent_ids` are the agent's (euid, egid): a process
     /// that keeps them and has no supplementary groups skips the credential
-    /// system calls.
-    pub fn new(req: &CreateProcess, agent_ids: (u32, u32)) -> Result<Self, InvalidPlan> {
+    /// system calls. `placement` is the container named by
+    /// `req.container_id` (looked up by the caller).
+    pub fn new(
+        req: &CreateProcess,
+        agent_ids: (u32, u32),
+        placement: Option<&Placement>,
+    ) -> Result<Self, InvalidPlan> {
         if req.args.is_empty() || req.args[0].is_empty() {
             return Err(InvalidPlan("args must name a program".into()));
         }
@@ -97,10 +111,31 @@ impl Plan {
             .map(|p| cstring(&p, "args[0]"))
             .collect::<Result<Vec<_>, _>>()?;
 
-        let root = match req.root.as_str() {
-            "" | "/" => None,
-            r if r.starts_with('/') => Some(cstring(r, "root")?),
-            r => return Err(InvalidPlan(format!("root {r:?} is not absolute"))),
+        let (root, cgroup_procs) = match (placement, req.root.as_str()) {
+            (Some(_), r) if !r.is_empty() => {
+                return Err(InvalidPlan("root must be empty with a container_id".into()))
+            }
+            (Some(p), _) => {
+                if p.container_id != req.container_id {
+                    return Err(InvalidPlan(format!(
+                        "placement of {:?} for container_id {:?}",
+                        p.container_id, req.container_id
+                    )));
+                }
+                (
+                    Some(path_cstring(&p.root, "container root")?),
+                    Some(path_cstring(&p.cgroup_procs, "container cgroup")?),
+                )
+            }
+            (None, _) if !req.container_id.is_empty() => {
+                return Err(InvalidPlan(format!(
+                    "container {:?} not found",
+                    req.container_id
+                )))
+            }
+            (None, "" | "/") => (None, None),
+            (None, r) if r.starts_with('/') => (Some(cstring(r, "root")?), None),
+            (None, r) => return Err(InvalidPlan(format!("root {r:?} is not absolute"))),
         };
         let cwd = match req.cwd.as_str() {
             "" => cstring("/", "cwd")?,
@@ -138,6 +173,21 @@ impl Plan {
             Some(m) if m > 0o777 => return Err(InvalidPlan(format!("umask {m:#o} out of range"))),
             m => m,
         };
+        let oom_score_adj = match req.oom_score_adj {
+            Some(adj) if !(-1000..=1000).contains(&adj) => {
+                return Err(InvalidPlan(format!(
+                    "oom_score_adj {adj} out of range (-1000..=1000)"
+                )))
+            }
+            Some(adj) => Some(cstring(&adj.to_string(), "oom_score_adj")?),
+            None => None,
+        };
+        let caps = req
+            .capabilities
+            .as_ref()
+            .map(|c| CapSets::parse(c, capabilities::last_cap()))
+            .transpose()
+            .map_err(InvalidPlan)?;
         Ok(Self {
             argv,
             envp,
@@ -148,6 +198,9 @@ impl Plan {
             rlimits,
             umask,
             no_new_privs: req.no_new_privs,
+            cgroup_procs,
+            oom_score_adj,
+            caps,
             terminal: req.terminal,
             stdin: req.stdin && !req.terminal,
         })
@@ -156,6 +209,12 @@ impl Plan {
 
 fn cstring(s: &str, field: &str) -> Result<CString, InvalidPlan> {
     CString::new(s).map_err(|_| InvalidPlan(format!("{field} contains a NUL byte")))
+}
+
+fn path_cstring(p: &std::path::Path, field: &str) -> Result<CString, InvalidPlan> {
+    use std::os::unix::ffi::OsStrExt;
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| InvalidPlan(format!("{field} contains a NUL byte")))
 }
 
 /// The execve candidates for `program`, as execvp would try them.
@@ -210,6 +269,51 @@ pub fn open_pty() -> io::Result<Pty> {
         .custom_flags(libc::O_NOCTTY)
         .open("/dev/ptmx")?
         .into();
+    pty_from_master(master)
+}
+
+/// Opens a pty of the devpts instance a container sees: its /dev/ptmx,
+/// resolved as inside the container (openat2 RESOLVE_IN_ROOT, so its
+/// symlinks cannot lead out). A container without one, or none given, gets
+/// the guest's.
+pub fn open_pty_in(root: Option<&std::path::Path>) -> io::Result<Pty> {
+    let Some(root) = root else {
+        return open_pty();
+    };
+    let root: OwnedFd = File::options()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_PATH)
+        .open(root)?
+        .into();
+    // SAFETY: open_how is plain data; zeroed is a valid value.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    let path = c"dev/ptmx";
+    // SAFETY: openat2 reads the path and the open_how (of the size given)
+    // and returns a new fd.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            path.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd == -1 {
+        let err = io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(libc::ENOENT | libc::ENODEV | libc::ENXIO | libc::ENOSYS) => open_pty(),
+            _ => Err(err),
+        };
+    }
+    // SAFETY: openat2 returned a fresh fd that nothing else owns.
+    let master = unsafe { OwnedFd::from_raw_fd(fd as c_int) };
+    pty_from_master(master)
+}
+
+fn pty_from_master(master: OwnedFd) -> io::Result<Pty> {
     let unlock: c_int = 0;
     // SAFETY: TIOCSPTLCK reads one int from the pointer, which is valid.
     if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) } == -1 {
@@ -387,6 +491,39 @@ unsafe fn setup_and_exec(a: &ChildArgs<'_>) -> (&'static str, c_int) {
             return ("set up stdio", errno());
         }
     }
+    // Into the container's cgroup before anything else runs or is
+    // allocated for the process ("0" = the writer). Still as root and in
+    // the guest's root.
+    if let Some(procs) = &plan.cgroup_procs {
+        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd == -1 {
+            return ("join the container's cgroup", errno());
+        }
+        let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+        let err = errno();
+        libc::close(fd);
+        if written != 1 {
+            return ("join the container's cgroup", err);
+        }
+    }
+    // A vfork child's write stays its own (the kernel skips processes
+    // sharing the mm when the writer is in vfork).
+    if let Some(adj) = &plan.oom_score_adj {
+        let fd = libc::open(
+            c"/proc/self/oom_score_adj".as_ptr(),
+            libc::O_WRONLY | libc::O_CLOEXEC,
+        );
+        if fd == -1 {
+            return ("oom_score_adj", errno());
+        }
+        let bytes = adj.as_bytes();
+        let written = libc::write(fd, bytes.as_ptr().cast(), bytes.len());
+        let err = errno();
+        libc::close(fd);
+        if written != bytes.len() as isize {
+            return ("oom_score_adj", err);
+        }
+    }
     for (resource, limit) in &plan.rlimits {
         if libc::setrlimit(*resource, limit) == -1 {
             return ("setrlimit", errno());
@@ -404,7 +541,19 @@ unsafe fn setup_and_exec(a: &ChildArgs<'_>) -> (&'static str, c_int) {
     if let Some(mask) = plan.umask {
         libc::umask(mask);
     }
+    if let Some(caps) = &plan.caps {
+        // Needs CAP_SETPCAP: while still root.
+        if let Err(e) = capabilities::drop_bounding(caps) {
+            return ("drop bounding capabilities", e);
+        }
+    }
     if let Some(id) = &plan.identity {
+        // Keep the permitted set across setuid, to apply `caps` after it.
+        if plan.caps.is_some() {
+            if let Err(e) = capabilities::keep_caps(true) {
+                return ("PR_SET_KEEPCAPS", e);
+            }
+        }
         if libc::syscall(libc::SYS_setgroups, id.groups.len(), id.groups.as_ptr()) == -1 {
             return ("setgroups", errno());
         }
@@ -413,6 +562,16 @@ unsafe fn setup_and_exec(a: &ChildArgs<'_>) -> (&'static str, c_int) {
         }
         if libc::syscall(libc::SYS_setresuid, id.uid, id.uid, id.uid) == -1 {
             return ("setuid", errno());
+        }
+        if plan.caps.is_some() {
+            if let Err(e) = capabilities::keep_caps(false) {
+                return ("PR_SET_KEEPCAPS", e);
+            }
+        }
+    }
+    if let Some(caps) = &plan.caps {
+        if let Err(failed) = capabilities::apply(caps) {
+            return failed;
         }
     }
     if plan.no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == -1 {
@@ -464,46 +623,49 @@ mod tests {
     fn plan_uses_env_path() {
         let mut r = req(&["sh"]);
         r.env = vec!["A=1".into(), "PATH=/opt/bin".into()];
-        let plan = Plan::new(&r, (0, 0)).unwrap();
+        let plan = Plan::new(&r, (0, 0), None).unwrap();
         assert_eq!(plan.programs, vec![CString::new("/opt/bin/sh").unwrap()]);
-        let plan = Plan::new(&req(&["sh"]), (0, 0)).unwrap();
+        let plan = Plan::new(&req(&["sh"]), (0, 0), None).unwrap();
         assert_eq!(plan.programs.len(), DEFAULT_PATH.split(':').count());
     }
 
     #[test]
     fn plan_rejects_bad_requests() {
-        assert!(Plan::new(&req(&[]), (0, 0)).is_err());
-        assert!(Plan::new(&req(&["a\0b"]), (0, 0)).is_err());
+        assert!(Plan::new(&req(&[]), (0, 0), None).is_err());
+        assert!(Plan::new(&req(&["a\0b"]), (0, 0), None).is_err());
         let mut r = req(&["sh"]);
         r.cwd = "relative".into();
-        assert!(Plan::new(&r, (0, 0)).is_err());
+        assert!(Plan::new(&r, (0, 0), None).is_err());
         let mut r = req(&["sh"]);
         r.root = "rootfs".into();
-        assert!(Plan::new(&r, (0, 0)).is_err());
+        assert!(Plan::new(&r, (0, 0), None).is_err());
         let mut r = req(&["sh"]);
         r.rlimits = vec![Rlimit {
             r#type: "RLIMIT_BOGUS".into(),
             soft: 1,
             hard: 1,
         }];
-        assert!(Plan::new(&r, (0, 0)).is_err());
+        assert!(Plan::new(&r, (0, 0), None).is_err());
         r.rlimits[0].r#type = "RLIMIT_NOFILE".into();
         r.rlimits[0].soft = 2;
-        assert!(Plan::new(&r, (0, 0)).is_err());
+        assert!(Plan::new(&r, (0, 0), None).is_err());
         let mut r = req(&["sh"]);
         r.umask = Some(0o1000);
-        assert!(Plan::new(&r, (0, 0)).is_err());
+        assert!(Plan::new(&r, (0, 0), None).is_err());
     }
 
     #[test]
     fn plan_skips_credentials_it_already_has() {
-        assert!(Plan::new(&req(&["sh"]), (0, 0)).unwrap().identity.is_none());
+        assert!(Plan::new(&req(&["sh"]), (0, 0), None)
+            .unwrap()
+            .identity
+            .is_none());
         let mut r = req(&["sh"]);
         r.uid = 1000;
-        assert!(Plan::new(&r, (0, 0)).unwrap().identity.is_some());
+        assert!(Plan::new(&r, (0, 0), None).unwrap().identity.is_some());
         let mut r = req(&["sh"]);
         r.additional_gids = vec![5];
-        assert!(Plan::new(&r, (0, 0)).unwrap().identity.is_some());
+        assert!(Plan::new(&r, (0, 0), None).unwrap().identity.is_some());
     }
 
     #[test]
@@ -512,10 +674,66 @@ mod tests {
         r.root = "/".into();
         r.terminal = true;
         r.stdin = true;
-        let plan = Plan::new(&r, (0, 0)).unwrap();
+        let plan = Plan::new(&r, (0, 0), None).unwrap();
         assert!(plan.root.is_none());
         assert_eq!(plan.cwd.as_bytes(), b"/");
         assert!(plan.terminal && !plan.stdin);
+    }
+
+    fn placement() -> Placement {
+        Placement {
+            container_id: "c1".into(),
+            root: "/run/arrow/containers/c1/root".into(),
+            cgroup_procs: "/sys/fs/cgroup/c1/cgroup.procs".into(),
+        }
+    }
+
+    #[test]
+    fn plan_in_a_container() {
+        let mut r = req(&["sh"]);
+        r.container_id = "c1".into();
+        r.oom_score_adj = Some(-999);
+        let plan = Plan::new(&r, (0, 0), Some(&placement())).unwrap();
+        assert_eq!(plan.root.as_deref(), Some(c"/run/arrow/containers/c1/root"));
+        assert_eq!(
+            plan.cgroup_procs.as_deref(),
+            Some(c"/sys/fs/cgroup/c1/cgroup.procs")
+        );
+        assert_eq!(plan.oom_score_adj.as_deref(), Some(c"-999"));
+        assert!(plan.caps.is_none());
+
+        // `root` and a container exclude each other.
+        r.root = "/elsewhere".into();
+        let err = Plan::new(&r, (0, 0), Some(&placement())).unwrap_err();
+        assert!(err.0.contains("root"), "{err}");
+        // A container the caller did not find, or another one's placement.
+        let mut r = req(&["sh"]);
+        r.container_id = "c2".into();
+        assert!(Plan::new(&r, (0, 0), None).is_err());
+        assert!(Plan::new(&r, (0, 0), Some(&placement())).is_err());
+        // A guest process has neither.
+        let plan = Plan::new(&req(&["sh"]), (0, 0), None).unwrap();
+        assert!(plan.root.is_none() && plan.cgroup_procs.is_none());
+    }
+
+    #[test]
+    fn plan_checks_oom_score_adj_and_capabilities() {
+        for (adj, ok) in [(-1000, true), (1000, true), (-1001, false), (1001, false)] {
+            let mut r = req(&["sh"]);
+            r.oom_score_adj = Some(adj);
+            assert_eq!(Plan::new(&r, (0, 0), None).is_ok(), ok, "{adj}");
+        }
+        let mut r = req(&["sh"]);
+        r.capabilities = Some(proto::agent::Capabilities {
+            bounding: vec!["CAP_CHOWN".into()],
+            ambient: vec!["CAP_CHOWN".into()],
+            ..Default::default()
+        });
+        let caps = Plan::new(&r, (0, 0), None).unwrap().caps.unwrap();
+        assert_eq!((caps.bounding, caps.ambient, caps.effective), (1, 1, 0));
+        r.capabilities.as_mut().unwrap().permitted = vec!["CAP_WHATEVER".into()];
+        let err = Plan::new(&r, (0, 0), None).unwrap_err();
+        assert!(err.0.contains("CAP_WHATEVER"), "{err}");
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use proto::agent::{error::Code, CreateProcess, StreamKind};
 
 use crate::conn::Conn;
+use crate::container::Placement;
 use crate::process::{self, ChildStdio, Plan};
 use crate::reaper::{ExitStatus, Reaper};
 
@@ -36,17 +37,24 @@ pub enum ProcError {
         what: &'static str,
         source: io::Error,
     },
+    /// A guest failure, described in full (what failed, on what, why).
+    #[error("{0}")]
+    Guest(String),
+    #[error("container {0:?} not found")]
+    ContainerNotFound(String),
+    #[error("container {0:?} already exists")]
+    ContainerExists(String),
 }
 
 impl ProcError {
     /// The protocol code for this error.
     pub fn code(&self) -> Code {
         match self {
-            Self::NotFound(_) => Code::NotFound,
-            Self::AlreadyExists(_) => Code::AlreadyExists,
+            Self::NotFound(_) | Self::ContainerNotFound(_) => Code::NotFound,
+            Self::AlreadyExists(_) | Self::ContainerExists(_) => Code::AlreadyExists,
             Self::InvalidArgument(_) => Code::InvalidArgument,
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
-            Self::Internal { .. } => Code::Internal,
+            Self::Internal { .. } | Self::Guest(_) => Code::Internal,
         }
     }
 
@@ -112,6 +120,8 @@ struct State {
 /// One process the agent knows.
 pub struct Process {
     id: String,
+    /// The container it runs in, if any.
+    container: Option<String>,
     state: Mutex<State>,
     changed: Condvar,
 }
@@ -123,6 +133,10 @@ impl Process {
 
     fn mark_exited(&self, status: ExitStatus) {
         let mut st = self.state();
+        if matches!(st.phase, Phase::Deleted) {
+            // Forgotten with its container while it ran; nobody asks.
+            return;
+        }
         st.phase = Phase::Exited {
             status,
             at: Instant::now(),
@@ -198,20 +212,29 @@ impl Supervisor {
             .ok_or_else(|| ProcError::NotFound(id.to_string()))
     }
 
-    /// CreateProcess: validates, prepares stdio, executes nothing.
-    pub fn create(&self, req: &CreateProcess) -> Result<(), ProcError> {
+    /// CreateProcess: validates, prepares stdio, executes nothing. A
+    /// process of a container comes with its `placement` (the caller holds
+    /// the container locked).
+    pub fn create(
+        &self,
+        req: &CreateProcess,
+        placement: Option<&Placement>,
+    ) -> Result<(), ProcError> {
         if req.id.is_empty() {
             return Err(ProcError::InvalidArgument("process id is empty".into()));
         }
         if self.table().contains_key(&req.id) {
             return Err(ProcError::AlreadyExists(req.id.clone()));
         }
-        let plan = Plan::new(req, self.agent_ids)
+        let plan = Plan::new(req, self.agent_ids, placement)
             .map_err(|e| ProcError::InvalidArgument(format!("process {:?}: {e}", req.id)))?;
         let mut child_fds = ChildFds::default();
         let mut pty_master = None;
         let stdin = if plan.terminal {
-            let pty = process::open_pty().map_err(internal("open pty"))?;
+            // A container's own devpts instance, so the process finds its
+            // tty under its /dev/pts.
+            let root = placement.map(|p| p.root.as_path());
+            let pty = process::open_pty_in(root).map_err(internal("open pty"))?;
             child_fds.tty_slave = Some(pty.slave);
             pty_master = Some(pty.master);
             Stdin::Tty
@@ -224,6 +247,7 @@ impl Supervisor {
         };
         let process = Arc::new(Process {
             id: req.id.clone(),
+            container: placement.map(|p| p.container_id.clone()),
             state: Mutex::new(State {
                 phase: Phase::Created(Box::new(plan)),
                 pty_master,
@@ -266,6 +290,10 @@ impl Supervisor {
         let mut st = process.state();
         let plan = match std::mem::replace(&mut st.phase, Phase::Starting) {
             Phase::Created(plan) => plan,
+            Phase::Deleted => {
+                st.phase = Phase::Deleted;
+                return Err(ProcError::NotFound(format!("{id} (deleted)")));
+            }
             other => {
                 st.phase = other;
                 return Err(ProcError::FailedPrecondition(format!(
@@ -443,6 +471,37 @@ impl Supervisor {
         st.stdin = Stdin::Closed;
         process.changed.notify_all();
         Ok(())
+    }
+
+    /// The container a process runs in (None: a process of the guest).
+    pub fn container_of(&self, id: &str) -> Result<Option<String>, ProcError> {
+        Ok(self.get(id)?.container.clone())
+    }
+
+    /// Forgets every process of a container, as DeleteProcess would but
+    /// whatever their state (the container is being removed; running ones
+    /// are about to be killed). Waiters get NOT_FOUND. Returns how many.
+    pub fn forget_container(&self, container: &str) -> usize {
+        let mut table = self.table();
+        let ids: Vec<String> = table
+            .iter()
+            .filter(|(_, p)| p.container.as_deref() == Some(container))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &ids {
+            if let Some(process) = table.remove(id) {
+                let mut st = process.state();
+                st.phase = Phase::Deleted;
+                st.child_fds = ChildFds::default();
+                st.pty_master = None;
+                if let Stdin::Attached(conn) = &st.stdin {
+                    let _ = conn.shutdown(std::net::Shutdown::Read);
+                }
+                st.stdin = Stdin::Closed;
+                process.changed.notify_all();
+            }
+        }
+        ids.len()
     }
 
     /// Kills every running process group (leaving a test-mode agent).
