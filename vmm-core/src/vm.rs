@@ -3,6 +3,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -12,6 +13,7 @@ use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
+use virtio_queue::QueueT;
 use vm_memory::{Address, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -26,11 +28,13 @@ use crate::hypervisor::KvmFlavour;
 use crate::loader::{self, LoadError};
 use crate::snapshot::vcpu_state::VcpuState;
 use crate::snapshot::{
-    self, HostSignature, KvmVmState, SnapshotError, VmShape, VmSnapshot, VsockSnapshot,
+    self, FsSnapshot, HostSignature, KvmVmState, SnapshotError, VmShape, VmSnapshot, VsockSnapshot,
 };
 use crate::vcpu::{Vcpu, VcpuControl, VcpuError, VcpuHandle};
+use crate::virtio::fs::{FsError, VirtioFs};
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::vsock::{VirtioVsock, VsockError};
+use crate::virtio::VirtioDevice;
 
 /// The event loop's subscribers: every device with host-side I/O.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -63,8 +67,27 @@ pub struct RestoreConfig {
     /// New path of the vsock device's Unix socket (needed when the snapshot
     /// has a vsock device).
     pub vsock_uds_path: Option<PathBuf>,
+    /// The directory the clone's virtio-fs device shares: needed exactly
+    /// when the snapshot has one (a template holds the device, each clone
+    /// attaches its own directory).
+    pub fs_shared_dir: Option<PathBuf>,
+    /// Whether the clone's share is read-only (see [`FsConfig::read_only`]).
+    pub fs_read_only: bool,
     /// Override of the detected KVM flavour.
     pub flavour: Option<KvmFlavour>,
+}
+
+impl Default for RestoreConfig {
+    /// No backends, console dropped, flavour detected.
+    fn default() -> Self {
+        Self {
+            console: ConsoleOutput::Sink,
+            vsock_uds_path: None,
+            fs_shared_dir: None,
+            fs_read_only: false,
+            flavour: None,
+        }
+    }
 }
 
 /// The vsock device: the guest's context id, and the Unix socket on which
@@ -76,6 +99,18 @@ pub struct VsockConfig {
     /// Path of the host-side Unix socket; `<path>_<port>` for guest-initiated
     /// connections.
     pub uds_path: PathBuf,
+}
+
+/// The virtio-fs device: a host directory the guest mounts by tag
+/// (`mount -t virtiofs <tag> <dir>`).
+#[derive(Clone, Debug)]
+pub struct FsConfig {
+    /// The tag the guest mounts the share by (1 to 36 bytes).
+    pub tag: String,
+    /// The host directory the guest sees.
+    pub shared_dir: PathBuf,
+    /// Refuse every request that would change the directory (`EROFS`).
+    pub read_only: bool,
 }
 
 /// Everything needed to build a VM.
@@ -94,6 +129,9 @@ pub struct VmConfig {
     pub console: ConsoleOutput,
     /// A virtio-vsock device with a hybrid Unix-socket backend, if any.
     pub vsock: Option<VsockConfig>,
+    /// A virtio-fs device sharing a host directory, if any. It takes the
+    /// virtio-mmio slot after the vsock device's.
+    pub fs: Option<FsConfig>,
     /// Override of the detected KVM flavour (tests, or a host the detection
     /// gets wrong).
     pub flavour: Option<KvmFlavour>,
@@ -110,7 +148,34 @@ impl VmConfig {
             kernel_args: Vec::new(),
             console: ConsoleOutput::Sink,
             vsock: None,
+            fs: None,
             flavour: None,
+        }
+    }
+
+    /// The virtio devices in slot order, each with what the guest sees of
+    /// it (not the host backends, which a clone replaces). A snapshot only
+    /// restores into the same set, so a template cache keys on it.
+    pub fn device_set(&self) -> Vec<String> {
+        let mut set = Vec::new();
+        if let Some(vsock) = &self.vsock {
+            set.push(format!("virtio-vsock cid={}", vsock.guest_cid));
+        }
+        if let Some(fs) = &self.fs {
+            set.push(format!("virtio-fs tag={}", fs.tag));
+        }
+        set
+    }
+
+    /// The backends of this config as a [`RestoreConfig`], for a clone of
+    /// a VM built from it: same socket path and shared directory.
+    pub fn restore_config(&self, console: ConsoleOutput) -> RestoreConfig {
+        RestoreConfig {
+            console,
+            vsock_uds_path: self.vsock.as_ref().map(|v| v.uds_path.clone()),
+            fs_shared_dir: self.fs.as_ref().map(|f| f.shared_dir.clone()),
+            fs_read_only: self.fs.as_ref().is_some_and(|f| f.read_only),
+            flavour: self.flavour,
         }
     }
 }
@@ -149,13 +214,19 @@ pub enum VmError {
     Cmdline(#[from] CmdlineError),
     /// A device could not be placed on a bus.
     #[error("placing a device: {0}")]
-    Bus(#[from] BusError),
+    Bus(BusError),
     /// Too many devices for the IOAPIC's pins.
     #[error("too many virtio devices")]
     TooManyDevices,
     /// The vsock device could not be created.
     #[error("vsock device: {0}")]
-    Vsock(#[from] VsockError),
+    Vsock(VsockError),
+    /// The virtio-fs device could not be created, restored or saved.
+    #[error("virtio-fs device: {0}")]
+    Fs(FsError),
+    /// The backends given for a clone do not match the snapshot's devices.
+    #[error("{0}")]
+    Backends(String),
     /// An eventfd could not be created.
     #[error("creating an eventfd: {0}")]
     EventFd(#[source] std::io::Error),
@@ -167,7 +238,7 @@ pub enum VmError {
     EventLoop(String),
     /// Saving or loading a snapshot failed.
     #[error("snapshot: {0}")]
-    Snapshot(#[from] SnapshotError),
+    Snapshot(SnapshotError),
     /// A snapshot could not be taken or restored.
     #[error("{0}")]
     Restore(String),
@@ -176,8 +247,54 @@ pub enum VmError {
     AlreadyStarted,
 }
 
+// These wrap errors whose message already ends with their own cause, so
+// the wrapped error is not exposed as `source()`: an error chain printed
+// whole (`{:#}`) would say it twice.
+macro_rules! from_without_source {
+    ($($variant:ident($error:ty)),*) => {$(
+        impl From<$error> for VmError {
+            fn from(e: $error) -> Self {
+                VmError::$variant(e)
+            }
+        }
+    )*};
+}
+from_without_source!(
+    Bus(BusError),
+    Vsock(VsockError),
+    Fs(FsError),
+    Snapshot(SnapshotError)
+);
+
+impl VmError {
+    /// Whether an error of [`Vm::restore`] is the snapshot's fault (it is
+    /// unreadable, corrupt, from another format or host, or holds state
+    /// this host refuses) rather than this host's or the clone's backends'
+    /// (no KVM, out of memory, a socket path in use, a missing shared
+    /// directory). A template cache drops and rebuilds a snapshot only for
+    /// the former: rebuilding would not cure the latter.
+    pub fn is_snapshot_fault(&self) -> bool {
+        match self {
+            VmError::Snapshot(_) | VmError::Restore(_) | VmError::Vcpu(_) => true,
+            VmError::Vsock(e) => matches!(
+                e,
+                VsockError::InvalidCid(_)
+                    | VsockError::UnofferedFeatures { .. }
+                    | VsockError::InvalidHostPort(_)
+            ),
+            VmError::Fs(e) => matches!(
+                e,
+                FsError::InvalidTag(_) | FsError::UnofferedFeatures { .. }
+            ),
+            _ => false,
+        }
+    }
+}
+
 /// The vsock device and its transport, kept for snapshots.
 type VsockHandles = (Arc<Mutex<MmioTransport>>, Arc<Mutex<VirtioVsock>>);
+/// The virtio-fs device and its transport, kept for snapshots.
+type FsHandles = (Arc<Mutex<MmioTransport>>, Arc<Mutex<VirtioFs>>);
 
 /// A built, possibly running, microVM. Dropping it stops the VM.
 pub struct Vm {
@@ -194,6 +311,9 @@ pub struct Vm {
     console: ConsoleTail,
     serial: Arc<Mutex<SerialConsole>>,
     vsock: Option<VsockHandles>,
+    /// For a clone: what tells the guest took its vsock transport reset.
+    vsock_reset: Option<ResetWatch>,
+    fs: Option<FsHandles>,
     flavour: KvmFlavour,
     shape: VmShape,
     memory: GuestMemoryMmap<()>,
@@ -233,6 +353,28 @@ impl Vm {
                 let dev = Arc::new(Mutex::new(VirtioVsock::new(
                     vsock.guest_cid,
                     vsock.uds_path.clone(),
+                )?));
+                let (base, gsi) = devices.next_slot()?;
+                let irq = new_irq_line(&vm_fd, gsi)?;
+                let transport = Arc::new(Mutex::new(MmioTransport::new(
+                    memory.clone(),
+                    dev.clone(),
+                    irq,
+                )));
+                devices.place(transport.clone(), base, Some(dev.clone()))?;
+                cmdline.push_virtio_mmio(base, gsi);
+                Some((transport, dev))
+            }
+            None => None,
+        };
+        // After the vsock device, which binds its socket first: setting up
+        // the passthrough file system clears the process umask.
+        let fs = match &config.fs {
+            Some(fs) => {
+                let dev = Arc::new(Mutex::new(VirtioFs::new(
+                    &fs.tag,
+                    &fs.shared_dir,
+                    fs.read_only,
                 )?));
                 let (base, gsi) = devices.next_slot()?;
                 let irq = new_irq_line(&vm_fd, gsi)?;
@@ -294,6 +436,8 @@ impl Vm {
             console,
             serial,
             vsock,
+            vsock_reset: None,
+            fs,
             flavour,
             shape: VmShape {
                 vcpus: config.vcpus,
@@ -308,9 +452,13 @@ impl Vm {
     /// Creates a clone of the VM saved in `snapshot_dir`: its memory mapped
     /// copy-on-write from the snapshot's memory file, every vCPU, in-kernel
     /// irqchip and device state restored, and host backends attached anew
-    /// (console writer, vsock socket path). After [`Vm::start`] the guest
-    /// continues where the snapshot was taken; its vsock connections are
-    /// reset so it drops those of the template.
+    /// (console writer, vsock socket path, virtio-fs shared directory).
+    /// After [`Vm::start`] the guest continues where the snapshot was taken;
+    /// its vsock connections are reset so it drops those of the template.
+    ///
+    /// Every device of the snapshot needs its backend in `config`, and a
+    /// shared directory needs a virtio-fs device in the snapshot; a
+    /// mismatch is [`VmError::Backends`].
     pub fn restore(snapshot_dir: &Path, mut config: RestoreConfig) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::NoKvm)?;
         let flavour = config.flavour.unwrap_or_else(KvmFlavour::detect);
@@ -330,16 +478,20 @@ impl Vm {
             snap.shape.memory_bytes,
         )?;
         let vm_fd = create_kvm_vm(&kvm, &memory)?;
-        let kvm_err = |what| move |source| VmError::Kvm { what, source };
+        // Refusals of the saved state are the snapshot's fault (`Restore`),
+        // unlike KVM failures to create the VM.
+        let state_err = |what| {
+            move |e: kvm_ioctls::Error| VmError::Restore(format!("restoring the {what}: {e}"))
+        };
         for chip in &snap.vm.irqchips {
-            vm_fd.set_irqchip(chip).map_err(kvm_err("set irqchip"))?;
+            vm_fd.set_irqchip(chip).map_err(state_err("irqchip"))?;
         }
-        vm_fd.set_pit2(&snap.vm.pit).map_err(kvm_err("set PIT"))?;
+        vm_fd.set_pit2(&snap.vm.pit).map_err(state_err("PIT"))?;
         let clock = kvm_bindings::kvm_clock_data {
             clock: snap.vm.clock.clock,
             ..Default::default()
         };
-        vm_fd.set_clock(&clock).map_err(kvm_err("set kvmclock"))?;
+        vm_fd.set_clock(&clock).map_err(state_err("kvmclock"))?;
 
         let exit = ExitNotifier::new();
         let console = ConsoleTail::default();
@@ -368,11 +520,43 @@ impl Vm {
                 Some((transport, dev))
             }
             (Some(_), None) => {
-                return Err(VmError::Restore(
+                return Err(VmError::Backends(
                     "the snapshot has a vsock device: a socket path for it is needed".into(),
                 ))
             }
             (None, _) => None,
+        };
+        // Same slot order as `build`: vsock, then virtio-fs.
+        let fs = match (&snap.fs, config.fs_shared_dir.take()) {
+            (Some(saved), Some(dir)) => {
+                let dev = Arc::new(Mutex::new(VirtioFs::restore(
+                    &saved.device,
+                    &dir,
+                    config.fs_read_only,
+                )?));
+                let (base, gsi) = devices.next_slot()?;
+                let irq = new_irq_line(&vm_fd, gsi)?;
+                let transport =
+                    MmioTransport::restore(memory.clone(), dev.clone(), irq, &saved.transport)
+                        .map_err(|e| VmError::Restore(format!("virtio-fs transport: {e}")))?;
+                let transport = Arc::new(Mutex::new(transport));
+                devices.place(transport.clone(), base, Some(dev.clone()))?;
+                Some((transport, dev))
+            }
+            (Some(saved), None) => {
+                return Err(VmError::Backends(format!(
+                    "the snapshot has a virtio-fs device (tag {:?}): a shared directory for it \
+                     is needed",
+                    saved.device.tag
+                )))
+            }
+            (None, Some(dir)) => {
+                return Err(VmError::Backends(format!(
+                    "the snapshot has no virtio-fs device to share {} through",
+                    dir.display()
+                )))
+            }
+            (None, None) => None,
         };
 
         let msr_index_list = msr_index_list(&kvm)?;
@@ -382,11 +566,16 @@ impl Vm {
             .enumerate()
             .map(|(i, state)| Vcpu::restore(&vm_fd, i as u8, state, msr_index_list.clone()))
             .collect::<Result<Vec<_>, _>>()?;
-        if let Some((_, dev)) = &vsock {
-            dev.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .send_transport_reset();
-        }
+        let vsock_reset = vsock.as_ref().map(|(_, dev)| {
+            let mut dev = dev.lock().unwrap_or_else(|e| e.into_inner());
+            let before = ResetWatch::event_queue(&dev, &memory);
+            dev.send_transport_reset();
+            let after = ResetWatch::event_queue(&dev, &memory);
+            ResetWatch {
+                avail_idx: after.map(|(avail, _)| avail),
+                delivered: matches!((before, after), (Some((_, a)), Some((_, b))) if a != b),
+            }
+        });
 
         Ok(Self {
             vcpus,
@@ -400,6 +589,8 @@ impl Vm {
             console,
             serial,
             vsock,
+            vsock_reset,
+            fs,
             flavour,
             shape: snap.shape,
             memory,
@@ -408,7 +599,12 @@ impl Vm {
     }
 
     /// Pauses the running VM at a clean point, writes a snapshot of it into
-    /// `dir` (`vmstate` and `memory`), then resumes it if `resume`.
+    /// `dir` (`vmstate` and `memory`, readable by this user only: guest
+    /// memory holds the guest's secrets, and whoever can write it controls
+    /// every clone), then resumes it if `resume`.
+    ///
+    /// A VM whose guest has a FUSE session on its virtio-fs device (it
+    /// mounted the share) cannot be snapshotted: [`FsError::SessionOpen`].
     pub fn snapshot(&mut self, dir: &Path, resume: bool) -> Result<(), VmError> {
         if self.running.is_empty() {
             return Err(VmError::Restore(
@@ -444,33 +640,46 @@ impl Vm {
             pit: self.vm_fd.get_pit2().map_err(kvm_err("get PIT"))?,
             clock: self.vm_fd.get_clock().map_err(kvm_err("get kvmclock"))?,
         };
-        std::fs::create_dir_all(dir).map_err(|source| snapshot::SnapshotError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
         // The device locks are held until guest memory is written, so the
         // event loop cannot move a queue on after its state was saved.
-        let transport_and_device = self.vsock.as_ref().map(|(t, d)| {
+        let vsock = self.vsock.as_ref().map(|(t, d)| {
             (
                 t.lock().unwrap_or_else(|e| e.into_inner()),
                 d.lock().unwrap_or_else(|e| e.into_inner()),
             )
         });
+        let fs_locked = self.fs.as_ref().map(|(t, d)| {
+            (
+                t.lock().unwrap_or_else(|e| e.into_inner()),
+                d.lock().unwrap_or_else(|e| e.into_inner()),
+            )
+        });
+        // Refused before anything is written if the guest uses the share.
+        let fs = match &fs_locked {
+            Some((t, d)) => Some(FsSnapshot {
+                device: d.save()?,
+                transport: t.save_from(&**d),
+            }),
+            None => None,
+        };
+        snapshot::create_dir(dir)?;
         let state = VmSnapshot {
             host: HostSignature::current(self.flavour),
             shape: self.shape.clone(),
             vm,
             vcpus,
             serial: self.serial.lock().unwrap_or_else(|e| e.into_inner()).save(),
-            vsock: transport_and_device.as_ref().map(|(t, d)| VsockSnapshot {
+            vsock: vsock.as_ref().map(|(t, d)| VsockSnapshot {
                 transport: t.save_from(&**d),
                 device: d.save(),
             }),
+            fs,
         };
         snapshot::memory::save(&self.memory, &dir.join(snapshot::MEMORY_FILE))?;
         // vmstate last: its presence marks a complete snapshot.
         snapshot::write_state(dir, &state)?;
-        drop(transport_and_device);
+        drop(vsock);
+        drop(fs_locked);
         Ok(())
     }
 
@@ -498,6 +707,41 @@ impl Vm {
     /// Waits for the VM to end, at most `timeout`; `None` if it still runs.
     pub fn wait(&self, timeout: Option<Duration>) -> Option<VmExit> {
         self.exit.wait(timeout)
+    }
+
+    /// Whether the guest has taken the vsock transport reset a clone starts
+    /// with ([`Vm::restore`] sends it). Until it has, the guest still holds
+    /// the template's connections and the reset, when the guest gets to it,
+    /// also kills connections made to the clone meanwhile; a host that must
+    /// connect exactly once waits for this first. True for a VM that was
+    /// not restored or has no vsock device.
+    ///
+    /// The guest's driver handles the event and then posts the buffer
+    /// again, which is what this watches for on the event queue.
+    pub fn vsock_reset_taken(&self) -> bool {
+        let (Some(watch), Some((_, dev))) = (&self.vsock_reset, &self.vsock) else {
+            return true;
+        };
+        let dev = dev.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((avail, _)) = ResetWatch::event_queue(&dev, &self.memory) else {
+            // Not active (the guest reset the device): nothing is left.
+            return true;
+        };
+        let Some(at_restore) = watch.avail_idx else {
+            return true;
+        };
+        // Delivered at restore: the next buffer posted follows the event's
+        // handling. Not delivered (no buffer was posted): one buffer takes
+        // it, the one after follows its handling.
+        let wanted = if watch.delivered { 1 } else { 2 };
+        avail.wrapping_sub(at_restore) >= wanted
+    }
+
+    /// A handle that ends the VM from another thread (a signal watcher, a
+    /// watchdog) without owning it: [`Vm::wait`] then returns
+    /// [`VmExit::Stopped`], and the owner calls [`Vm::stop`].
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle(self.exit.clone())
     }
 
     /// Stops the VM (if still running) and joins its threads. Returns how it
@@ -544,6 +788,38 @@ impl Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Where the vsock event queue stood right after a clone's transport reset;
+/// see [`Vm::vsock_reset_taken`].
+struct ResetWatch {
+    /// The guest's available index of the event queue.
+    avail_idx: Option<u16>,
+    /// Whether the reset event was written at restore.
+    delivered: bool,
+}
+
+impl ResetWatch {
+    /// The event queue's available index (as the guest wrote it) and the
+    /// device's next used index, if the device is active.
+    fn event_queue(dev: &VirtioVsock, mem: &GuestMemoryMmap<()>) -> Option<(u16, u16)> {
+        let q = dev.queues().get(crate::virtio::vsock::EVQ_INDEX)?;
+        let avail = q.avail_idx(mem, Ordering::Acquire).ok()?;
+        Some((avail.0, q.next_used()))
+    }
+}
+
+/// Ends a VM from another thread; see [`Vm::stop_handle`].
+#[derive(Clone)]
+pub struct StopHandle(ExitNotifier);
+
+impl StopHandle {
+    /// Reports the VM as stopped by the host, waking [`Vm::wait`]; vCPUs
+    /// leave the guest at their next exit, or when the owner calls
+    /// [`Vm::stop`]. Returns false when the VM had already ended.
+    pub fn stop(&self) -> bool {
+        self.0.notify(VmExit::Stopped)
     }
 }
 

@@ -161,15 +161,7 @@ mod snapshots {
         vm.stop();
 
         for _ in 0..10 {
-            let mut clone = Vm::restore(
-                &dir,
-                RestoreConfig {
-                    console: ConsoleOutput::Sink,
-                    vsock_uds_path: None,
-                    flavour: None,
-                },
-            )
-            .unwrap();
+            let mut clone = Vm::restore(&dir, RestoreConfig::default()).unwrap();
             assert_eq!(
                 counter(&clone),
                 saved,
@@ -216,8 +208,7 @@ mod snapshots {
             &dir,
             RestoreConfig {
                 console: ConsoleOutput::Writer(Box::new(out.clone())),
-                vsock_uds_path: None,
-                flavour: None,
+                ..RestoreConfig::default()
             },
         )
         .unwrap();
@@ -234,11 +225,7 @@ mod snapshots {
 
     #[test]
     fn a_missing_or_corrupt_snapshot_is_refused() {
-        let config = || RestoreConfig {
-            console: ConsoleOutput::Sink,
-            vsock_uds_path: None,
-            flavour: None,
-        };
+        let config = RestoreConfig::default;
         let dir = std::env::temp_dir().join(format!("arrow-snap-bad-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let err = Vm::restore(&dir, config()).err().unwrap();
@@ -246,6 +233,317 @@ mod snapshots {
         std::fs::write(dir.join("vmstate"), b"ARROWSNP\x01\0\0\0garbage").unwrap();
         let err = Vm::restore(&dir, config()).err().unwrap();
         assert!(err.to_string().contains("truncated"), "{err}");
+        assert!(err.is_snapshot_fault(), "a template cache drops it");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// The virtio-fs device wired into a VM: the bare-metal guest drives its
+/// virtio-mmio registers as a driver would, the host lays out the queues and
+/// FUSE requests in guest memory, and snapshots keep the device but not the
+/// shared directory.
+mod virtio_fs {
+    use super::*;
+    use std::mem::size_of;
+
+    use fuse_backend_rs::abi::fuse_abi::Opcode;
+    use fuse_backend_rs::abi::fuse_abi::{
+        EntryOut, InHeader, InitIn, InitOut, OutHeader, KERNEL_MINOR_VERSION, KERNEL_VERSION,
+        ROOT_ID,
+    };
+    use virtio_bindings::virtio_mmio as regs;
+    use vm_memory::{ByteValued, Bytes, GuestAddress};
+    use vmm_core::arch::x86_64::layout;
+    use vmm_core::virtio::fs::FsError;
+    use vmm_core::vm::{FsConfig, RestoreConfig, VmError};
+
+    const QUEUE_SIZE: u32 = 16;
+    /// Rings of queue `i` at `RINGS + i * 0x1_0000`: descriptors, then the
+    /// available ring at +0x1000, the used ring at +0x2000.
+    const RINGS: u64 = 0x40_0000;
+    const REQUEST_QUEUE: u64 = 1;
+    /// Request `i` at `IN_BUF + i * 0x1000`, its reply at `OUT_BUF + ...`.
+    const IN_BUF: u64 = 0x50_0000;
+    const OUT_BUF: u64 = 0x60_0000;
+    /// The host sets it to let the guest notify the request queue.
+    const GO: u64 = 0x30_0000;
+    const HELLO: &[u8] = b"hello from the clone's share\n";
+
+    fn rings(queue: u64) -> (u64, u64, u64) {
+        let base = RINGS + queue * 0x1_0000;
+        (base, base + 0x1000, base + 0x2000)
+    }
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("arrow-vm-fs-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// A guest that sets the device at `slot` up (VERSION_1, both queues),
+    /// prints "a", waits for the host's GO, notifies the request queue,
+    /// waits for a used buffer, prints "done" and spins.
+    fn driver_program(slot: u32) -> GuestProgram {
+        let (base, _) = layout::virtio_mmio_slot(slot).unwrap();
+        let reg = |r: u32| base + u64::from(r);
+        let mut p = GuestProgram::new();
+        p.write32(reg(regs::VIRTIO_MMIO_STATUS), 1)
+            .write32(reg(regs::VIRTIO_MMIO_STATUS), 3)
+            .write32(reg(regs::VIRTIO_MMIO_DRIVER_FEATURES_SEL), 1)
+            .write32(reg(regs::VIRTIO_MMIO_DRIVER_FEATURES), 1)
+            .write32(reg(regs::VIRTIO_MMIO_DRIVER_FEATURES_SEL), 0)
+            .write32(reg(regs::VIRTIO_MMIO_DRIVER_FEATURES), 0)
+            .write32(reg(regs::VIRTIO_MMIO_STATUS), 0xb);
+        for queue in 0..2 {
+            let (desc, avail, used) = rings(queue);
+            p.write32(reg(regs::VIRTIO_MMIO_QUEUE_SEL), queue as u32)
+                .write32(reg(regs::VIRTIO_MMIO_QUEUE_NUM), QUEUE_SIZE)
+                .write32(reg(regs::VIRTIO_MMIO_QUEUE_DESC_LOW), desc as u32)
+                .write32(reg(regs::VIRTIO_MMIO_QUEUE_DESC_HIGH), 0)
+                .write32(reg(regs::VIRTIO_MMIO_QUEUE_AVAIL_LOW), avail as u32)
+                .write32(reg(regs::VIRTIO_MMIO_QUEUE_AVAIL_HIGH), 0)
+                .write32(reg(regs::VIRTIO_MMIO_QUEUE_USED_LOW), used as u32)
+                .write32(reg(regs::VIRTIO_MMIO_QUEUE_USED_HIGH), 0)
+                .write32(reg(regs::VIRTIO_MMIO_QUEUE_READY), 1);
+        }
+        let (_, _, used) = rings(REQUEST_QUEUE);
+        p.write32(reg(regs::VIRTIO_MMIO_STATUS), 0xf)
+            .serial_write(b"a")
+            .wait_until_changed32(GO, 0)
+            .write32(reg(regs::VIRTIO_MMIO_QUEUE_NOTIFY), REQUEST_QUEUE as u32)
+            // flags (0) and idx: changes when the device uses a chain.
+            .wait_until_changed32(used, 0)
+            .serial_write(b"done")
+            .count_forever(0x20_0000);
+        p
+    }
+
+    /// Puts FUSE requests (`opcode`, node, arguments) on the request queue,
+    /// each with a 4 KiB reply buffer, and lets the guest notify.
+    fn queue_requests(vm: &Vm, requests: &[(Opcode, u64, Vec<u8>)]) {
+        let mem = vm.memory();
+        let (desc, avail, _) = rings(REQUEST_QUEUE);
+        for (i, (opcode, nodeid, args)) in requests.iter().enumerate() {
+            let header = InHeader {
+                len: (size_of::<InHeader>() + args.len()) as u32,
+                opcode: *opcode as u32,
+                unique: i as u64 + 1,
+                nodeid: *nodeid,
+                ..Default::default()
+            };
+            let mut bytes = header.as_slice().to_vec();
+            bytes.extend_from_slice(args);
+            let (inb, outb) = (IN_BUF + i as u64 * 0x1000, OUT_BUF + i as u64 * 0x1000);
+            mem.write_slice(&bytes, GuestAddress(inb)).unwrap();
+            let d = desc + (2 * i as u64) * 16;
+            // addr, len, flags (NEXT = 1, WRITE = 2), next
+            mem.write_obj(inb, GuestAddress(d)).unwrap();
+            mem.write_obj(bytes.len() as u32, GuestAddress(d + 8))
+                .unwrap();
+            mem.write_obj(1u16, GuestAddress(d + 12)).unwrap();
+            mem.write_obj(2 * i as u16 + 1, GuestAddress(d + 14))
+                .unwrap();
+            mem.write_obj(outb, GuestAddress(d + 16)).unwrap();
+            mem.write_obj(0x1000u32, GuestAddress(d + 24)).unwrap();
+            mem.write_obj(2u16, GuestAddress(d + 28)).unwrap();
+            mem.write_obj(2 * i as u16, GuestAddress(avail + 4 + 2 * i as u64))
+                .unwrap();
+        }
+        mem.write_obj(requests.len() as u16, GuestAddress(avail + 2))
+            .unwrap();
+        mem.write_obj(1u32, GuestAddress(GO)).unwrap();
+    }
+
+    /// The reply to request `i`: header and body.
+    fn reply(vm: &Vm, i: u64) -> (OutHeader, Vec<u8>) {
+        let mut bytes = vec![0u8; 0x1000];
+        vm.memory()
+            .read_slice(&mut bytes, GuestAddress(OUT_BUF + i * 0x1000))
+            .unwrap();
+        let header = *OutHeader::from_slice(&bytes[..size_of::<OutHeader>()]).unwrap();
+        (header, bytes[size_of::<OutHeader>()..].to_vec())
+    }
+
+    fn used_idx(vm: &Vm) -> u16 {
+        let (_, _, used) = rings(REQUEST_QUEUE);
+        vm.memory().read_obj(GuestAddress(used + 2)).unwrap()
+    }
+
+    fn wait_for(out: &Captured, what: &[u8]) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !out.bytes().ends_with(what) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "guest never wrote {:?}; console {:?}",
+                String::from_utf8_lossy(what),
+                String::from_utf8_lossy(&out.bytes())
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn init_args() -> Vec<u8> {
+        InitIn {
+            major: KERNEL_VERSION,
+            minor: KERNEL_MINOR_VERSION,
+            max_readahead: 0x20000,
+            flags: 0,
+        }
+        .as_slice()
+        .to_vec()
+    }
+
+    #[test]
+    fn a_template_keeps_the_device_and_each_clone_shares_its_own_directory() {
+        let template_dir = temp_dir("template");
+        let clone_dir = temp_dir("clone");
+        std::fs::write(clone_dir.join("only-in-clone"), HELLO).unwrap();
+        let kernel = guest_file(&driver_program(0), "fs-driver");
+        let out = Captured::default();
+        let mut config = VmConfig::new(&kernel);
+        config.memory_bytes = 32 << 20;
+        config.console = ConsoleOutput::Writer(Box::new(out.clone()));
+        config.fs = Some(FsConfig {
+            tag: "arrow".into(),
+            shared_dir: template_dir.clone(),
+            read_only: false,
+        });
+        assert_eq!(config.device_set(), ["virtio-fs tag=arrow"]);
+        let mut vm = Vm::build(config).unwrap();
+        assert!(
+            vm.cmdline().contains("virtio_mmio.device=4K@0x"),
+            "{}",
+            vm.cmdline()
+        );
+        vm.start().unwrap();
+        // The driver set the device up and waits: active, no FUSE session.
+        wait_for(&out, b"a");
+        let snap = std::env::temp_dir().join(format!("arrow-snap-fs-{}", std::process::id()));
+        vm.snapshot(&snap, false).unwrap();
+        vm.stop();
+        use std::os::unix::fs::PermissionsExt;
+        for (path, mode) in [
+            (snap.clone(), 0o700),
+            (snap.join("memory"), 0o600),
+            (snap.join("vmstate"), 0o600),
+        ] {
+            let found = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(found, mode, "{}", path.display());
+        }
+
+        // A clone needs a directory for the device, an existing one.
+        let err = Vm::restore(&snap, RestoreConfig::default()).err().unwrap();
+        assert!(matches!(err, VmError::Backends(_)), "{err}");
+        assert!(err.to_string().contains("shared directory"), "{err}");
+        assert!(!err.is_snapshot_fault());
+        let missing = RestoreConfig {
+            fs_shared_dir: Some(clone_dir.join("missing")),
+            ..RestoreConfig::default()
+        };
+        let err = Vm::restore(&snap, missing).err().unwrap();
+        assert!(
+            matches!(err, VmError::Fs(FsError::NotADirectory(_))),
+            "{err}"
+        );
+        assert!(!err.is_snapshot_fault());
+
+        // The clone's requests are served from the clone's directory.
+        let out = Captured::default();
+        let mut clone = Vm::restore(
+            &snap,
+            RestoreConfig {
+                console: ConsoleOutput::Writer(Box::new(out.clone())),
+                fs_shared_dir: Some(clone_dir.clone()),
+                ..RestoreConfig::default()
+            },
+        )
+        .unwrap();
+        queue_requests(
+            &clone,
+            &[
+                (Opcode::Init, 0, init_args()),
+                (Opcode::Lookup, ROOT_ID, b"only-in-clone\0".to_vec()),
+            ],
+        );
+        clone.start().unwrap();
+        wait_for(&out, b"done");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while used_idx(&clone) < 2 {
+            assert!(std::time::Instant::now() < deadline, "second reply");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let (init, body) = reply(&clone, 0);
+        assert_eq!((init.error, init.unique), (0, 1));
+        let init_out = *InitOut::from_slice(&body[..size_of::<InitOut>()]).unwrap();
+        assert_eq!(init_out.major, KERNEL_VERSION);
+        let (lookup, body) = reply(&clone, 1);
+        assert_eq!((lookup.error, lookup.unique), (0, 2));
+        let entry = *EntryOut::from_slice(&body[..size_of::<EntryOut>()]).unwrap();
+        assert_eq!(entry.attr.size, HELLO.len() as u64);
+
+        // Now the guest has a FUSE session: no snapshot, and nothing written.
+        let snap2 = std::env::temp_dir().join(format!("arrow-snap-fs2-{}", std::process::id()));
+        let err = clone.snapshot(&snap2, true).err().unwrap();
+        assert!(
+            matches!(err, VmError::Fs(FsError::SessionOpen { ref tag }) if tag == "arrow"),
+            "{err}"
+        );
+        assert!(!snap2.exists());
+        assert_eq!(clone.stop(), VmExit::Stopped);
+
+        std::fs::remove_dir_all(&snap).unwrap();
+        std::fs::remove_dir_all(&template_dir).unwrap();
+        std::fs::remove_dir_all(&clone_dir).unwrap();
+        std::fs::remove_file(kernel).unwrap();
+    }
+
+    #[test]
+    fn a_shared_directory_needs_a_device_in_the_snapshot() {
+        let mut p = GuestProgram::new();
+        p.count_forever(0x20_0000);
+        let kernel = guest_file(&p, "fs-none");
+        let mut config = VmConfig::new(&kernel);
+        config.memory_bytes = 32 << 20;
+        assert!(config.device_set().is_empty());
+        let mut vm = Vm::build(config).unwrap();
+        vm.start().unwrap();
+        let snap = std::env::temp_dir().join(format!("arrow-snap-nofs-{}", std::process::id()));
+        vm.snapshot(&snap, false).unwrap();
+        vm.stop();
+        let dir = temp_dir("unused");
+        let err = Vm::restore(
+            &snap,
+            RestoreConfig {
+                fs_shared_dir: Some(dir.clone()),
+                ..RestoreConfig::default()
+            },
+        )
+        .err()
+        .unwrap();
+        assert!(matches!(err, VmError::Backends(_)), "{err}");
+        assert!(err.to_string().contains("no virtio-fs device"), "{err}");
+        assert!(!err.is_snapshot_fault());
+        std::fs::remove_dir_all(&snap).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_file(kernel).unwrap();
+    }
+
+    #[test]
+    fn a_stop_handle_ends_the_vm_from_another_thread() {
+        let mut p = GuestProgram::new();
+        p.count_forever(0x20_0000);
+        let kernel = guest_file(&p, "stop-handle");
+        let mut config = VmConfig::new(&kernel);
+        config.memory_bytes = 32 << 20;
+        let mut vm = Vm::build(config).unwrap();
+        vm.start().unwrap();
+        let handle = vm.stop_handle();
+        let t = std::thread::spawn(move || handle.stop());
+        assert_eq!(vm.wait(Some(Duration::from_secs(5))), Some(VmExit::Stopped));
+        assert!(t.join().unwrap(), "the handle's stop was the first exit");
+        assert!(!vm.stop_handle().stop(), "already ended");
+        assert_eq!(vm.stop(), VmExit::Stopped);
+        std::fs::remove_file(kernel).unwrap();
     }
 }

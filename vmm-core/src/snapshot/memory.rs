@@ -28,7 +28,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
 /// Writes every RAM region, in order, into `path`; all-zero pages are left
 /// as holes. Returns the file's length.
 pub fn save(mem: &GuestMemoryMmap<()>, path: &Path) -> Result<u64, SnapshotError> {
-    let file = File::create(path).map_err(io_err(path))?;
+    let file = super::create_file(path)?;
     let total: u64 = mem.iter().map(|r| r.len()).sum();
     file.set_len(total).map_err(io_err(path))?;
     let mut buf = vec![0u8; CHUNK];

@@ -10,12 +10,14 @@ pub mod vcpu_state;
 
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_pit_state2};
 use serde::{Deserialize, Serialize};
 
 use crate::devices::serial::SerialSnapshot;
+use crate::virtio::fs::VirtioFsState;
 use crate::virtio::persist::MmioTransportState;
 use crate::virtio::vsock::persist::VsockState;
 use vcpu_state::VcpuState;
@@ -23,7 +25,8 @@ use vcpu_state::VcpuState;
 /// First bytes of a `vmstate` file.
 pub const MAGIC: &[u8; 8] = b"ARROWSNP";
 /// Bumped whenever the saved state's layout changes.
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: the virtio-fs device.
+pub const FORMAT_VERSION: u32 = 2;
 /// Name of the state file inside a snapshot directory.
 pub const VMSTATE_FILE: &str = "vmstate";
 /// Name of the memory file inside a snapshot directory.
@@ -139,6 +142,14 @@ pub struct VsockSnapshot {
     pub device: VsockState,
 }
 
+/// The virtio-fs device and its transport. The shared directory is not
+/// part of it: each clone attaches its own.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FsSnapshot {
+    pub transport: MmioTransportState,
+    pub device: VirtioFsState,
+}
+
 /// Everything in `vmstate`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VmSnapshot {
@@ -148,6 +159,7 @@ pub struct VmSnapshot {
     pub vcpus: Vec<VcpuState>,
     pub serial: SerialSnapshot,
     pub vsock: Option<VsockSnapshot>,
+    pub fs: Option<FsSnapshot>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SnapshotError + '_ {
@@ -207,12 +219,35 @@ pub fn decode(bytes: &[u8], path: &Path) -> Result<VmSnapshot, SnapshotError> {
     })
 }
 
+/// Creates a snapshot directory (and any missing parent) accessible to this
+/// user only. The modes are explicit because the process umask cannot be
+/// trusted: the virtio-fs passthrough clears it.
+pub fn create_dir(dir: &Path) -> Result<(), SnapshotError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_err(dir))
+}
+
+/// Creates (or truncates) a snapshot file readable and writable by this
+/// user only; see [`create_dir`] for why the mode is explicit.
+pub(crate) fn create_file(path: &Path) -> Result<File, SnapshotError> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(path))
+}
+
 /// Writes `vmstate` into `dir` (atomically: a reader never sees half a file).
 pub fn write_state(dir: &Path, state: &VmSnapshot) -> Result<(), SnapshotError> {
     let bytes = encode(state)?;
     let path = dir.join(VMSTATE_FILE);
     let tmp = dir.join(format!("{VMSTATE_FILE}.tmp"));
-    let mut file = File::create(&tmp).map_err(io_err(&tmp))?;
+    let mut file = create_file(&tmp)?;
     file.write_all(&bytes).map_err(io_err(&tmp))?;
     file.sync_all().map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, &path).map_err(io_err(&path))
@@ -267,6 +302,7 @@ mod tests {
             }],
             serial: SerialSnapshot::default(),
             vsock: None,
+            fs: None,
         }
     }
 

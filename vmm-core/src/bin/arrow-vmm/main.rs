@@ -1,12 +1,15 @@
 //! `arrow-vmm`: Arrow's VMM process.
 //!
-//! `run` boots a fresh microVM with a root tree and one program in it (the
-//! demo and debugging mode); `boot` boots any kernel with its console on
-//! stdout; `test-guest` writes the bare-metal test guest used by tests and
-//! benchmarks.
+//! `serve` is the per-pod VMM process the containerd shim starts; `run`
+//! starts a microVM with a root tree and runs one program in it (the demo
+//! and debugging mode); `template create` makes a template; `boot` boots
+//! any kernel with its console on stdout; `test-guest` writes the
+//! bare-metal test guest used by tests and benchmarks.
 
+mod guest;
 mod paths;
 mod run;
+mod serve;
 mod stdio;
 mod template;
 
@@ -28,6 +31,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a pod's microVM for the shim: print one JSON line
+    /// ({"ready":true,"cloned":..,"pid":..,"vsock_uds":..,"ready_ms":..})
+    /// once arrow-init is reachable, then run until the guest ends or a
+    /// signal.
+    Serve(serve::ServeArgs),
     /// Boot a microVM and run one program in it; exit with its exit code.
     Run(run::RunArgs),
     /// Manage templates: booted VMs that later VMs are cloned from.
@@ -86,6 +94,7 @@ fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Serve(args) => serve::serve(args),
         Command::Run(args) => run::run(args),
         Command::Template(TemplateCommand::Create(args)) => run::create_template(args),
         Command::Boot(args) => boot(args),

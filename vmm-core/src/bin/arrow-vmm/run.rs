@@ -1,6 +1,7 @@
-//! `arrow-vmm run`: boot a fresh microVM whose initramfs holds a root tree
-//! and `arrow-init`, run one program through the agent with stdio forwarded
-//! both ways, and exit with the program's exit code.
+//! `arrow-vmm run`: boot a fresh microVM (or clone its template) whose
+//! initramfs holds a root tree and `arrow-init`, run one program through the
+//! agent with stdio forwarded both ways, and exit with the program's exit
+//! code.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -10,15 +11,13 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use proto::agent::{CreateProcess, StreamKind};
 use proto::client::AgentClient;
-use proto::{hybrid, AGENT_PORT, GUEST_CID, STDIO_PORT};
-use vmm_core::exit::VmExit;
-use vmm_core::hypervisor::KvmFlavour;
-use vmm_core::initramfs::Initramfs;
-use vmm_core::vm::{ConsoleOutput, RestoreConfig, Vm, VmConfig, VsockConfig};
+use proto::{hybrid, STDIO_PORT};
+use vmm_core::vm::{ConsoleOutput, Vm};
 
-use crate::paths;
+use crate::guest::{
+    self, connect_agent, explain_exit, Cancel, Launch, MachineArgs, Origin, Timings,
+};
 use crate::stdio;
-use crate::template::{TemplateCache, TemplateInputs};
 
 fn unix_time_ns() -> u64 {
     std::time::SystemTime::now()
@@ -27,8 +26,6 @@ fn unix_time_ns() -> u64 {
         .unwrap_or(0)
 }
 
-/// Where arrow-init lives in the initramfs (`rdinit=`).
-const INIT_PATH: &str = "/.arrow/init";
 /// The id of the program in the agent.
 const PROCESS_ID: &str = "main";
 /// How long the guest may take to power off after the program ended.
@@ -37,33 +34,18 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// The VM a program runs in: what it boots from and its shape.
 #[derive(clap::Args)]
 pub struct VmArgs {
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
-    vcpus: u8,
-    /// Guest memory, e.g. 256M or 1G.
-    #[arg(long, default_value = "256M", value_parser = paths::parse_size)]
-    memory: u64,
+    #[command(flatten)]
+    machine: MachineArgs,
     /// Directory packed as the guest's root tree (e.g. a busybox tree).
     #[arg(long)]
     rootfs: Option<PathBuf>,
-    /// Guest kernel (uncompressed ELF vmlinux); default: the cached build.
-    #[arg(long)]
-    kernel: Option<PathBuf>,
-    /// Static arrow-init binary; default: next to arrow-vmm.
-    #[arg(long)]
-    init: Option<PathBuf>,
+    /// Share this host directory with the guest over virtio-fs (tag
+    /// "arrow"; in the guest: mount -t virtiofs arrow <dir>).
+    #[arg(long, value_name = "DIR")]
+    share: Option<PathBuf>,
     /// Show the guest kernel console on stderr.
     #[arg(long)]
     console: bool,
-    /// Seconds to wait for arrow-init to answer after the VM starts.
-    #[arg(long, default_value_t = 120)]
-    boot_timeout: u64,
-    /// Extra kernel arguments.
-    #[arg(long = "kernel-arg")]
-    kernel_args: Vec<String>,
-    /// Print how long each phase took (for benchmarks) on stderr.
-    #[arg(long)]
-    timings: bool,
 }
 
 #[derive(clap::Args)]
@@ -150,66 +132,6 @@ fn parse_user(user: &str) -> anyhow::Result<(u32, u32)> {
     Ok((parse(uid)?, parse(gid)?))
 }
 
-fn build_initramfs(rootfs: Option<&Path>, init: &Path) -> anyhow::Result<Vec<u8>> {
-    let mut cpio = Initramfs::new();
-    if let Some(root) = rootfs {
-        if !root.is_dir() {
-            bail!("--rootfs {}: not a directory", root.display());
-        }
-        cpio.add_tree(root)?;
-    }
-    let init_bytes = std::fs::read(init).with_context(|| format!("reading {}", init.display()))?;
-    cpio.add_dir(".arrow", 0o755);
-    cpio.add_file(INIT_PATH.trim_start_matches('/'), 0o755, &init_bytes)?;
-    Ok(cpio.finish())
-}
-
-/// Says why a VM ended before or while serving the program.
-fn explain_exit(vm: &Vm, exit: &VmExit) -> String {
-    if let Some(panic) = vm.console().kernel_panic() {
-        return format!("the guest kernel panicked: {panic}");
-    }
-    let tail = vm.console().text();
-    let last: Vec<&str> = tail.lines().rev().take(15).collect();
-    let last: Vec<&str> = last.into_iter().rev().collect();
-    if last.is_empty() {
-        format!("the VM ended ({exit}) with no console output")
-    } else {
-        format!(
-            "the VM ended ({exit}); last console lines:\n  {}",
-            last.join("\n  ")
-        )
-    }
-}
-
-/// Polls the agent until it answers, the VM ends, or `timeout` passes.
-fn connect_agent(vm: &Vm, uds: &Path, timeout: Duration) -> anyhow::Result<AgentClient> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(exit) = vm.wait(Some(Duration::ZERO)) {
-            bail!(
-                "guest stopped before arrow-init was ready: {}",
-                explain_exit(vm, &exit)
-            );
-        }
-        if let Ok(stream) = hybrid::connect(uds, AGENT_PORT, Duration::from_secs(2)) {
-            if let Ok(client) = AgentClient::from_unix(stream) {
-                if client.ping().is_ok() {
-                    return Ok(client);
-                }
-            }
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "guest did not become ready within {} s (arrow-init never answered); {}",
-                timeout.as_secs(),
-                explain_exit(vm, &VmExit::Stopped)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 fn attach(uds: &Path, kind: StreamKind) -> anyhow::Result<std::os::unix::net::UnixStream> {
     let stream = hybrid::connect(uds, STDIO_PORT, Duration::from_secs(5))
         .context("connecting a stdio stream")?;
@@ -242,34 +164,6 @@ fn forward_signals(client: Arc<AgentClient>, tty: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Phase timestamps since process start, printed with `--timings`.
-struct Timings {
-    start: Instant,
-    enabled: bool,
-}
-
-impl Timings {
-    fn mark(&self, phase: &str) {
-        if self.enabled {
-            eprintln!(
-                "arrow-vmm: timing {phase} {:.1} ms",
-                self.start.elapsed().as_secs_f64() * 1000.0
-            );
-        }
-    }
-}
-
-/// How to get a guest VM.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Origin {
-    /// Clone the matching template; boot (and save a template) if none.
-    CloneOrBoot,
-    /// Boot afresh and save no template.
-    Boot,
-    /// Boot afresh and save the template, replacing any.
-    BootAndSaveTemplate,
-}
-
 /// A running guest whose agent answered, with the directory of its sockets.
 struct Guest {
     vm: Vm,
@@ -285,109 +179,48 @@ fn start_guest(
     hostname: &str,
     timings: &Timings,
 ) -> anyhow::Result<Guest> {
-    let kernel = paths::kernel(args.kernel.as_deref())?;
-    let init = paths::init(args.init.as_deref())?;
-    let initramfs = build_initramfs(args.rootfs.as_deref(), &init)?;
     let run_dir = RunDir::create()?;
     let uds = run_dir.0.join("vsock.sock");
-    let mut kernel_args = vec![format!("rdinit={INIT_PATH}")];
-    kernel_args.push(if args.console { "arrow.debug" } else { "quiet" }.into());
-    kernel_args.extend(args.kernel_args.iter().cloned());
-    let flavour = KvmFlavour::detect();
-    let console = || {
-        if args.console {
+    let config = guest::vm_config(
+        &args.machine,
+        args.rootfs.as_deref(),
+        args.console,
+        &uds,
+        args.share.as_deref(),
+    )?;
+    let show_console = args.console;
+    let mut console = || {
+        Ok(if show_console {
             ConsoleOutput::Stderr
         } else {
             ConsoleOutput::Sink
-        }
+        })
     };
-
-    let kernel_bytes =
-        std::fs::read(&kernel).with_context(|| format!("reading {}", kernel.display()))?;
-    let key = TemplateInputs {
-        kernel: &kernel_bytes,
-        initramfs: &initramfs,
-        vcpus: args.vcpus,
-        memory_bytes: args.memory,
-        kernel_args: &kernel_args,
-        flavour: &flavour.to_string(),
-    }
-    .key();
-    let cache = TemplateCache::new(paths::cache_dir().join("templates"));
-    let clone = match origin {
-        Origin::CloneOrBoot => cache.clone_vm(
-            &key,
-            RestoreConfig {
-                console: console(),
-                vsock_uds_path: Some(uds.clone()),
-                flavour: Some(flavour),
-            },
-        ),
-        Origin::Boot | Origin::BootAndSaveTemplate => None,
+    // The program gets this process's signals; a start is not cancelled.
+    let cancel = Cancel::default();
+    let launch = Launch {
+        origin,
+        boot_timeout: Duration::from_secs(args.machine.boot_timeout),
+        timings,
+        cancel: &cancel,
+        show_cmdline: args.console,
     };
-    let timeout = Duration::from_secs(args.boot_timeout);
-
-    if let Some(mut vm) = clone {
-        timings.mark("clone-restored");
-        vm.start().context("starting the clone")?;
-        let client = connect_agent(&vm, &uds, timeout)?;
-        let entropy = proto::client::fresh_entropy(64).context("reading host entropy")?;
-        client
-            .init_clone(unix_time_ns(), &entropy, hostname)
-            .context("initialising the clone")?;
-        return Ok(Guest {
-            vm,
-            client: Arc::new(client),
-            uds,
-            run_dir,
-            template: Some(cache.dir(&key)),
-        });
-    }
-
-    let mut config = VmConfig::new(&kernel);
-    config.vcpus = args.vcpus;
-    config.memory_bytes = args.memory;
-    config.initramfs = Some(initramfs);
-    config.vsock = Some(VsockConfig {
-        guest_cid: u64::from(GUEST_CID),
-        uds_path: uds.clone(),
-    });
-    config.kernel_args = kernel_args;
-    config.console = console();
-    config.flavour = Some(flavour);
-    let mut vm = Vm::build(config).context("building the VM")?;
-    if args.console {
-        eprintln!("arrow-vmm: {} ; cmdline: {}", vm.flavour(), vm.cmdline());
-    }
-    timings.mark("vm-built");
-    vm.start().context("starting the VM")?;
-    let client = connect_agent(&vm, &uds, timeout)?;
-    timings.mark("booted");
-    let mut template = None;
-    if origin != Origin::Boot {
-        if origin == Origin::BootAndSaveTemplate {
-            let _ = std::fs::remove_dir_all(cache.dir(&key));
-        }
-        match cache.publish(&key, &mut vm) {
-            Ok(dir) => {
-                timings.mark("template-saved");
-                template = Some(dir);
-            }
-            Err(e) if origin == Origin::BootAndSaveTemplate => return Err(e),
-            Err(e) => eprintln!("arrow-vmm: could not save a template: {e:#}"),
-        }
-    }
+    let launched = launch.start(config, &mut console)?;
+    let client = match launched.client {
+        Some(client) => client,
+        None => connect_agent(&launched.vm, &uds, launch.boot_timeout, &cancel)?,
+    };
     // A booted guest gets the same identity a clone would.
     let entropy = proto::client::fresh_entropy(64).context("reading host entropy")?;
     client
         .init_clone(unix_time_ns(), &entropy, hostname)
         .context("initialising the guest")?;
     Ok(Guest {
-        vm,
+        vm: launched.vm,
         client: Arc::new(client),
         uds,
         run_dir,
-        template,
+        template: launched.template,
     })
 }
 
@@ -406,10 +239,7 @@ impl Guest {
 /// `arrow-vmm template create`: boots a VM, snapshots it as the template for
 /// its inputs (replacing any), and prints where it is.
 pub fn create_template(args: VmArgs) -> anyhow::Result<ExitCode> {
-    let timings = Timings {
-        start: Instant::now(),
-        enabled: args.timings,
-    };
+    let timings = Timings::new(Instant::now(), args.machine.timings);
     let guest = start_guest(&args, Origin::BootAndSaveTemplate, "arrow", &timings)?;
     if let Some(dir) = &guest.template {
         println!("{}", dir.display());
@@ -419,10 +249,7 @@ pub fn create_template(args: VmArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let timings = Timings {
-        start: Instant::now(),
-        enabled: args.vm.timings,
-    };
+    let timings = Timings::new(Instant::now(), args.vm.machine.timings);
     let (uid, gid) = parse_user(&args.user)?;
     let origin = if args.no_template {
         Origin::Boot
@@ -520,14 +347,5 @@ mod tests {
         assert_eq!(parse_user("1000").unwrap(), (1000, 1000));
         assert_eq!(parse_user("5:7").unwrap(), (5, 7));
         assert!(parse_user("root").is_err());
-    }
-
-    #[test]
-    fn initramfs_holds_init_where_rdinit_points() {
-        let init = std::env::current_exe().unwrap();
-        let cpio = build_initramfs(None, &init).unwrap();
-        let text = String::from_utf8_lossy(&cpio[..400]);
-        assert!(text.contains(".arrow/init"));
-        assert!(build_initramfs(Some(Path::new("/nonexistent")), &init).is_err());
     }
 }

@@ -1,15 +1,22 @@
 //! The template cache: booted-and-snapshotted VMs that later VMs are cloned
 //! from instead of booting. A template is keyed by everything the guest
-//! booted from and its shape, so a change to any of them makes a new one;
-//! one that cannot be restored (stale format, other host, corrupt) is
-//! removed and rebuilt, never used.
+//! booted from, its shape and its devices, so a change to any of them makes
+//! a new one; one that cannot be restored (stale format, other host,
+//! corrupt) is removed and rebuilt, never used.
 
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use sha2::{Digest, Sha256};
 use vmm_core::snapshot::FORMAT_VERSION;
 use vmm_core::vm::{RestoreConfig, Vm};
+
+use crate::guest::Cancel;
 
 /// What a template is built from.
 pub struct TemplateInputs<'a> {
@@ -19,6 +26,8 @@ pub struct TemplateInputs<'a> {
     pub memory_bytes: u64,
     pub kernel_args: &'a [String],
     pub flavour: &'a str,
+    /// The virtio devices, as `VmConfig::device_set` lists them.
+    pub devices: &'a [String],
 }
 
 impl TemplateInputs<'_> {
@@ -32,9 +41,13 @@ impl TemplateInputs<'_> {
         }
         h.update([self.vcpus]);
         h.update(self.memory_bytes.to_le_bytes());
-        for arg in self.kernel_args {
-            h.update((arg.len() as u64).to_le_bytes());
-            h.update(arg.as_bytes());
+        // Each list with its length, so no item can move between them.
+        for list in [self.kernel_args, self.devices] {
+            h.update((list.len() as u64).to_le_bytes());
+            for item in list {
+                h.update((item.len() as u64).to_le_bytes());
+                h.update(item.as_bytes());
+            }
         }
         h.finalize()
             .iter()
@@ -61,21 +74,63 @@ impl TemplateCache {
     }
 
     /// A clone of the template with `key`, or `None` when there is no usable
-    /// one (an unusable one is removed, with a note on stderr).
-    pub fn clone_vm(&self, key: &str, config: RestoreConfig) -> Option<Vm> {
+    /// one (an unusable one is removed, with a note on stderr). Failures
+    /// that are not the template's fault (the socket path is taken, the
+    /// shared directory is missing, no KVM) are errors and leave it alone.
+    pub fn clone_vm(&self, key: &str, config: RestoreConfig) -> anyhow::Result<Option<Vm>> {
         let dir = self.dir(key);
         if !dir.join(vmm_core::snapshot::VMSTATE_FILE).is_file() {
-            return None;
+            return Ok(None);
         }
         match Vm::restore(&dir, config) {
-            Ok(vm) => Some(vm),
-            Err(e) => {
+            Ok(vm) => Ok(Some(vm)),
+            Err(e) if e.is_snapshot_fault() => {
                 eprintln!(
                     "arrow-vmm: template {} is unusable ({e}); removing it, it will be rebuilt",
                     dir.display()
                 );
                 let _ = std::fs::remove_dir_all(&dir);
-                None
+                Ok(None)
+            }
+            Err(e) => Err(e).with_context(|| format!("cloning template {}", dir.display())),
+        }
+    }
+
+    /// Creates the cache directory if missing. Modes are explicit: the
+    /// process umask is cleared once a virtio-fs device is set up.
+    fn create_root(&self) -> anyhow::Result<()> {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(&self.root)
+            .with_context(|| format!("creating {}", self.root.display()))
+    }
+
+    /// Takes the lock for creating the template with `key` (an exclusive
+    /// `flock` on `.<key>.lock` in the cache), waiting while another
+    /// process holds it, until `cancel` is requested. The kernel drops the
+    /// lock when its holder dies, so a crashed creator blocks nobody.
+    pub fn lock(&self, key: &str, cancel: &Cancel) -> anyhow::Result<TemplateLock> {
+        self.create_root()?;
+        let path = self.root.join(format!(".{key}.lock"));
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(flock) => return Ok(TemplateLock { _flock: flock }),
+                Err((f, Errno::EWOULDBLOCK)) => {
+                    file = f;
+                    cancel.check()?;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err((_, e)) => {
+                    return Err(e).with_context(|| format!("locking {}", path.display()))
+                }
             }
         }
     }
@@ -85,8 +140,7 @@ impl TemplateCache {
     /// concurrent reader never sees half a template; if another process
     /// published one meanwhile, ours is dropped.
     pub fn publish(&self, key: &str, vm: &mut Vm) -> anyhow::Result<PathBuf> {
-        std::fs::create_dir_all(&self.root)
-            .with_context(|| format!("creating {}", self.root.display()))?;
+        self.create_root()?;
         let tmp = self.root.join(format!(".{key}.{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         let result = vm
@@ -105,6 +159,11 @@ impl TemplateCache {
     }
 }
 
+/// The creation lock of one template; released when dropped.
+pub struct TemplateLock {
+    _flock: Flock<File>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,6 +176,7 @@ mod tests {
             memory_bytes: 128 << 20,
             kernel_args: args,
             flavour: "kvm_pvm",
+            devices: &[],
         }
     }
 
@@ -135,6 +195,20 @@ mod tests {
         assert_ne!(base, other.key());
         let none: Vec<String> = vec![];
         assert_ne!(base, inputs(b"kernel", &none).key());
+        let fs = vec!["virtio-fs tag=arrow".to_owned()];
+        let mut other = inputs(b"kernel", &args);
+        other.devices = &fs;
+        assert_ne!(
+            base,
+            other.key(),
+            "templates with and without a share differ"
+        );
+        // An item cannot move from one list to the other unnoticed.
+        let mut moved = inputs(b"kernel", &none);
+        moved.devices = &args;
+        let mut other = inputs(b"kernel", &args);
+        other.devices = &[];
+        assert_ne!(moved.key(), other.key());
     }
 
     #[test]
@@ -144,23 +218,50 @@ mod tests {
         let dir = cache.dir("k");
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("vmstate"), b"junk").unwrap();
-        let config = RestoreConfig {
-            console: vmm_core::vm::ConsoleOutput::Sink,
-            vsock_uds_path: None,
-            flavour: None,
-        };
-        assert!(cache.clone_vm("k", config).is_none());
+        assert!(cache
+            .clone_vm("k", RestoreConfig::default())
+            .unwrap()
+            .is_none());
         assert!(!dir.exists());
         assert!(cache
-            .clone_vm(
-                "absent",
-                RestoreConfig {
-                    console: vmm_core::vm::ConsoleOutput::Sink,
-                    vsock_uds_path: None,
-                    flavour: None,
-                }
-            )
+            .clone_vm("absent", RestoreConfig::default())
+            .unwrap()
             .is_none());
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn one_creator_at_a_time_and_a_waiter_can_be_cancelled() {
+        let root = std::env::temp_dir().join(format!("arrow-tpl-lock-{}", std::process::id()));
+        let cache = std::sync::Arc::new(TemplateCache::new(root.join("templates")));
+        let none = Cancel::default();
+        let first = cache.lock("k", &none).unwrap();
+        assert!(root.join("templates/.k.lock").is_file());
+        // Another key is independent.
+        drop(cache.lock("other", &none).unwrap());
+
+        // flock locks open files, so a second one conflicts even here.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = {
+            let cache = cache.clone();
+            std::thread::spawn(move || {
+                let lock = cache.lock("k", &Cancel::default()).unwrap();
+                tx.send(()).unwrap();
+                drop(lock);
+            })
+        };
+        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
+        drop(first);
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("the waiter got the lock once it was released");
+        waiter.join().unwrap();
+
+        let held = cache.lock("k", &none).unwrap();
+        let cancel = Cancel::default();
+        cancel.request("SIGTERM".into());
+        let err = cache.lock("k", &cancel).err().unwrap();
+        assert!(err.to_string().contains("SIGTERM"), "{err}");
+        drop(held);
         std::fs::remove_dir_all(root).unwrap();
     }
 }

@@ -43,6 +43,10 @@ pub struct VirtioFs {
     /// Written when another thread changed what the event loop must look at
     /// (activation, reset).
     pub(super) kick_evt: EventFd,
+    /// Whether the guest served requests since the device was created or
+    /// reset, or since its last FUSE_DESTROY: the passthrough file system
+    /// then holds inodes and open files a snapshot cannot carry.
+    pub(super) session_open: bool,
 }
 
 impl VirtioFs {
@@ -102,6 +106,7 @@ impl VirtioFs {
             server: Server::new(fs.clone()),
             fs,
             kick_evt,
+            session_open: false,
         })
     }
 
@@ -118,6 +123,14 @@ impl VirtioFs {
     /// Whether requests that change the directory are refused.
     pub fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    /// Whether the guest has a FUSE session on the device: it sent a
+    /// request since the device was created or reset, other than a final
+    /// FUSE_DESTROY (the guest unmounted). Only a device without one can be
+    /// snapshotted (see [`VirtioFs::save`]).
+    pub fn has_fuse_session(&self) -> bool {
+        self.session_open
     }
 
     pub(super) fn queue_evt(&self, index: usize) -> &EventFd {
@@ -225,6 +238,7 @@ impl VirtioDevice for VirtioFs {
         // The guest's FUSE session is gone: drop its inodes and open files
         // and start again from the root, as FUSE_DESTROY does.
         self.fs.destroy();
+        self.session_open = false;
         self.kick();
     }
 }

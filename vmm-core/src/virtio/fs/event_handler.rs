@@ -9,11 +9,12 @@
 use std::os::unix::io::AsRawFd;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use fuse_backend_rs::abi::fuse_abi::Opcode;
 use log::{error, warn};
 use virtio_queue::{Queue, QueueT};
 
 use super::device::VirtioFs;
-use super::request::handle_chain;
+use super::request::{handle_chain, Served};
 use super::{HIPRIO_QUEUE_INDEX, NUM_QUEUES, REQUEST_QUEUE_INDEX};
 use crate::virtio::{GuestMemory, Interrupt};
 
@@ -32,8 +33,16 @@ impl VirtioFs {
         let mut used = 0;
         while let Some(chain) = q.pop_descriptor_chain(mem) {
             let head = chain.head_index();
-            let len = match handle_chain(&self.server, read_only, mem, chain) {
-                Ok(len) => len,
+            let served = handle_chain(&self.server, read_only, mem, chain);
+            // Any request but a served DESTROY leaves state behind in the
+            // passthrough file system (or may have: a failed request is
+            // counted too, to be safe).
+            self.session_open = !matches!(
+                served,
+                Ok(Served { opcode: Some(op), .. }) if op == Opcode::Destroy as u32
+            );
+            let len = match served {
+                Ok(served) => served.len,
                 Err(e) => {
                     warn!("virtio-fs: queue {index}, chain {head}: {e}");
                     0

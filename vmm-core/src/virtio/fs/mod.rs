@@ -81,6 +81,14 @@ pub enum FsError {
     /// An eventfd could not be created.
     #[error("eventfd: {0}")]
     EventFd(#[source] io::Error),
+    /// A snapshot was asked for while the guest has a FUSE session on the
+    /// device.
+    #[error(
+        "virtio-fs device {tag:?} is in use: the guest has a FUSE session on it (it mounted \
+         the share), and a snapshot cannot carry the session's inodes and open files; \
+         snapshot the VM before the guest mounts the share"
+    )]
+    SessionOpen { tag: String },
     /// A restored state acked features the device does not offer.
     #[error("snapshot acked features {acked:#x}, the device offers {offered:#x}")]
     UnofferedFeatures { acked: u64, offered: u64 },

@@ -6,11 +6,11 @@
 //! is attached per clone at restore. Queues belong to the transport's state
 //! (`virtio/persist.rs`), which re-activates the device.
 //!
-//! Open FUSE inodes and file handles are not carried over: the restored
+//! Open FUSE inodes and file handles cannot be carried over: the restored
 //! passthrough file system knows only the root. The design mounts the
-//! share in the guest only after the clone starts, so nothing is lost; a
-//! guest that had it mounted before the snapshot gets errors for its old
-//! node IDs and must unmount and mount again.
+//! share in the guest only after the clone starts, so a template never has
+//! a FUSE session; saving a device whose guest has one is refused rather
+//! than producing clones whose mount fails in odd ways.
 
 use std::path::Path;
 
@@ -29,12 +29,18 @@ pub struct VirtioFsState {
 }
 
 impl VirtioFs {
-    /// Saves the device's state.
-    pub fn save(&self) -> VirtioFsState {
-        VirtioFsState {
+    /// Saves the device's state; refused ([`FsError::SessionOpen`]) while
+    /// the guest has a FUSE session on it.
+    pub fn save(&self) -> Result<VirtioFsState, FsError> {
+        if self.has_fuse_session() {
+            return Err(FsError::SessionOpen {
+                tag: self.tag().to_owned(),
+            });
+        }
+        Ok(VirtioFsState {
             tag: self.tag().to_owned(),
             acked_features: self.acked_features(),
-        }
+        })
     }
 
     /// Rebuilds the device from `state`, sharing `shared_dir` (read-only if

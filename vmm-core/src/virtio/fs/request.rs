@@ -35,15 +35,31 @@ pub enum RequestError {
     Reply(std::io::Error),
 }
 
-/// Serves the request in `chain` and returns how many bytes of reply were
-/// written (0 for requests without a reply, such as FORGET).
+/// A request that was answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Served {
+    /// Bytes of reply written (0 for requests without a reply, such as
+    /// FORGET).
+    pub len: u32,
+    /// The request's FUSE opcode, if its header decoded. The device uses it
+    /// to know whether a FUSE session is open (see
+    /// [`VirtioFs::has_fuse_session`](super::VirtioFs::has_fuse_session)).
+    pub opcode: Option<u32>,
+}
+
+/// Serves the request in `chain`.
 pub fn handle_chain(
     server: &fuse_backend_rs::api::server::Server<SharedFs>,
     read_only: bool,
     mem: &GuestMemory,
     chain: DescriptorChain<&GuestMemory>,
-) -> Result<u32, RequestError> {
+) -> Result<Served, RequestError> {
     let reader = Reader::from_descriptor_chain(mem, chain.clone()).map_err(RequestError::Chain)?;
+    let opcode = reader
+        .clone()
+        .read_obj::<InHeader>()
+        .ok()
+        .map(|header| header.opcode);
     let mut writer = VirtioFsWriter::new(mem, chain).map_err(RequestError::Chain)?;
     if read_only {
         if let Some(unique) = refused_when_read_only(&reader) {
@@ -53,7 +69,10 @@ pub fn handle_chain(
                 unique,
             };
             writer.write_obj(reply).map_err(RequestError::Reply)?;
-            return Ok(reply.len);
+            return Ok(Served {
+                len: reply.len,
+                opcode,
+            });
         }
     }
     let written = server
@@ -61,7 +80,10 @@ pub fn handle_chain(
         .map_err(RequestError::Server)?;
     // A reply never exceeds the chain's writable bytes, which the queue
     // bounds to far less than 4 GiB; saturate rather than trust that.
-    Ok(u32::try_from(written).unwrap_or(u32::MAX))
+    Ok(Served {
+        len: u32::try_from(written).unwrap_or(u32::MAX),
+        opcode,
+    })
 }
 
 /// The `unique` of a request a read-only device must refuse, or `None` if

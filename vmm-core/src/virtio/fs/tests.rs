@@ -627,7 +627,7 @@ fn snapshot_state_round_trip_and_restore_on_another_directory() {
     let template_dir = temp_dir("tmpl");
     let mut dev = VirtioFs::new("pod-rootfs", &template_dir, false).unwrap();
     dev.set_acked_features(1 << 32);
-    let state = dev.save();
+    let state = dev.save().unwrap();
     assert_eq!(
         state,
         VirtioFsState {
@@ -661,7 +661,7 @@ fn snapshot_state_round_trip_and_restore_on_another_directory() {
     let clone_dir = temp_dir("clone");
     std::fs::write(clone_dir.join("only-in-clone"), HELLO).unwrap();
     let restored = VirtioFs::restore(&back, &clone_dir, true).unwrap();
-    assert_eq!(restored.save(), state);
+    assert_eq!(restored.save().unwrap(), state);
     assert!(!restored.is_activated());
     assert!(restored.read_only());
     assert_eq!(restored.shared_dir(), clone_dir.as_path());
@@ -708,6 +708,51 @@ fn reset_drops_the_fuse_session() {
     );
     let again: EntryOut = g.lookup(ROOT_ID, "hello.txt").obj();
     assert_eq!(again.attr.size, HELLO.len() as u64);
+    drop(g);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_fuse_session_blocks_the_snapshot_until_destroy_or_reset() {
+    let dir = temp_dir("session");
+    std::fs::write(dir.join("hello.txt"), HELLO).unwrap();
+    let mem = new_mem();
+    let mut g = Guest::start(&mem, VirtioFs::new("arrow", &dir, false).unwrap());
+    // Activated but never used, as in a template: fresh.
+    assert!(!g.dev.lock().unwrap().has_fuse_session());
+    assert!(g.dev.lock().unwrap().save().is_ok());
+
+    g.init();
+    let entry: EntryOut = g.lookup(ROOT_ID, "hello.txt").obj();
+    assert_ne!(entry.nodeid, 0);
+    assert!(g.dev.lock().unwrap().has_fuse_session());
+    let err = g.dev.lock().unwrap().save().unwrap_err();
+    assert!(
+        matches!(&err, FsError::SessionOpen { tag } if tag == "arrow"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("mounts the share"), "{err}");
+
+    // The guest unmounts: FUSE_DESTROY ends the session.
+    let bytes = g.request_bytes(Opcode::Destroy, 0, &[]);
+    g.mem.write_slice(&bytes, GuestAddress(g.in_buf)).unwrap();
+    let (in_buf, out_buf) = (g.in_buf, g.out_buf);
+    g.req
+        .add_chain(&[(in_buf, bytes.len() as u32, false), (out_buf, 256, true)]);
+    assert_eq!(
+        g.kick_and_wait(REQUEST_QUEUE_INDEX),
+        0,
+        "DESTROY has no reply"
+    );
+    assert!(!g.dev.lock().unwrap().has_fuse_session());
+    assert!(g.dev.lock().unwrap().save().is_ok());
+
+    // A new session, then a device reset, which also ends it.
+    g.init();
+    assert!(g.dev.lock().unwrap().has_fuse_session());
+    g.dev.lock().unwrap().reset();
+    assert!(!g.dev.lock().unwrap().has_fuse_session());
+    assert!(g.dev.lock().unwrap().save().is_ok());
     drop(g);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -1,0 +1,430 @@
+//! Getting a guest whose arrow-init is reachable, shared by `run`,
+//! `template create` and `serve`: the VM's configuration from the command
+//! line, then a clone of the matching template or a fresh boot (saving a
+//! template on the way), and waiting for the agent.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use proto::client::AgentClient;
+use proto::{hybrid, AGENT_PORT, GUEST_CID};
+use vmm_core::exit::VmExit;
+use vmm_core::hypervisor::KvmFlavour;
+use vmm_core::initramfs::Initramfs;
+use vmm_core::vm::{ConsoleOutput, FsConfig, StopHandle, Vm, VmConfig, VsockConfig};
+
+use crate::paths;
+use crate::template::{TemplateCache, TemplateInputs};
+
+/// Where arrow-init lives in the initramfs (`rdinit=`).
+pub const INIT_PATH: &str = "/.arrow/init";
+/// The virtio-fs tag of the directory shared with `run --share` and
+/// `serve --shared-dir`; arrow-init mounts it by this tag.
+pub const SHARE_TAG: &str = "arrow";
+
+/// The machine a guest runs on and what it boots: options common to every
+/// subcommand that starts an Arrow guest.
+#[derive(clap::Args)]
+pub struct MachineArgs {
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+    /// Guest memory, e.g. 256M or 1G.
+    #[arg(long, default_value = "256M", value_parser = paths::parse_size)]
+    pub memory: u64,
+    /// Guest kernel (uncompressed ELF vmlinux); default: the cached build.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Static arrow-init binary; default: next to arrow-vmm.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// Seconds to wait for arrow-init to be reachable after the VM starts.
+    #[arg(long, default_value_t = 120)]
+    pub boot_timeout: u64,
+    /// Extra kernel arguments.
+    #[arg(long = "kernel-arg")]
+    pub kernel_args: Vec<String>,
+    /// Print how long each phase took (for benchmarks) on stderr.
+    #[arg(long)]
+    pub timings: bool,
+}
+
+/// The initramfs: an optional root tree, and arrow-init at [`INIT_PATH`].
+pub fn build_initramfs(rootfs: Option<&Path>, init: &Path) -> anyhow::Result<Vec<u8>> {
+    let mut cpio = Initramfs::new();
+    if let Some(root) = rootfs {
+        if !root.is_dir() {
+            bail!("--rootfs {}: not a directory", root.display());
+        }
+        cpio.add_tree(root)?;
+    }
+    let init_bytes = std::fs::read(init).with_context(|| format!("reading {}", init.display()))?;
+    cpio.add_dir(".arrow", 0o755);
+    cpio.add_file(INIT_PATH.trim_start_matches('/'), 0o755, &init_bytes)?;
+    Ok(cpio.finish())
+}
+
+/// The configuration of an Arrow guest: kernel, arrow-init (with `rootfs`
+/// packed around it, if any), the vsock device on `uds`, and `share` as
+/// virtio-fs tag [`SHARE_TAG`]. With `debug_console`, arrow-init logs to
+/// the console, else the kernel is told to be quiet. The console is left
+/// to the caller.
+pub fn vm_config(
+    machine: &MachineArgs,
+    rootfs: Option<&Path>,
+    debug_console: bool,
+    uds: &Path,
+    share: Option<&Path>,
+) -> anyhow::Result<VmConfig> {
+    let kernel = paths::kernel(machine.kernel.as_deref())?;
+    let init = paths::init(machine.init.as_deref())?;
+    if let Some(dir) = share {
+        if !dir.is_dir() {
+            bail!("shared directory {}: not a directory", dir.display());
+        }
+    }
+    let mut config = VmConfig::new(kernel);
+    config.vcpus = machine.vcpus;
+    config.memory_bytes = machine.memory;
+    config.initramfs = Some(build_initramfs(rootfs, &init)?);
+    config.kernel_args = vec![format!("rdinit={INIT_PATH}")];
+    config.kernel_args.push(
+        if debug_console {
+            "arrow.debug"
+        } else {
+            "quiet"
+        }
+        .into(),
+    );
+    config
+        .kernel_args
+        .extend(machine.kernel_args.iter().cloned());
+    config.vsock = Some(VsockConfig {
+        guest_cid: u64::from(GUEST_CID),
+        uds_path: uds.to_path_buf(),
+    });
+    config.fs = share.map(|dir| FsConfig {
+        tag: SHARE_TAG.into(),
+        shared_dir: dir.to_path_buf(),
+        read_only: false,
+    });
+    config.flavour = Some(KvmFlavour::detect());
+    Ok(config)
+}
+
+/// The template key of a guest built from `config`.
+fn template_key(config: &VmConfig) -> anyhow::Result<String> {
+    let kernel = std::fs::read(&config.kernel)
+        .with_context(|| format!("reading {}", config.kernel.display()))?;
+    let flavour = config.flavour.unwrap_or_else(KvmFlavour::detect);
+    Ok(TemplateInputs {
+        kernel: &kernel,
+        initramfs: config.initramfs.as_deref().unwrap_or_default(),
+        vcpus: config.vcpus,
+        memory_bytes: config.memory_bytes,
+        kernel_args: &config.kernel_args,
+        flavour: &flavour.to_string(),
+        devices: &config.device_set(),
+    }
+    .key())
+}
+
+/// Phase timestamps since the command started, printed with `--timings`.
+pub struct Timings {
+    start: Instant,
+    enabled: bool,
+}
+
+impl Timings {
+    pub fn new(start: Instant, enabled: bool) -> Self {
+        Self { start, enabled }
+    }
+
+    pub fn mark(&self, phase: &str) {
+        if self.enabled {
+            eprintln!(
+                "arrow-vmm: timing {phase} {:.1} ms",
+                self.start.elapsed().as_secs_f64() * 1000.0
+            );
+        }
+    }
+
+    /// Time since the command started.
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+}
+
+/// The command was asked to end (a signal, stdin closed) before the guest
+/// was ready.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted ({0})")]
+pub struct Interrupted(pub String);
+
+/// A request to end early, shared between the threads that notice one (a
+/// signal, stdin closing) and the one starting and running the VM. It
+/// stops the VM it watches, so waits on the VM end at once.
+#[derive(Default)]
+pub struct Cancel {
+    /// One lock for both, so a request and a new VM to watch never miss
+    /// each other.
+    state: Mutex<CancelState>,
+}
+
+#[derive(Default)]
+struct CancelState {
+    reason: Option<String>,
+    vm: Option<StopHandle>,
+}
+
+impl Cancel {
+    /// Asks to end, for `reason`; the first reason is kept.
+    pub fn request(&self, reason: String) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.reason.get_or_insert(reason);
+        if let Some(vm) = &state.vm {
+            vm.stop();
+        }
+    }
+
+    /// Why an end was asked for, if it was.
+    pub fn reason(&self) -> Option<String> {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.reason.clone()
+    }
+
+    /// `Err(Interrupted)` once an end was asked for.
+    pub fn check(&self) -> Result<(), Interrupted> {
+        self.reason().map_or(Ok(()), |r| Err(Interrupted(r)))
+    }
+
+    /// Stops `vm` on a request (at once if one came already).
+    pub fn watch(&self, vm: &Vm) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let handle = vm.stop_handle();
+        if state.reason.is_some() {
+            handle.stop();
+        }
+        state.vm = Some(handle);
+    }
+}
+
+/// Says why a VM ended before or while serving.
+pub fn explain_exit(vm: &Vm, exit: &VmExit) -> String {
+    if let Some(panic) = vm.console().kernel_panic() {
+        return format!("the guest kernel panicked: {panic}");
+    }
+    let tail = vm.console().text();
+    let last: Vec<&str> = tail.lines().rev().take(15).collect();
+    let last: Vec<&str> = last.into_iter().rev().collect();
+    if last.is_empty() {
+        format!("the VM ended ({exit}) with no console output")
+    } else {
+        format!(
+            "the VM ended ({exit}); last console lines:\n  {}",
+            last.join("\n  ")
+        )
+    }
+}
+
+/// Polls the agent until it answers, the VM ends, `cancel` is requested or
+/// `timeout` passes.
+pub fn connect_agent(
+    vm: &Vm,
+    uds: &Path,
+    timeout: Duration,
+    cancel: &Cancel,
+) -> anyhow::Result<AgentClient> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        cancel.check()?;
+        if let Some(exit) = vm.wait(Some(Duration::ZERO)) {
+            bail!(
+                "guest stopped before arrow-init was ready: {}",
+                explain_exit(vm, &exit)
+            );
+        }
+        if let Ok(stream) = hybrid::connect(uds, AGENT_PORT, Duration::from_secs(2)) {
+            if let Ok(client) = AgentClient::from_unix(stream) {
+                if client.ping().is_ok() {
+                    return Ok(client);
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "guest did not become ready within {} s (arrow-init never answered); {}",
+                timeout.as_secs(),
+                explain_exit(vm, &VmExit::Stopped)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// How to get a guest VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// Clone the matching template; boot (and save a template) if none.
+    CloneOrBoot,
+    /// Boot afresh and save no template.
+    Boot,
+    /// Boot afresh and save the template, replacing any.
+    BootAndSaveTemplate,
+}
+
+/// A started guest.
+pub struct Launched {
+    pub vm: Vm,
+    /// The agent connection a boot waited on; `None` for a clone, whose
+    /// arrow-init was ready when the template was saved (the caller
+    /// connects when it needs to).
+    pub client: Option<AgentClient>,
+    /// Whether the VM is a clone of a template.
+    pub cloned: bool,
+    /// The template it was cloned from or saved as, if any.
+    pub template: Option<PathBuf>,
+}
+
+/// How to start a guest.
+pub struct Launch<'a> {
+    pub origin: Origin,
+    /// How long a fresh boot may take to reach arrow-init.
+    pub boot_timeout: Duration,
+    pub timings: &'a Timings,
+    pub cancel: &'a Cancel,
+    /// Print the KVM flavour and kernel command line on stderr.
+    pub show_cmdline: bool,
+}
+
+impl Launch<'_> {
+    /// Starts a guest from `config` (its console is ignored: `console` makes
+    /// one for each attempt): a clone of the matching template, or a boot
+    /// that waits for arrow-init and, unless the origin is
+    /// [`Origin::Boot`], saves the template for the next ones.
+    ///
+    /// Creating a template holds its lock in the cache, so concurrent
+    /// launches of the same guest boot once: the others wait for the
+    /// template and clone it.
+    pub fn start(
+        &self,
+        mut config: VmConfig,
+        console: &mut dyn FnMut() -> anyhow::Result<ConsoleOutput>,
+    ) -> anyhow::Result<Launched> {
+        let uds = config
+            .vsock
+            .as_ref()
+            .map(|v| v.uds_path.clone())
+            .context("an Arrow guest needs its vsock device")?;
+        let cache = TemplateCache::new(paths::cache_dir().join("templates"));
+        let key = template_key(&config)?;
+        let mut lock = None;
+        if self.origin != Origin::Boot {
+            if self.origin == Origin::CloneOrBoot {
+                if let Some(vm) = cache.clone_vm(&key, config.restore_config(console()?))? {
+                    return self.started_clone(vm, cache.dir(&key));
+                }
+            }
+            lock = Some(cache.lock(&key, self.cancel)?);
+            if self.origin == Origin::CloneOrBoot {
+                // Another launch may have made it while this one waited.
+                if let Some(vm) = cache.clone_vm(&key, config.restore_config(console()?))? {
+                    return self.started_clone(vm, cache.dir(&key));
+                }
+            } else {
+                let _ = std::fs::remove_dir_all(cache.dir(&key));
+            }
+        }
+
+        config.console = console()?;
+        let mut vm = Vm::build(config).context("building the VM")?;
+        if self.show_cmdline {
+            eprintln!("arrow-vmm: {} ; cmdline: {}", vm.flavour(), vm.cmdline());
+        }
+        self.timings.mark("vm-built");
+        self.cancel.watch(&vm);
+        vm.start().context("starting the VM")?;
+        let client = connect_agent(&vm, &uds, self.boot_timeout, self.cancel)?;
+        self.timings.mark("booted");
+        let mut template = None;
+        if self.origin != Origin::Boot {
+            match cache.publish(&key, &mut vm) {
+                Ok(dir) => {
+                    self.timings.mark("template-saved");
+                    template = Some(dir);
+                }
+                Err(e) if self.origin == Origin::BootAndSaveTemplate => return Err(e),
+                Err(e) => eprintln!("arrow-vmm: could not save a template: {e:#}"),
+            }
+        }
+        drop(lock);
+        self.cancel.check()?;
+        Ok(Launched {
+            vm,
+            client: Some(client),
+            cloned: false,
+            template,
+        })
+    }
+
+    /// Starts a restored clone and waits until its guest has dropped the
+    /// template's vsock connections: a connection made before that would be
+    /// reset with them, so only then is arrow-init reachable.
+    fn started_clone(&self, mut vm: Vm, template: PathBuf) -> anyhow::Result<Launched> {
+        self.timings.mark("clone-restored");
+        self.cancel.watch(&vm);
+        vm.start().context("starting the clone")?;
+        let deadline = Instant::now() + self.boot_timeout;
+        while !vm.vsock_reset_taken() {
+            self.cancel.check()?;
+            if let Some(exit) = vm.wait(Some(Duration::from_millis(1))) {
+                bail!(
+                    "the clone stopped before it was ready: {}",
+                    explain_exit(&vm, &exit)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the clone's guest did not take its vsock reset within {} s; {}",
+                    self.boot_timeout.as_secs(),
+                    explain_exit(&vm, &VmExit::Stopped)
+                );
+            }
+        }
+        self.timings.mark("clone-vsock-reset");
+        self.cancel.check()?;
+        Ok(Launched {
+            vm,
+            client: None,
+            cloned: true,
+            template: Some(template),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn initramfs_holds_init_where_rdinit_points() {
+        let init = std::env::current_exe().unwrap();
+        let cpio = build_initramfs(None, &init).unwrap();
+        let text = String::from_utf8_lossy(&cpio[..400]);
+        assert!(text.contains(".arrow/init"));
+        assert!(build_initramfs(Some(Path::new("/nonexistent")), &init).is_err());
+    }
+
+    #[test]
+    fn cancel_keeps_the_first_reason() {
+        let cancel = Cancel::default();
+        assert!(cancel.check().is_ok());
+        cancel.request("SIGTERM".into());
+        cancel.request("stdin closed".into());
+        assert_eq!(cancel.reason().as_deref(), Some("SIGTERM"));
+        let err = cancel.check().unwrap_err();
+        assert_eq!(err.to_string(), "interrupted (SIGTERM)");
+    }
+}

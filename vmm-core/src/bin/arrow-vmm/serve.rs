@@ -1,0 +1,326 @@
+//! `arrow-vmm serve`: the per-pod VMM process the containerd shim starts.
+//!
+//! It starts the pod's guest (a clone of the matching template, made first
+//! if missing, or a fresh boot), says so with one JSON line on stdout, and
+//! then only runs the VM: the shim is the agent's client (it calls
+//! `InitClone`, creates the containers) through the hybrid vsock socket,
+//! and the containers' files come over the virtio-fs share. The process
+//! ends with the VM:
+//!
+//! - the guest resets or powers off: exit 0 (1 if the kernel panicked);
+//! - SIGTERM or SIGINT, or stdin's EOF with `--exit-on-stdin-eof` (the shim
+//!   holds the pipe, so a VMM never outlives a killed shim): the VM is
+//!   stopped, its socket removed, exit 0;
+//! - a fatal VM error: exit 1, the reason on stderr.
+//!
+//! Failures before the ready line go to stderr with a non-zero exit.
+
+use std::fmt::Write as _;
+use std::fs::OpenOptions;
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use vmm_core::exit::VmExit;
+use vmm_core::vm::ConsoleOutput;
+
+use crate::guest::{self, explain_exit, Cancel, Interrupted, Launch, MachineArgs, Origin, Timings};
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    machine: MachineArgs,
+    /// Path of the hybrid vsock Unix socket through which the host reaches
+    /// guest ports (`CONNECT <port>`); a stale socket there is replaced, and
+    /// the socket is removed when the VM ends.
+    #[arg(long, value_name = "PATH")]
+    vsock_uds: PathBuf,
+    /// Host directory shared with the guest over virtio-fs, tag "arrow".
+    #[arg(long, value_name = "DIR")]
+    shared_dir: Option<PathBuf>,
+    /// Append the guest console to this file (it is dropped otherwise).
+    #[arg(long, value_name = "FILE")]
+    console_log: Option<PathBuf>,
+    /// Boot afresh instead of cloning the matching template.
+    #[arg(long)]
+    no_template: bool,
+    /// Stop the VM and exit when stdin reaches EOF.
+    #[arg(long)]
+    exit_on_stdin_eof: bool,
+}
+
+/// The line printed once the guest is ready, as JSON.
+fn ready_line(cloned: bool, pid: u32, vsock_uds: &str, ready: Duration) -> String {
+    format!(
+        "{{\"ready\":true,\"cloned\":{cloned},\"pid\":{pid},\"vsock_uds\":{},\"ready_ms\":{}}}",
+        json_string(vsock_uds),
+        ready.as_millis()
+    )
+}
+
+/// `s` as a JSON string literal.
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if u32::from(c) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Makes room for the vsock socket at `path`: a socket nobody accepts on
+/// (left by a VMM that was killed) is removed; a live one, or anything else,
+/// is an error, never replaced.
+fn prepare_socket_path(path: &Path) -> anyhow::Result<()> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("--vsock-uds {}", path.display())),
+    };
+    if !meta.file_type().is_socket() {
+        bail!("--vsock-uds {}: exists and is not a socket", path.display());
+    }
+    match UnixStream::connect(path) {
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => std::fs::remove_file(path)
+            .with_context(|| format!("removing the stale socket {}", path.display())),
+        Ok(_) => bail!(
+            "--vsock-uds {}: another process is listening there",
+            path.display()
+        ),
+        Err(e) => Err(e).with_context(|| format!("--vsock-uds {}", path.display())),
+    }
+}
+
+/// Turns SIGTERM and SIGINT into a cancel request.
+fn watch_signals(cancel: Arc<Cancel>) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .context("installing signal handlers")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                let name = if sig == SIGTERM { "SIGTERM" } else { "SIGINT" };
+                cancel.request(format!("{name} received"));
+            }
+        })
+        .context("starting the signal thread")?;
+    Ok(())
+}
+
+/// Reads `input` to its end (or an error), then requests a cancel.
+fn watch_eof(mut input: impl Read + Send + 'static, cancel: Arc<Cancel>) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            let mut buf = [0u8; 512];
+            loop {
+                match input.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+            cancel.request("stdin closed".into());
+        })
+        .context("starting the stdin thread")?;
+    Ok(())
+}
+
+/// The guest console: appended to `path`, or dropped.
+fn console_output(path: Option<&Path>) -> anyhow::Result<ConsoleOutput> {
+    let Some(path) = path else {
+        return Ok(ConsoleOutput::Sink);
+    };
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)
+        .with_context(|| format!("opening the console log {}", path.display()))?;
+    Ok(ConsoleOutput::Writer(Box::new(file)))
+}
+
+pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let timings = Timings::new(Instant::now(), args.machine.timings);
+    let cancel = Arc::new(Cancel::default());
+    watch_signals(cancel.clone())?;
+    if args.exit_on_stdin_eof {
+        watch_eof(std::io::stdin(), cancel.clone())?;
+    }
+    let uds = args
+        .vsock_uds
+        .to_str()
+        .with_context(|| format!("--vsock-uds {}: not UTF-8", args.vsock_uds.display()))?
+        .to_owned();
+    prepare_socket_path(&args.vsock_uds)?;
+    let config = guest::vm_config(
+        &args.machine,
+        None,
+        false,
+        &args.vsock_uds,
+        args.shared_dir.as_deref(),
+    )?;
+    let console_log = args.console_log.clone();
+    let mut console = || console_output(console_log.as_deref());
+    let launch = Launch {
+        origin: if args.no_template {
+            Origin::Boot
+        } else {
+            Origin::CloneOrBoot
+        },
+        boot_timeout: Duration::from_secs(args.machine.boot_timeout),
+        timings: &timings,
+        cancel: &cancel,
+        show_cmdline: false,
+    };
+    let launched = match launch.start(config, &mut console) {
+        Ok(launched) => launched,
+        Err(e) => {
+            if let Some(Interrupted(reason)) = e.downcast_ref::<Interrupted>() {
+                eprintln!("arrow-vmm: {reason} before the VM was ready; stopped");
+                return Ok(ExitCode::SUCCESS);
+            }
+            return Err(e);
+        }
+    };
+    let mut vm = launched.vm;
+    // The shim makes its own connections to the agent.
+    drop(launched.client);
+
+    let line = ready_line(launched.cloned, std::process::id(), &uds, timings.elapsed());
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{line}")
+        .and_then(|()| stdout.flush())
+        .context("writing the ready line")?;
+    drop(stdout);
+    timings.mark("ready");
+
+    let exit = vm.wait(None).unwrap_or(VmExit::Stopped);
+    vm.stop();
+    let code = match &exit {
+        VmExit::Stopped => {
+            let why = cancel.reason().unwrap_or_else(|| "stop requested".into());
+            eprintln!("arrow-vmm: {why}; VM stopped");
+            ExitCode::SUCCESS
+        }
+        VmExit::Reset | VmExit::PowerOff => match vm.console().kernel_panic() {
+            Some(panic) => {
+                eprintln!("arrow-vmm: the guest kernel panicked: {panic}");
+                ExitCode::from(1)
+            }
+            None => ExitCode::SUCCESS,
+        },
+        VmExit::VcpuError { .. } => {
+            eprintln!("arrow-vmm: {}", explain_exit(&vm, &exit));
+            ExitCode::from(1)
+        }
+    };
+    // Dropping the VM removes its vsock socket.
+    drop(vm);
+    Ok(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ready_line_is_one_json_object() {
+        assert_eq!(
+            ready_line(
+                true,
+                42,
+                "/run/arrow/pod/vsock.sock",
+                Duration::from_millis(57)
+            ),
+            r#"{"ready":true,"cloned":true,"pid":42,"vsock_uds":"/run/arrow/pod/vsock.sock","ready_ms":57}"#
+        );
+        assert_eq!(
+            ready_line(false, 1, "a", Duration::from_secs(16)),
+            r#"{"ready":true,"cloned":false,"pid":1,"vsock_uds":"a","ready_ms":16000}"#
+        );
+    }
+
+    #[test]
+    fn json_strings_are_escaped() {
+        assert_eq!(json_string("plain/path"), r#""plain/path""#);
+        assert_eq!(json_string("a\"b\\c"), r#""a\"b\\c""#);
+        assert_eq!(json_string("l1\nl2\t\r"), r#""l1\nl2\t\r""#);
+        assert_eq!(json_string("\u{1}é"), "\"\\u0001é\"");
+    }
+
+    fn temp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("arrow-serve-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn stale_sockets_are_replaced_live_ones_and_files_are_not() {
+        let dir = temp("sock");
+        let path = dir.join("vsock.sock");
+        prepare_socket_path(&path).unwrap();
+
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let err = prepare_socket_path(&path).unwrap_err();
+        assert!(err.to_string().contains("listening"), "{err}");
+        assert!(path.exists());
+        drop(listener); // the file stays, nobody accepts
+        prepare_socket_path(&path).unwrap();
+        assert!(!path.exists());
+
+        std::fs::write(&path, b"not a socket").unwrap();
+        let err = prepare_socket_path(&path).unwrap_err();
+        assert!(err.to_string().contains("not a socket"), "{err}");
+        assert!(path.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn eof_on_the_input_cancels() {
+        let cancel = Arc::new(Cancel::default());
+        watch_eof(&b"some bytes first"[..], cancel.clone()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while cancel.reason().is_none() {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(cancel.reason().as_deref(), Some("stdin closed"));
+    }
+
+    #[test]
+    fn the_console_log_is_appended_to() {
+        let dir = temp("console");
+        let path = dir.join("console.log");
+        std::fs::write(&path, b"old\n").unwrap();
+        for line in [&b"one\n"[..], b"two\n"] {
+            match console_output(Some(&path)).unwrap() {
+                ConsoleOutput::Writer(mut w) => w.write_all(line).unwrap(),
+                _ => panic!("a file writer expected"),
+            }
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), b"old\none\ntwo\n");
+        assert!(matches!(console_output(None).unwrap(), ConsoleOutput::Sink));
+        assert!(console_output(Some(&dir.join("missing/x"))).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,158 @@
+//! End to end: `arrow-vmm serve` as the shim uses it, on the real guest
+//! kernel and arrow-init. It boots Linux once (10-30 s where the guest
+//! kernel is emulated), so it runs only when `ARROW_KERNEL` names the
+//! kernel; arrow-init comes from `ARROW_INIT`, else `$ARROW_BIN_DIR` or
+//! `target/arrow/` as `hack/build.sh` stages it.
+//!
+//! Two `serve`s start at once with no template: one boots and makes it
+//! while the other waits on the template lock, then clones it. Both
+//! agents answer through their sockets; SIGTERM ends one, the end of stdin
+//! the other, each exiting 0 and removing its socket.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use proto::client::AgentClient;
+use proto::{hybrid, AGENT_PORT};
+
+fn arrow_init() -> Option<PathBuf> {
+    if let Some(init) = std::env::var_os("ARROW_INIT") {
+        return Some(init.into());
+    }
+    let bin_dir = std::env::var_os("ARROW_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/arrow"));
+    let init = bin_dir.join("arrow-init");
+    init.is_file().then_some(init)
+}
+
+/// The first line `child` prints, within `timeout`.
+fn ready_line(child: &mut Child, timeout: Duration) -> String {
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    rx.recv_timeout(timeout).expect("no ready line in time")
+}
+
+fn field<'a>(json: &'a str, name: &str) -> &'a str {
+    let key = format!("\"{name}\":");
+    let start = json
+        .find(&key)
+        .unwrap_or_else(|| panic!("{name} in {json}"))
+        + key.len();
+    let rest = &json[start..];
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    &rest[..end]
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(std::time::Instant::now() < deadline, "serve did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn two_serves_boot_once_then_clone_and_both_end_cleanly() {
+    let (Some(kernel), Some(init)) = (std::env::var_os("ARROW_KERNEL"), arrow_init()) else {
+        eprintln!("skipped: set ARROW_KERNEL (and build arrow-init with hack/build.sh)");
+        return;
+    };
+    let base = std::env::temp_dir().join(format!("arrow-serve-e2e-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let cache = base.join("cache");
+    let mut serves = Vec::new();
+    for name in ["a", "b"] {
+        let share = base.join(format!("share-{name}"));
+        std::fs::create_dir_all(&share).unwrap();
+        let uds = base.join(format!("{name}.sock"));
+        let child = Command::new(env!("CARGO_BIN_EXE_arrow-vmm"))
+            .env("ARROW_CACHE", &cache)
+            .args(["serve", "--memory", "128M", "--exit-on-stdin-eof"])
+            .arg("--kernel")
+            .arg(&kernel)
+            .arg("--init")
+            .arg(&init)
+            .arg("--vsock-uds")
+            .arg(&uds)
+            .arg("--shared-dir")
+            .arg(&share)
+            .arg("--console-log")
+            .arg(base.join(format!("{name}.console")))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn arrow-vmm serve");
+        serves.push((child, uds));
+    }
+
+    let mut cloned = Vec::new();
+    for (child, uds) in &mut serves {
+        let line = ready_line(child, Duration::from_secs(300));
+        assert!(line.ends_with("}\n"), "one JSON line: {line:?}");
+        assert_eq!(field(&line, "ready"), "true", "{line}");
+        assert_eq!(field(&line, "pid"), child.id().to_string(), "{line}");
+        assert_eq!(
+            field(&line, "vsock_uds"),
+            format!("\"{}\"", uds.display()),
+            "{line}"
+        );
+        assert!(field(&line, "ready_ms").parse::<u64>().is_ok(), "{line}");
+        cloned.push(field(&line, "cloned").to_owned());
+
+        eprintln!("ready: {line}");
+        // As the shim does: InitClone first, then anything.
+        let stream = hybrid::connect(uds, AGENT_PORT, Duration::from_secs(10)).unwrap();
+        let client = AgentClient::from_unix(stream).unwrap();
+        let entropy = proto::client::fresh_entropy(64).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        client
+            .init_clone(now.as_nanos() as u64, &entropy, "pod")
+            .unwrap();
+        client.ping().unwrap();
+    }
+    cloned.sort();
+    assert_eq!(cloned, ["false", "true"], "one boot made the template");
+    assert_eq!(
+        std::fs::read_dir(cache.join("templates"))
+            .unwrap()
+            .filter(|e| !e
+                .as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with('.'))
+            .count(),
+        1
+    );
+
+    let (mut b, b_uds) = serves.pop().unwrap();
+    let (mut a, a_uds) = serves.pop().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(a.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(wait_exit(&mut a, Duration::from_secs(15)).code(), Some(0));
+    assert!(!a_uds.exists(), "SIGTERM removed the socket");
+    assert!(b_uds.exists(), "the other VM runs on");
+
+    drop(b.stdin.take());
+    assert_eq!(wait_exit(&mut b, Duration::from_secs(15)).code(), Some(0));
+    assert!(!b_uds.exists(), "stdin's EOF removed the socket");
+    std::fs::remove_dir_all(&base).unwrap();
+}
