@@ -1,0 +1,14 @@
+//! `containerd-shim-arrow-v1`: the containerd shim v2 that runs each pod as
+//! an Arrow microVM. One shim serves one pod: the sandbox container starts
+//! the VM (`arrow-vmm serve`, a clone of a booted template), app containers
+//! are created in it through the agent (`proto`), their files shared over
+//! virtio-fs.
+
+pub mod process;
+pub mod service;
+pub mod share;
+pub mod spec;
+pub mod stats;
+pub mod stdio;
+pub mod task;
+pub mod vm;

@@ -1,0 +1,414 @@
+//! The pod's microVM, as the shim sees it: an `arrow-vmm serve` child
+//! process, the agent connection into the guest, and the pod's state
+//! directory on the host.
+//!
+//! The VMM runs as its own process (it handles untrusted guest input), with
+//! a pipe on its stdin: when the shim dies for any reason the pipe closes
+//! and the VMM stops the VM and exits, so a killed shim never leaks a VM.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use containerd_shim::asynchronous::monitor::{monitor_subscribe, monitor_unsubscribe};
+use containerd_shim::monitor::{Subject, Topic};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use proto::agent::StreamKind;
+use proto::client::{AgentClient, ClientError};
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use crate::spec::VmShape;
+
+/// How long a VM may take to be ready: a clone takes well under a second,
+/// but the first pod of a shape creates the template (a full Linux boot,
+/// ~20-40 s on nested KVM without hardware support).
+const READY_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long the guest gets to power off before the VMM is killed.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// Errors starting or talking to the pod's VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("arrow-vmm not found next to the shim ({0}) nor as $ARROW_VMM")]
+    VmmNotFound(PathBuf),
+    #[error("starting arrow-vmm: {0}")]
+    Spawn(std::io::Error),
+    #[error("arrow-vmm failed before the VM was ready: {0}")]
+    NotReady(String),
+    #[error("connecting to the agent: {0}")]
+    Connect(std::io::Error),
+    #[error("agent: {0}")]
+    Agent(#[from] ClientError),
+    #[error("pod state directory {path}: {err}")]
+    StateDir { path: PathBuf, err: std::io::Error },
+}
+
+/// The line `arrow-vmm serve` prints once the VM is up.
+#[derive(Debug, Deserialize)]
+struct ReadyLine {
+    ready: bool,
+    cloned: bool,
+    #[serde(default)]
+    ready_ms: u64,
+}
+
+/// Where a pod's host-side files live.
+#[derive(Clone, Debug)]
+pub struct PodDir {
+    root: PathBuf,
+}
+
+impl PodDir {
+    /// `/run/arrow/<namespace>/<pod id>`; `$ARROW_STATE_DIR` replaces
+    /// `/run/arrow` (tests).
+    pub fn new(namespace: &str, pod_id: &str) -> PodDir {
+        let base = std::env::var_os("ARROW_STATE_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/run/arrow"));
+        PodDir {
+            root: base.join(namespace).join(pod_id),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    /// The directory exported to the guest over virtio-fs.
+    pub fn share(&self) -> PathBuf {
+        self.root.join("shared")
+    }
+    pub fn vsock(&self) -> PathBuf {
+        self.root.join("vsock.sock")
+    }
+    pub fn vmm_pid(&self) -> PathBuf {
+        self.root.join("vmm.pid")
+    }
+    pub fn vmm_log(&self) -> PathBuf {
+        self.root.join("vmm.log")
+    }
+    pub fn console_log(&self) -> PathBuf {
+        self.root.join("console.log")
+    }
+
+    /// Kills a VMM a dead shim left (by its pid file, if it is still an
+    /// arrow-vmm), unmounts everything in the share and removes the
+    /// directory.
+    pub fn clean_up(&self) -> Result<(), crate::share::ShareError> {
+        if let Ok(text) = fs::read_to_string(self.vmm_pid()) {
+            if let Ok(pid) = text.trim().parse::<i32>() {
+                let exe = fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+                if exe.file_name().is_some_and(|n| n == "arrow-vmm") {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            }
+        }
+        crate::share::remove_tree(&self.root)
+    }
+}
+
+/// A running pod VM.
+pub struct PodVm {
+    pid: u32,
+    dir: PodDir,
+    agent: Arc<AgentClient>,
+    cloned: bool,
+    /// Closing this makes the VMM stop the VM (`--exit-on-stdin-eof`).
+    lifeline: Mutex<Option<ChildStdin>>,
+    exit: watch::Receiver<Option<i32>>,
+}
+
+impl PodVm {
+    /// Starts `arrow-vmm serve` for the pod (a clone of the matching
+    /// template, or a fresh boot), connects to the agent and, for a clone,
+    /// makes it unique with `InitClone`.
+    pub async fn start(dir: PodDir, shape: VmShape, hostname: &str) -> Result<PodVm, VmError> {
+        let vmm = vmm_binary()?;
+        for d in [dir.root().to_path_buf(), dir.share()] {
+            fs::create_dir_all(&d).map_err(|err| VmError::StateDir { path: d, err })?;
+        }
+        // Subscribe before spawning: the shim's reaper may reap the VMM
+        // before we would otherwise be listening.
+        let mut sub = monitor_subscribe(Topic::Pid)
+            .await
+            .map_err(|e| VmError::Spawn(std::io::Error::other(e.to_string())))?;
+        let log = File::create(dir.vmm_log()).map_err(|err| VmError::StateDir {
+            path: dir.vmm_log(),
+            err,
+        })?;
+        let mut cmd = Command::new(&vmm);
+        cmd.arg("serve")
+            .arg("--vcpus")
+            .arg(shape.vcpus.to_string())
+            .arg("--memory")
+            .arg(format!("{}M", shape.memory_bytes >> 20))
+            .arg("--vsock-uds")
+            .arg(dir.vsock())
+            .arg("--shared-dir")
+            .arg(dir.share())
+            .arg("--console-log")
+            .arg(dir.console_log())
+            .arg("--exit-on-stdin-eof")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log));
+        if std::env::var_os("ARROW_NO_TEMPLATE").is_some() {
+            cmd.arg("--no-template");
+        }
+        let mut child: Child = cmd.spawn().map_err(VmError::Spawn)?;
+        let pid = child.id();
+        let _ = fs::write(dir.vmm_pid(), pid.to_string());
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let sub_id = sub.id;
+        tokio::spawn(async move {
+            while let Some(event) = sub.rx.recv().await {
+                if let Subject::Pid(p) = event.subject {
+                    if p as u32 == pid {
+                        let _ = exit_tx.send(Some(event.exit_code));
+                        break;
+                    }
+                }
+            }
+            let _ = monitor_unsubscribe(sub_id).await;
+        });
+        let stdout = child.stdout.take();
+        let lifeline = child.stdin.take();
+        let vm = PodVm {
+            pid,
+            dir: dir.clone(),
+            agent: Arc::new(placeholder_agent()?),
+            cloned: false,
+            lifeline: Mutex::new(lifeline),
+            exit: exit_rx,
+        };
+        let ready = tokio::task::spawn_blocking(move || read_ready_line(stdout));
+        let ready = match tokio::time::timeout(READY_TIMEOUT, ready).await {
+            Ok(Ok(Ok(line))) => line,
+            Ok(Ok(Err(why))) => {
+                vm.kill();
+                return Err(VmError::NotReady(format!("{why}; {}", vm.log_tail())));
+            }
+            Ok(Err(join)) => {
+                vm.kill();
+                return Err(VmError::NotReady(join.to_string()));
+            }
+            Err(_) => {
+                vm.kill();
+                return Err(VmError::NotReady(format!(
+                    "not ready after {READY_TIMEOUT:?}; {}",
+                    vm.log_tail()
+                )));
+            }
+        };
+        log::info!(
+            "pod VM pid {pid} ready in {} ms ({})",
+            ready.ready_ms,
+            if ready.cloned { "clone" } else { "fresh boot" }
+        );
+        let uds = dir.vsock();
+        let hostname = hostname.to_string();
+        let cloned = ready.cloned;
+        let connected = tokio::task::spawn_blocking(move || -> Result<AgentClient, VmError> {
+            let stream = proto::hybrid::connect(&uds, proto::AGENT_PORT, Duration::from_secs(10))
+                .map_err(VmError::Connect)?;
+            let agent = AgentClient::from_unix(stream).map_err(VmError::Connect)?;
+            if cloned {
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1);
+                let entropy = proto::client::fresh_entropy(64).map_err(VmError::Connect)?;
+                agent.init_clone(now, &entropy, &hostname)?;
+            } else {
+                agent.ping()?;
+            }
+            Ok(agent)
+        })
+        .await
+        .map_err(|e| VmError::NotReady(e.to_string()))
+        .and_then(|r| r);
+        match connected {
+            Ok(agent) => Ok(PodVm {
+                agent: Arc::new(agent),
+                cloned,
+                ..vm
+            }),
+            Err(e) => {
+                vm.kill();
+                Err(e)
+            }
+        }
+    }
+
+    /// The VMM's pid on the host (the pod sandbox's pid).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn cloned(&self) -> bool {
+        self.cloned
+    }
+
+    pub fn dir(&self) -> &PodDir {
+        &self.dir
+    }
+
+    pub fn agent(&self) -> Arc<AgentClient> {
+        self.agent.clone()
+    }
+
+    /// Opens a stdio stream of guest process `process_id`.
+    pub fn attach(&self, process_id: &str, kind: StreamKind) -> Result<UnixStream, VmError> {
+        let stream = proto::hybrid::connect(
+            &self.dir.vsock(),
+            proto::STDIO_PORT,
+            Duration::from_secs(10),
+        )
+        .map_err(VmError::Connect)?;
+        Ok(proto::client::attach_stream(stream, process_id, kind)?)
+    }
+
+    /// A receiver that holds the VMM's exit code once it exited.
+    pub fn exit_watch(&self) -> watch::Receiver<Option<i32>> {
+        self.exit.clone()
+    }
+
+    /// Waits for the VMM to exit and returns its exit code (128 + signal if
+    /// it was killed).
+    pub async fn wait(&self) -> i32 {
+        let mut rx = self.exit.clone();
+        loop {
+            if let Some(code) = *rx.borrow_and_update() {
+                return code;
+            }
+            if rx.changed().await.is_err() {
+                return 255;
+            }
+        }
+    }
+
+    pub fn has_exited(&self) -> bool {
+        self.exit.borrow().is_some()
+    }
+
+    /// Stops the VM: asks the guest to power off, then closes the VMM's
+    /// lifeline, then kills it; returns once the VMM is gone.
+    pub async fn stop(&self) -> i32 {
+        if !self.has_exited() {
+            let agent = self.agent.clone();
+            let _ = tokio::time::timeout(
+                STOP_GRACE,
+                tokio::task::spawn_blocking(move || agent.shutdown()),
+            )
+            .await;
+            if tokio::time::timeout(STOP_GRACE, self.wait()).await.is_err() {
+                self.kill();
+            }
+        }
+        self.wait().await
+    }
+
+    /// Kills the VMM at once.
+    pub fn kill(&self) {
+        self.lifeline
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if !self.has_exited() {
+            let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let text = fs::read_to_string(self.dir.vmm_log()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().rev().take(5).collect();
+        let tail: Vec<&str> = lines.into_iter().rev().collect();
+        if tail.is_empty() {
+            "arrow-vmm printed nothing".into()
+        } else {
+            format!("arrow-vmm said: {}", tail.join(" | "))
+        }
+    }
+}
+
+/// An agent client on a dead socket pair, so a `PodVm` can exist (and be
+/// killed on error) before the real connection is made.
+fn placeholder_agent() -> Result<AgentClient, VmError> {
+    let (a, _b) = UnixStream::pair().map_err(VmError::Connect)?;
+    AgentClient::from_unix(a).map_err(VmError::Connect)
+}
+
+fn read_ready_line<R: Read>(stdout: Option<R>) -> Result<ReadyLine, String> {
+    let Some(stdout) = stdout else {
+        return Err("no stdout pipe".into());
+    };
+    let mut line = String::new();
+    BufReader::new(stdout.take(64 * 1024))
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    if line.is_empty() {
+        return Err("arrow-vmm exited".into());
+    }
+    let ready: ReadyLine =
+        serde_json::from_str(line.trim()).map_err(|e| format!("bad ready line {line:?}: {e}"))?;
+    if !ready.ready {
+        return Err(format!("arrow-vmm reported {line:?}"));
+    }
+    Ok(ready)
+}
+
+/// `$ARROW_VMM`, else `arrow-vmm` next to the shim binary.
+fn vmm_binary() -> Result<PathBuf, VmError> {
+    if let Some(path) = std::env::var_os("ARROW_VMM") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe().map_err(VmError::Spawn)?;
+    let path = exe.with_file_name("arrow-vmm");
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(VmError::VmmNotFound(path))
+    }
+}
+
+/// Opens `path` for appending, creating it (for `file://` log URIs).
+pub fn open_append(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_line_parses_and_rejects() {
+        let line = br#"{"ready":true,"cloned":true,"pid":7,"vsock_uds":"/x","ready_ms":31}
+"#;
+        let ready = read_ready_line(Some(&line[..])).unwrap();
+        assert!(ready.cloned);
+        assert_eq!(ready.ready_ms, 31);
+        assert!(read_ready_line(Some(&b""[..]))
+            .unwrap_err()
+            .contains("exited"));
+        assert!(read_ready_line(Some(&b"garbage\n"[..])).is_err());
+        assert!(read_ready_line(Some(&b"{\"ready\":false,\"cloned\":false}\n"[..])).is_err());
+        assert!(read_ready_line(None::<&[u8]>).is_err());
+    }
+
+    #[test]
+    fn pod_dir_layout() {
+        let d = PodDir {
+            root: PathBuf::from("/run/arrow/k8s.io/pod1"),
+        };
+        assert_eq!(d.share(), PathBuf::from("/run/arrow/k8s.io/pod1/shared"));
+        assert_eq!(
+            d.vsock(),
+            PathBuf::from("/run/arrow/k8s.io/pod1/vsock.sock")
+        );
+    }
+}
