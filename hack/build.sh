@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds arrow-vmm (release) and the static arrow-init, and puts both in
-# $ARROW_BIN_DIR (default target/arrow/), where arrow-vmm finds arrow-init.
+# Builds arrow-vmm, the containerd shim and the static arrow-init (release),
+# and puts them in $ARROW_BIN_DIR (default target/arrow/), where arrow-vmm
+# finds arrow-init and the shim finds arrow-vmm.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ARROW_ROOT"
@@ -13,10 +14,13 @@ export RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static"
 target=x86_64-unknown-linux-gnu
 log "building arrow-vmm (static)"
 cargo build --release --locked -p vmm-core --bin arrow-vmm --target $target
+log "building containerd-shim-arrow-v1 (static)"
+cargo build --release --locked -p shim --bin containerd-shim-arrow-v1 --target $target
 log "building arrow-init (static)"
 # Its profile also strips symbols, halving what the initramfs carries.
 cargo build --profile release-init --locked -p guest-init --bin arrow-init --target $target
 mkdir -p "$ARROW_BIN_DIR"
 install -m 0755 target/$target/release/arrow-vmm "$ARROW_BIN_DIR/arrow-vmm"
 install -m 0755 target/$target/release-init/arrow-init "$ARROW_BIN_DIR/arrow-init"
+install -m 0755 target/$target/release/containerd-shim-arrow-v1 "$ARROW_BIN_DIR/containerd-shim-arrow-v1"
 log "binaries in $ARROW_BIN_DIR: $(cd "$ARROW_BIN_DIR" && ls | tr '\n' ' ')"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (.ci/run): installs what it needs,
 # builds the guest kernel (cached), the binaries and a busybox root tree,
-# checks formatting and lints, then runs every unit, VMM and end-to-end test
-# against real KVM.
+# installs the runtime, checks formatting and lints, then runs every unit,
+# VMM and end-to-end test against real KVM (the shim's under containerd).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 require_root
@@ -12,8 +12,15 @@ start=$(date +%s)
 "$ARROW_ROOT/hack/deps.sh"
 ARROW_KERNEL=$("$ARROW_ROOT/hack/build-kernel.sh" | tail -n 1)
 "$ARROW_ROOT/hack/build.sh"
+"$ARROW_ROOT/hack/install.sh"
 ARROW_ROOTFS=$("$ARROW_ROOT/hack/mkrootfs-busybox.sh")
 export ARROW_KERNEL ARROW_ROOTFS
+# The shim tests run Debian's containerd on its own socket, config and
+# directories (hack/containerd.sh), with locally built images; a fresh one
+# each run, stopped (and everything it ran cleaned up) however the run ends.
+"$ARROW_ROOT/hack/images.sh" build >/dev/null
+"$ARROW_ROOT/hack/containerd.sh" stop >/dev/null 2>&1 || true
+trap '"$ARROW_ROOT/hack/containerd.sh" stop >/dev/null 2>&1 || true' EXIT
 
 log "cargo fmt --check"
 cargo fmt --all -- --check

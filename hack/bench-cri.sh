@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Benchmark (not a test): pods through containerd's CRI, Arrow against runc in
+# the same run against the same private containerd (hack/containerd.sh):
+# pod start to the container's first output line, stop+remove, and host
+# memory (PSS) per idle pod. Prints median/min/max side by side and the
+# ratios arrow/runc; asserts nothing.
+#
+# Usage: hack/bench-cri.sh [N] [M] [-- ARROW-CRI-BENCH OPTIONS...]
+#   N  timed pod starts per runtime (default 5)
+#   M  idle pods per runtime at once for the memory figures (default 3)
+#   e.g. hack/bench-cri.sh 10 5 -- --settle 10
+# Builds and installs the runtime binaries (hack/build.sh, hack/install.sh),
+# the guest kernel (cached), starts the private containerd and imports the
+# test images first. ARROW_BENCH_NO_BUILD=1 skips building and installing the
+# runtime (benchmarks what /usr/local/bin holds).
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+require_root
+runs=5 idle=3
+if [ $# -gt 0 ] && [ "$1" != -- ]; then runs=$1; shift; fi
+if [ $# -gt 0 ] && [ "$1" != -- ]; then idle=$1; shift; fi
+[ "${1:-}" = -- ] && shift
+
+if [ -z "${ARROW_BENCH_NO_BUILD:-}" ]; then
+  "$ARROW_ROOT/hack/deps.sh"
+  "$ARROW_ROOT/hack/build-kernel.sh" >/dev/null
+  "$ARROW_ROOT/hack/build.sh"
+  "$ARROW_ROOT/hack/install.sh"
+fi
+"$ARROW_ROOT/hack/containerd.sh" start
+"$ARROW_ROOT/hack/images.sh" import >/dev/null
+cd "$ARROW_ROOT"
+log "building arrow-cri-bench"
+cargo build --release --locked -p integration --bin arrow-cri-bench --bin arrow-pod
+target/release/arrow-cri-bench "$runs" "$idle" "$@"
