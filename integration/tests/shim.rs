@@ -404,7 +404,14 @@ fn dead_vmm_or_killed_shim_end_in_exits_and_clean_deletes() {
     // The VMM dies under a running container.
     let id = unique_name("vmm-dies");
     c.ctr(&[
-        "run", "-d", "--runtime", ARROW, BUSYBOX_IMAGE, &id, "sleep", "600",
+        "run",
+        "-d",
+        "--runtime",
+        ARROW,
+        BUSYBOX_IMAGE,
+        &id,
+        "sleep",
+        "600",
     ])
     .check()
     .unwrap();
@@ -426,7 +433,14 @@ fn dead_vmm_or_killed_shim_end_in_exits_and_clean_deletes() {
     // VMM stops by itself when its lifeline to the shim closes.
     let id = unique_name("shim-dies");
     c.ctr(&[
-        "run", "-d", "--runtime", ARROW, BUSYBOX_IMAGE, &id, "sleep", "600",
+        "run",
+        "-d",
+        "--runtime",
+        ARROW,
+        BUSYBOX_IMAGE,
+        &id,
+        "sleep",
+        "600",
     ])
     .check()
     .unwrap();
