@@ -28,11 +28,13 @@ use crate::hypervisor::KvmFlavour;
 use crate::loader::{self, LoadError};
 use crate::snapshot::vcpu_state::VcpuState;
 use crate::snapshot::{
-    self, FsSnapshot, HostSignature, KvmVmState, SnapshotError, VmShape, VmSnapshot, VsockSnapshot,
+    self, FsSnapshot, HostSignature, KvmVmState, NetSnapshot, SnapshotError, VmShape, VmSnapshot,
+    VsockSnapshot,
 };
 use crate::vcpu::{Vcpu, VcpuControl, VcpuError, VcpuHandle};
 use crate::virtio::fs::{FsError, VirtioFs};
 use crate::virtio::mmio::MmioTransport;
+use crate::virtio::net::{format_mac, NetError, NetStats, Tap, VirtioNet};
 use crate::virtio::vsock::{VirtioVsock, VsockError};
 use crate::virtio::VirtioDevice;
 
@@ -73,6 +75,10 @@ pub struct RestoreConfig {
     pub fs_shared_dir: Option<PathBuf>,
     /// Whether the clone's share is read-only (see [`FsConfig::read_only`]).
     pub fs_read_only: bool,
+    /// The tap behind the clone's virtio-net device: needed exactly when
+    /// the snapshot has one (a template holds the NIC, each clone attaches
+    /// its own tap).
+    pub net_tap: Option<Tap>,
     /// Override of the detected KVM flavour.
     pub flavour: Option<KvmFlavour>,
 }
@@ -85,6 +91,7 @@ impl Default for RestoreConfig {
             vsock_uds_path: None,
             fs_shared_dir: None,
             fs_read_only: false,
+            net_tap: None,
             flavour: None,
         }
     }
@@ -113,6 +120,17 @@ pub struct FsConfig {
     pub read_only: bool,
 }
 
+/// The virtio-net device: the guest's NIC over a tap the caller opened.
+#[derive(Debug)]
+pub struct NetConfig {
+    /// The tap (opened with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`).
+    pub tap: Tap,
+    /// The guest's MAC address (unicast).
+    pub mac: [u8; 6],
+    /// The MTU the guest is told (68 to 65521).
+    pub mtu: u16,
+}
+
 /// Everything needed to build a VM.
 pub struct VmConfig {
     /// Number of vCPUs, 1..=32.
@@ -132,6 +150,9 @@ pub struct VmConfig {
     /// A virtio-fs device sharing a host directory, if any. It takes the
     /// virtio-mmio slot after the vsock device's.
     pub fs: Option<FsConfig>,
+    /// A virtio-net device over a tap, if any. It takes the virtio-mmio
+    /// slot after the virtio-fs device's (or the vsock device's).
+    pub net: Option<NetConfig>,
     /// Override of the detected KVM flavour (tests, or a host the detection
     /// gets wrong).
     pub flavour: Option<KvmFlavour>,
@@ -149,6 +170,7 @@ impl VmConfig {
             console: ConsoleOutput::Sink,
             vsock: None,
             fs: None,
+            net: None,
             flavour: None,
         }
     }
@@ -164,17 +186,32 @@ impl VmConfig {
         if let Some(fs) = &self.fs {
             set.push(format!("virtio-fs tag={}", fs.tag));
         }
+        if let Some(net) = &self.net {
+            set.push(format!(
+                "virtio-net mac={} mtu={}",
+                format_mac(&net.mac),
+                net.mtu
+            ));
+        }
         set
     }
 
     /// The backends of this config as a [`RestoreConfig`], for a clone of
-    /// a VM built from it: same socket path and shared directory.
+    /// a VM built from it: same socket path and shared directory, and a
+    /// duplicate of the tap's descriptor.
     pub fn restore_config(&self, console: ConsoleOutput) -> RestoreConfig {
+        let net_tap = self.net.as_ref().and_then(|n| {
+            n.tap
+                .try_clone()
+                .map_err(|e| log::error!("duplicating the tap descriptor: {e}"))
+                .ok()
+        });
         RestoreConfig {
             console,
             vsock_uds_path: self.vsock.as_ref().map(|v| v.uds_path.clone()),
             fs_shared_dir: self.fs.as_ref().map(|f| f.shared_dir.clone()),
             fs_read_only: self.fs.as_ref().is_some_and(|f| f.read_only),
+            net_tap,
             flavour: self.flavour,
         }
     }
@@ -224,6 +261,9 @@ pub enum VmError {
     /// The virtio-fs device could not be created, restored or saved.
     #[error("virtio-fs device: {0}")]
     Fs(FsError),
+    /// The virtio-net device could not be created or restored.
+    #[error("virtio-net device: {0}")]
+    Net(NetError),
     /// The backends given for a clone do not match the snapshot's devices.
     #[error("{0}")]
     Backends(String),
@@ -263,6 +303,7 @@ from_without_source!(
     Bus(BusError),
     Vsock(VsockError),
     Fs(FsError),
+    Net(NetError),
     Snapshot(SnapshotError)
 );
 
@@ -286,6 +327,12 @@ impl VmError {
                 e,
                 FsError::InvalidTag(_) | FsError::UnofferedFeatures { .. }
             ),
+            VmError::Net(e) => matches!(
+                e,
+                NetError::InvalidMac(_)
+                    | NetError::InvalidMtu(_)
+                    | NetError::UnofferedFeatures { .. }
+            ),
             _ => false,
         }
     }
@@ -295,6 +342,8 @@ impl VmError {
 type VsockHandles = (Arc<Mutex<MmioTransport>>, Arc<Mutex<VirtioVsock>>);
 /// The virtio-fs device and its transport, kept for snapshots.
 type FsHandles = (Arc<Mutex<MmioTransport>>, Arc<Mutex<VirtioFs>>);
+/// The virtio-net device and its transport, kept for snapshots.
+type NetHandles = (Arc<Mutex<MmioTransport>>, Arc<Mutex<VirtioNet>>);
 
 /// A built, possibly running, microVM. Dropping it stops the VM.
 pub struct Vm {
@@ -314,6 +363,7 @@ pub struct Vm {
     /// For a clone: what tells the guest took its vsock transport reset.
     vsock_reset: Option<ResetWatch>,
     fs: Option<FsHandles>,
+    net: Option<NetHandles>,
     flavour: KvmFlavour,
     shape: VmShape,
     memory: GuestMemoryMmap<()>,
@@ -389,6 +439,22 @@ impl Vm {
             }
             None => None,
         };
+        let net = match config.net.take() {
+            Some(net) => {
+                let dev = Arc::new(Mutex::new(VirtioNet::new(net.tap, net.mac, net.mtu)?));
+                let (base, gsi) = devices.next_slot()?;
+                let irq = new_irq_line(&vm_fd, gsi)?;
+                let transport = Arc::new(Mutex::new(MmioTransport::new(
+                    memory.clone(),
+                    dev.clone(),
+                    irq,
+                )));
+                devices.place(transport.clone(), base, Some(dev.clone()))?;
+                cmdline.push_virtio_mmio(base, gsi);
+                Some((transport, dev))
+            }
+            None => None,
+        };
         for arg in &config.kernel_args {
             cmdline.push(arg.clone())?;
         }
@@ -438,6 +504,7 @@ impl Vm {
             vsock,
             vsock_reset: None,
             fs,
+            net,
             flavour,
             shape: VmShape {
                 vcpus: config.vcpus,
@@ -452,12 +519,12 @@ impl Vm {
     /// Creates a clone of the VM saved in `snapshot_dir`: its memory mapped
     /// copy-on-write from the snapshot's memory file, every vCPU, in-kernel
     /// irqchip and device state restored, and host backends attached anew
-    /// (console writer, vsock socket path, virtio-fs shared directory).
+    /// (console writer, vsock socket path, virtio-fs shared directory, tap).
     /// After [`Vm::start`] the guest continues where the snapshot was taken;
     /// its vsock connections are reset so it drops those of the template.
     ///
     /// Every device of the snapshot needs its backend in `config`, and a
-    /// shared directory needs a virtio-fs device in the snapshot; a
+    /// shared directory or a tap needs its device in the snapshot; a
     /// mismatch is [`VmError::Backends`].
     pub fn restore(snapshot_dir: &Path, mut config: RestoreConfig) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::NoKvm)?;
@@ -558,6 +625,33 @@ impl Vm {
             }
             (None, None) => None,
         };
+        // Then virtio-net.
+        let net = match (&snap.net, config.net_tap.take()) {
+            (Some(saved), Some(tap)) => {
+                let dev = Arc::new(Mutex::new(VirtioNet::restore(&saved.device, tap)?));
+                let (base, gsi) = devices.next_slot()?;
+                let irq = new_irq_line(&vm_fd, gsi)?;
+                let transport =
+                    MmioTransport::restore(memory.clone(), dev.clone(), irq, &saved.transport)
+                        .map_err(|e| VmError::Restore(format!("virtio-net transport: {e}")))?;
+                let transport = Arc::new(Mutex::new(transport));
+                devices.place(transport.clone(), base, Some(dev.clone()))?;
+                Some((transport, dev))
+            }
+            (Some(saved), None) => {
+                return Err(VmError::Backends(format!(
+                    "the snapshot has a virtio-net device (MAC {}): a tap for it is needed",
+                    format_mac(&saved.device.mac)
+                )))
+            }
+            (None, Some(tap)) => {
+                return Err(VmError::Backends(format!(
+                    "the snapshot has no virtio-net device to attach tap {} to",
+                    tap.name()
+                )))
+            }
+            (None, None) => None,
+        };
 
         let msr_index_list = msr_index_list(&kvm)?;
         let vcpus = snap
@@ -591,6 +685,7 @@ impl Vm {
             vsock,
             vsock_reset,
             fs,
+            net,
             flavour,
             shape: snap.shape,
             memory,
@@ -654,6 +749,12 @@ impl Vm {
                 d.lock().unwrap_or_else(|e| e.into_inner()),
             )
         });
+        let net = self.net.as_ref().map(|(t, d)| {
+            (
+                t.lock().unwrap_or_else(|e| e.into_inner()),
+                d.lock().unwrap_or_else(|e| e.into_inner()),
+            )
+        });
         // Refused before anything is written if the guest uses the share.
         let fs = match &fs_locked {
             Some((t, d)) => Some(FsSnapshot {
@@ -674,12 +775,17 @@ impl Vm {
                 device: d.save(),
             }),
             fs,
+            net: net.as_ref().map(|(t, d)| NetSnapshot {
+                transport: t.save_from(&**d),
+                device: d.save(),
+            }),
         };
         snapshot::memory::save(&self.memory, &dir.join(snapshot::MEMORY_FILE))?;
         // vmstate last: its presence marks a complete snapshot.
         snapshot::write_state(dir, &state)?;
         drop(vsock);
         drop(fs_locked);
+        drop(net);
         Ok(())
     }
 
@@ -757,6 +863,12 @@ impl Vm {
             event_loop.join();
         }
         self.exit.exit().unwrap_or(VmExit::Stopped)
+    }
+
+    /// The virtio-net device's traffic counters, if the VM has one.
+    pub fn net_stats(&self) -> Option<NetStats> {
+        let (_, dev) = self.net.as_ref()?;
+        Some(dev.lock().unwrap_or_else(|e| e.into_inner()).stats())
     }
 
     /// The guest's memory.

@@ -547,3 +547,280 @@ mod virtio_fs {
         std::fs::remove_file(kernel).unwrap();
     }
 }
+
+/// The virtio-net device wired into a VM: the bare-metal guest sets the
+/// device up as a driver would (mergeable rx buffers), the host lays out
+/// the rings and buffers in guest memory, and one end of a datagram
+/// socketpair stands in for the tap. A template keeps its posted rx
+/// buffers; a clone on a new tap receives into them.
+mod virtio_net {
+    use super::*;
+    use std::os::unix::net::UnixDatagram;
+
+    use virtio_bindings::virtio_mmio as regs;
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_core::arch::x86_64::layout;
+    use vmm_core::virtio::net::Tap;
+    use vmm_core::vm::{NetConfig, RestoreConfig, VmError};
+
+    const QUEUE_SIZE: u32 = 16;
+    /// Rings of queue `i` at `RINGS + i * 0x1_0000`: descriptors, then the
+    /// available ring at +0x1000, the used ring at +0x2000.
+    const RINGS: u64 = 0x40_0000;
+    const RX: u64 = 0;
+    const TX: u64 = 1;
+    /// Rx buffer `i` at `RX_BUF + i * 0x1000` (4 KiB each).
+    const RX_BUF: u64 = 0x50_0000;
+    const TX_BUF: u64 = 0x60_0000;
+    /// The host sets it to let the guest notify the tx queue.
+    const GO: u64 = 0x30_0000;
+    const MAC: [u8; 6] = [0x02, 0xa7, 0x72, 0, 0, 9];
+    /// VIRTIO_NET_F_MTU, _MAC, _MRG_RXBUF.
+    const FEATURES: u32 = (1 << 3) | (1 << 5) | (1 << 15);
+
+    fn rings(queue: u64) -> (u64, u64, u64) {
+        let base = RINGS + queue * 0x1_0000;
+        (base, base + 0x1000, base + 0x2000)
+    }
+
+    fn fake_tap() -> (Tap, UnixDatagram) {
+        let (a, b) = UnixDatagram::pair().unwrap();
+        b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        (Tap::from_datagram_socket(a.into(), "fake0").unwrap(), b)
+    }
+
+    /// A guest that sets the NIC up, prints "a", waits for the host's GO,
+    /// notifies tx, waits for the frame to be used, prints "t" and spins.
+    fn driver_program() -> GuestProgram {
+        let (base, _) = layout::virtio_mmio_slot(0).unwrap();
+        let reg = |r: u32| base + u64::from(r);
+        let mut p = GuestProgram::new();
+        p.write32(reg(regs::VIRTIO_MMIO_STATUS), 1)
+            .write32(reg(regs::VIRTIO_MMIO_STATUS), 3)
+            .write32(reg(regs::VIRTIO_MMIO_DRIVER_FEATURES_SEL), 1)
+            .write32(reg(regs::VIRTIO_MMIO_DRIVER_FEATURES), 1)
+            .write32(reg(regs::VIRTIO_MMIO_DRIVER_FEATURES_SEL), 0)
+            .write32(reg(regs::VIRTIO_MMIO_DRIVER_FEATURES), FEATURES)
+            .write32(reg(regs::VIRTIO_MMIO_STATUS), 0xb);
+        for queue in [RX, TX] {
+            let (desc, avail, used) = rings(queue);
+            p.write32(reg(regs::VIRTIO_MMIO_QUEUE_SEL), queue as u32)
+                .write32(reg(regs::VIRTIO_MMIO_QUEUE_NUM), QUEUE_SIZE)
+                .write32(reg(regs::VIRTIO_MMIO_QUEUE_DESC_LOW), desc as u32)
+                .write32(reg(regs::VIRTIO_MMIO_QUEUE_DESC_HIGH), 0)
+                .write32(reg(regs::VIRTIO_MMIO_QUEUE_AVAIL_LOW), avail as u32)
+                .write32(reg(regs::VIRTIO_MMIO_QUEUE_AVAIL_HIGH), 0)
+                .write32(reg(regs::VIRTIO_MMIO_QUEUE_USED_LOW), used as u32)
+                .write32(reg(regs::VIRTIO_MMIO_QUEUE_USED_HIGH), 0)
+                .write32(reg(regs::VIRTIO_MMIO_QUEUE_READY), 1);
+        }
+        let (_, _, tx_used) = rings(TX);
+        p.write32(reg(regs::VIRTIO_MMIO_STATUS), 0xf)
+            .serial_write(b"a")
+            .wait_until_changed32(GO, 0)
+            .write32(reg(regs::VIRTIO_MMIO_QUEUE_NOTIFY), TX as u32)
+            .wait_until_changed32(tx_used, 0)
+            .serial_write(b"t")
+            .count_forever(0x20_0000);
+        p
+    }
+
+    /// Posts `n` device-writable 4 KiB rx buffers.
+    fn post_rx_buffers(vm: &Vm, n: u16) {
+        let mem = vm.memory();
+        let (desc, avail, _) = rings(RX);
+        for i in 0..n {
+            let d = desc + u64::from(i) * 16;
+            mem.write_obj(RX_BUF + u64::from(i) * 0x1000, GuestAddress(d))
+                .unwrap();
+            mem.write_obj(0x1000u32, GuestAddress(d + 8)).unwrap();
+            mem.write_obj(2u16, GuestAddress(d + 12)).unwrap(); // WRITE
+            mem.write_obj(i, GuestAddress(avail + 4 + 2 * u64::from(i)))
+                .unwrap();
+        }
+        mem.write_obj(n, GuestAddress(avail + 2)).unwrap();
+    }
+
+    /// Queues one tx frame (header + `frame`) and lets the guest notify.
+    fn queue_tx(vm: &Vm, frame: &[u8]) {
+        let mem = vm.memory();
+        let (desc, avail, _) = rings(TX);
+        let mut packet = vec![0u8; 12];
+        packet.extend_from_slice(frame);
+        mem.write_slice(&packet, GuestAddress(TX_BUF)).unwrap();
+        mem.write_obj(TX_BUF, GuestAddress(desc)).unwrap();
+        mem.write_obj(packet.len() as u32, GuestAddress(desc + 8))
+            .unwrap();
+        mem.write_obj(0u16, GuestAddress(avail + 4)).unwrap();
+        mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
+        mem.write_obj(1u32, GuestAddress(GO)).unwrap();
+    }
+
+    fn rx_used_idx(vm: &Vm) -> u16 {
+        let (_, _, used) = rings(RX);
+        vm.memory().read_obj(GuestAddress(used + 2)).unwrap()
+    }
+
+    /// Waits until the rx used ring holds `n` entries; returns the last
+    /// one's buffer as written: header and frame.
+    fn wait_rx(vm: &Vm, n: u16) -> Vec<u8> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while rx_used_idx(vm) < n {
+            assert!(std::time::Instant::now() < deadline, "rx frame {n}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let (_, _, used) = rings(RX);
+        let slot = used + 4 + 8 * u64::from(n - 1);
+        let id: u32 = vm.memory().read_obj(GuestAddress(slot)).unwrap();
+        let len: u32 = vm.memory().read_obj(GuestAddress(slot + 4)).unwrap();
+        let mut bytes = vec![0u8; len as usize];
+        vm.memory()
+            .read_slice(&mut bytes, GuestAddress(RX_BUF + u64::from(id) * 0x1000))
+            .unwrap();
+        bytes
+    }
+
+    fn wait_for(out: &Captured, what: &[u8]) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !out.bytes().ends_with(what) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "guest never wrote {:?}; console {:?}",
+                String::from_utf8_lossy(what),
+                String::from_utf8_lossy(&out.bytes())
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn host_frame(seed: u8) -> Vec<u8> {
+        let mut packet = vec![0u8; 12];
+        packet.extend((0..100u8).map(|i| i ^ seed));
+        packet
+    }
+
+    #[test]
+    fn frames_flow_both_ways_and_a_clone_receives_on_its_own_tap() {
+        let kernel = guest_file(&driver_program(), "net-driver");
+        let out = Captured::default();
+        let (tap, host) = fake_tap();
+        let mut config = VmConfig::new(&kernel);
+        config.memory_bytes = 32 << 20;
+        config.console = ConsoleOutput::Writer(Box::new(out.clone()));
+        config.net = Some(NetConfig {
+            tap,
+            mac: MAC,
+            mtu: 1500,
+        });
+        assert_eq!(
+            config.device_set(),
+            ["virtio-net mac=02:a7:72:00:00:09 mtu=1500"]
+        );
+        let mut vm = Vm::build(config).unwrap();
+        assert!(
+            vm.cmdline().contains("virtio_mmio.device=4K@0x"),
+            "{}",
+            vm.cmdline()
+        );
+        vm.start().unwrap();
+        wait_for(&out, b"a");
+
+        // Guest to host.
+        post_rx_buffers(&vm, 2);
+        let frame: Vec<u8> = (0..60u8).collect();
+        queue_tx(&vm, &frame);
+        wait_for(&out, b"t");
+        let mut buf = [0u8; 2048];
+        let n = host.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..12], &[0; 12]);
+        assert_eq!(&buf[12..n], &frame[..]);
+
+        // Host to guest, into the first posted buffer.
+        host.send(&host_frame(1)).unwrap();
+        let got = wait_rx(&vm, 1);
+        assert_eq!(&got[10..12], &[1, 0], "num_buffers");
+        assert_eq!(&got[12..], &host_frame(1)[12..]);
+        let stats = vm.net_stats().unwrap();
+        assert_eq!((stats.tx_frames, stats.rx_frames), (1, 1));
+
+        // A template with one rx buffer still posted.
+        let snap = std::env::temp_dir().join(format!("arrow-snap-net-{}", std::process::id()));
+        vm.snapshot(&snap, false).unwrap();
+        vm.stop();
+        drop(host);
+
+        let err = Vm::restore(&snap, RestoreConfig::default()).err().unwrap();
+        assert!(matches!(err, VmError::Backends(_)), "{err}");
+        assert!(err.to_string().contains("a tap for it is needed"), "{err}");
+        assert!(!err.is_snapshot_fault());
+
+        let (tap2, host2) = fake_tap();
+        let mut clone = Vm::restore(
+            &snap,
+            RestoreConfig {
+                net_tap: Some(tap2),
+                ..RestoreConfig::default()
+            },
+        )
+        .unwrap();
+        clone.start().unwrap();
+        host2.send(&host_frame(2)).unwrap();
+        let got = wait_rx(&clone, 2);
+        assert_eq!(
+            &got[12..],
+            &host_frame(2)[12..],
+            "the clone's frame lands in the buffer the template posted"
+        );
+        assert_eq!(clone.net_stats().unwrap().rx_frames, 1);
+        assert_eq!(clone.stop(), VmExit::Stopped);
+
+        std::fs::remove_dir_all(&snap).unwrap();
+        std::fs::remove_file(kernel).unwrap();
+    }
+
+    #[test]
+    fn a_tap_needs_a_nic_in_the_snapshot() {
+        let mut p = GuestProgram::new();
+        p.count_forever(0x20_0000);
+        let kernel = guest_file(&p, "net-none");
+        let mut config = VmConfig::new(&kernel);
+        config.memory_bytes = 32 << 20;
+        let mut vm = Vm::build(config).unwrap();
+        vm.start().unwrap();
+        let snap = std::env::temp_dir().join(format!("arrow-snap-nonet-{}", std::process::id()));
+        vm.snapshot(&snap, false).unwrap();
+        vm.stop();
+        let (tap, _host) = fake_tap();
+        let err = Vm::restore(
+            &snap,
+            RestoreConfig {
+                net_tap: Some(tap),
+                ..RestoreConfig::default()
+            },
+        )
+        .err()
+        .unwrap();
+        assert!(matches!(err, VmError::Backends(_)), "{err}");
+        assert!(err.to_string().contains("no virtio-net device"), "{err}");
+        std::fs::remove_dir_all(&snap).unwrap();
+        std::fs::remove_file(kernel).unwrap();
+    }
+
+    #[test]
+    fn a_real_tap_when_the_host_allows_one() {
+        // Needs CAP_NET_ADMIN and /dev/net/tun; skipped without them.
+        let name = format!("arrowt{}", std::process::id() % 100_000);
+        let tap = match Tap::open_named(&name) {
+            Ok(tap) => tap,
+            Err(e) => {
+                eprintln!("skipped: cannot open a tap here: {e}");
+                return;
+            }
+        };
+        assert_eq!(tap.name(), name);
+        assert!(tap.supports_offloads(), "Linux taps do offloads");
+        // A second descriptor on the same tap passes the checks too.
+        let again = Tap::from_fd(std::os::fd::OwnedFd::from(tap.try_clone().unwrap())).unwrap();
+        assert_eq!(again.name(), name);
+    }
+}

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::devices::serial::SerialSnapshot;
 use crate::virtio::fs::VirtioFsState;
+use crate::virtio::net::VirtioNetState;
 use crate::virtio::persist::MmioTransportState;
 use crate::virtio::vsock::persist::VsockState;
 use vcpu_state::VcpuState;
@@ -26,7 +27,8 @@ use vcpu_state::VcpuState;
 pub const MAGIC: &[u8; 8] = b"ARROWSNP";
 /// Bumped whenever the saved state's layout changes.
 /// 2: the virtio-fs device.
-pub const FORMAT_VERSION: u32 = 2;
+/// 3: the virtio-net device.
+pub const FORMAT_VERSION: u32 = 3;
 /// Name of the state file inside a snapshot directory.
 pub const VMSTATE_FILE: &str = "vmstate";
 /// Name of the memory file inside a snapshot directory.
@@ -150,6 +152,14 @@ pub struct FsSnapshot {
     pub device: VirtioFsState,
 }
 
+/// The virtio-net device and its transport. The tap is not part of it:
+/// each clone attaches its own.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NetSnapshot {
+    pub transport: MmioTransportState,
+    pub device: VirtioNetState,
+}
+
 /// Everything in `vmstate`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VmSnapshot {
@@ -160,6 +170,7 @@ pub struct VmSnapshot {
     pub serial: SerialSnapshot,
     pub vsock: Option<VsockSnapshot>,
     pub fs: Option<FsSnapshot>,
+    pub net: Option<NetSnapshot>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SnapshotError + '_ {
@@ -303,6 +314,7 @@ mod tests {
             serial: SerialSnapshot::default(),
             vsock: None,
             fs: None,
+            net: None,
         }
     }
 

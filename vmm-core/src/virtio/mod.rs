@@ -15,6 +15,7 @@
 
 pub mod fs;
 pub mod mmio;
+pub mod net;
 pub mod persist;
 pub mod vsock;
 

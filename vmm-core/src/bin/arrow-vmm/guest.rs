@@ -3,6 +3,7 @@
 //! line, then a clone of the matching template or a fresh boot (saving a
 //! template on the way), and waiting for the agent.
 
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -13,7 +14,8 @@ use proto::{hybrid, AGENT_PORT, GUEST_CID};
 use vmm_core::exit::VmExit;
 use vmm_core::hypervisor::KvmFlavour;
 use vmm_core::initramfs::Initramfs;
-use vmm_core::vm::{ConsoleOutput, FsConfig, StopHandle, Vm, VmConfig, VsockConfig};
+use vmm_core::virtio::net::{self, Tap};
+use vmm_core::vm::{ConsoleOutput, FsConfig, NetConfig, StopHandle, Vm, VmConfig, VsockConfig};
 
 use crate::paths;
 use crate::template::{TemplateCache, TemplateInputs};
@@ -49,6 +51,65 @@ pub struct MachineArgs {
     /// Print how long each phase took (for benchmarks) on stderr.
     #[arg(long)]
     pub timings: bool,
+    /// Give the guest a NIC (virtio-net, eth0) over this inherited tap file
+    /// descriptor, opened with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR.
+    #[arg(long, value_name = "FD", conflicts_with = "net_tap")]
+    pub net_tap_fd: Option<i32>,
+    /// Give the guest a NIC over the tap NAME, opened (or created) here
+    /// (needs CAP_NET_ADMIN; for debugging).
+    #[arg(long, value_name = "NAME")]
+    pub net_tap: Option<String>,
+    /// The NIC's MAC address (part of the template key).
+    #[arg(long, value_name = "MAC", default_value = DEFAULT_MAC, value_parser = parse_mac)]
+    pub net_mac: [u8; 6],
+    /// The MTU the guest's NIC is told (part of the template key).
+    #[arg(long, value_name = "BYTES", default_value_t = 1500)]
+    pub net_mtu: u16,
+}
+
+/// The guest NIC's default MAC: locally administered, unicast.
+pub const DEFAULT_MAC: &str = "02:a7:72:00:00:01";
+
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    match net::parse_mac(s) {
+        Some(mac) if net::mac_is_valid(&mac) => Ok(mac),
+        Some(_) => Err(format!("{s}: not a unicast address")),
+        None => Err(format!("{s}: expected six hex bytes, e.g. {DEFAULT_MAC}")),
+    }
+}
+
+/// The NIC from `--net-tap-fd` or `--net-tap`, if either is given.
+///
+/// Call at most once per process: it takes ownership of the inherited
+/// descriptor.
+fn net_config(machine: &MachineArgs) -> anyhow::Result<Option<NetConfig>> {
+    let tap = match (machine.net_tap_fd, &machine.net_tap) {
+        (Some(fd), _) => {
+            // stdin, stdout and stderr have their own uses here.
+            if fd < 3 {
+                bail!("--net-tap-fd {fd}: must be 3 or more");
+            }
+            // SAFETY: F_GETFD only inspects the descriptor table.
+            if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                bail!(
+                    "--net-tap-fd {fd}: not an open file descriptor ({})",
+                    std::io::Error::last_os_error()
+                );
+            }
+            // SAFETY: the descriptor was inherited open (checked above) and
+            // nothing else in this process owns it; this is the only place
+            // that claims it, once.
+            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+            Tap::from_fd(owned).with_context(|| format!("--net-tap-fd {fd}"))?
+        }
+        (None, Some(name)) => Tap::open_named(name)?,
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(NetConfig {
+        tap,
+        mac: machine.net_mac,
+        mtu: machine.net_mtu,
+    }))
 }
 
 /// The initramfs: an optional root tree, and arrow-init at [`INIT_PATH`].
@@ -67,8 +128,8 @@ pub fn build_initramfs(rootfs: Option<&Path>, init: &Path) -> anyhow::Result<Vec
 }
 
 /// The configuration of an Arrow guest: kernel, arrow-init (with `rootfs`
-/// packed around it, if any), the vsock device on `uds`, and `share` as
-/// virtio-fs tag [`SHARE_TAG`]. With `debug_console`, arrow-init logs to
+/// packed around it, if any), the vsock device on `uds`, `share` as
+/// virtio-fs tag [`SHARE_TAG`], and a NIC if the machine has a tap. With `debug_console`, arrow-init logs to
 /// the console, else the kernel is told to be quiet. The console is left
 /// to the caller.
 pub fn vm_config(
@@ -110,6 +171,7 @@ pub fn vm_config(
         shared_dir: dir.to_path_buf(),
         read_only: false,
     });
+    config.net = net_config(machine)?;
     config.flavour = Some(KvmFlavour::detect());
     Ok(config)
 }
@@ -415,6 +477,45 @@ mod tests {
         let text = String::from_utf8_lossy(&cpio[..400]);
         assert!(text.contains(".arrow/init"));
         assert!(build_initramfs(Some(Path::new("/nonexistent")), &init).is_err());
+    }
+
+    #[derive(clap::Parser)]
+    struct Machine {
+        #[command(flatten)]
+        machine: MachineArgs,
+    }
+
+    fn machine(args: &[&str]) -> Result<MachineArgs, clap::Error> {
+        use clap::Parser;
+        Machine::try_parse_from(std::iter::once("t").chain(args.iter().copied())).map(|m| m.machine)
+    }
+
+    #[test]
+    fn net_flags() {
+        let m = machine(&[]).unwrap();
+        assert!(net_config(&m).unwrap().is_none(), "no tap, no NIC");
+        assert_eq!(m.net_mac, [0x02, 0xa7, 0x72, 0, 0, 1]);
+        assert_eq!(m.net_mtu, 1500);
+        let m = machine(&["--net-mac", "02:00:00:00:00:2a", "--net-mtu", "9000"]).unwrap();
+        assert_eq!((m.net_mac, m.net_mtu), ([2, 0, 0, 0, 0, 0x2a], 9000));
+        assert!(
+            machine(&["--net-mac", "01:00:00:00:00:01"]).is_err(),
+            "multicast"
+        );
+        assert!(machine(&["--net-mac", "nonsense"]).is_err());
+        assert!(machine(&["--net-tap-fd", "5", "--net-tap", "tap0"]).is_err());
+        let err = net_config(&machine(&["--net-tap-fd", "1"]).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("3 or more"), "{err}");
+        let err = net_config(&machine(&["--net-tap-fd", "987654"]).unwrap()).unwrap_err();
+        assert!(
+            err.to_string().contains("not an open file descriptor"),
+            "{err}"
+        );
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let fd = std::os::fd::IntoRawFd::into_raw_fd(null).to_string();
+        // Claimed (and closed) by net_config, refused: not a tap.
+        let err = net_config(&machine(&["--net-tap-fd", &fd]).unwrap()).unwrap_err();
+        assert!(format!("{err:#}").contains("not a tap"), "{err:#}");
     }
 
     #[test]

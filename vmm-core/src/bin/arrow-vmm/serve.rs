@@ -4,7 +4,10 @@
 //! if missing, or a fresh boot), says so with one JSON line on stdout, and
 //! then only runs the VM: the shim is the agent's client (it calls
 //! `InitClone`, creates the containers) through the hybrid vsock socket,
-//! and the containers' files come over the virtio-fs share. The process
+//! and the containers' files come over the virtio-fs share. With
+//! `--net-tap-fd N` the guest gets a NIC over the tap the shim opened and
+//! left open as descriptor N (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`); a clone
+//! attaches it to the template's NIC. The process
 //! ends with the VM:
 //!
 //! - the guest resets or powers off: exit 0 (1 if the kernel panicked);
