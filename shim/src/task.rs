@@ -27,7 +27,7 @@ use containerd_shim::protos::events::task::{
 };
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
-use containerd_shim::protos::protobuf::{MessageDyn, MessageField};
+use containerd_shim::protos::protobuf::{Message, MessageDyn, MessageField};
 use containerd_shim::protos::topics;
 use containerd_shim::protos::ttrpc::{self, Code};
 use containerd_shim::publisher::RemotePublisher;
@@ -1033,8 +1033,16 @@ impl Task for TaskService {
             }
         }
         let metrics = stats::metrics(&all);
-        let any = Any::pack(&metrics)
-            .map_err(|e| status(Code::INTERNAL, format!("encoding metrics: {e}")))?;
+        // containerd resolves the type by its bare full name (typeurl), not
+        // by the `type.googleapis.com/` form `Any::pack` writes: ctr and the
+        // CRI plugin could not decode that one.
+        let any = Any {
+            type_url: metrics.descriptor_dyn().full_name().to_string(),
+            value: metrics
+                .write_to_bytes()
+                .map_err(|e| status(Code::INTERNAL, format!("encoding metrics: {e}")))?,
+            ..Default::default()
+        };
         Ok(StatsResponse {
             stats: MessageField::some(any),
             ..Default::default()

@@ -217,16 +217,14 @@ impl PodVm {
             let stream = proto::hybrid::connect(&uds, proto::AGENT_PORT, Duration::from_secs(10))
                 .map_err(VmError::Connect)?;
             let agent = AgentClient::from_unix(stream).map_err(VmError::Connect)?;
-            if cloned {
-                let now = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as u64)
-                    .unwrap_or(1);
-                let entropy = proto::client::fresh_entropy(64).map_err(VmError::Connect)?;
-                agent.init_clone(now, &entropy, &hostname)?;
-            } else {
-                agent.ping()?;
-            }
+            // A clone needs the host's clock and fresh entropy; a fresh
+            // boot has both, but like a clone it needs the pod's hostname.
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1);
+            let entropy = proto::client::fresh_entropy(64).map_err(VmError::Connect)?;
+            agent.init_clone(now, &entropy, &hostname)?;
             Ok(agent)
         })
         .await
