@@ -78,6 +78,33 @@ fn assert_nothing_left() {
     }
 }
 
+/// Takes the one-test-at-a-time lock and removes whatever an earlier test
+/// that failed midway left behind (its CRI pods, its `ctr` containers), so
+/// one failure is reported once instead of as leftovers by every later test.
+fn exclusive(c: &Containerd) -> MutexGuard<'static, ()> {
+    let guard = serial();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let cri = c.cri().await.unwrap();
+            let removed = cri.remove_test_pods().await.unwrap();
+            if removed > 0 {
+                eprintln!("removed {removed} pods an earlier test left");
+            }
+        });
+    let listed = c.ctr(&["containers", "ls", "-q"]).check().unwrap();
+    for id in listed.lines().filter(|l| !l.is_empty()) {
+        eprintln!("removing container {id} an earlier test left");
+        let _ = c.ctr(&["task", "kill", "-s", "SIGKILL", id]);
+        let _ = c.ctr(&["task", "delete", "-f", id]);
+        let _ = c.ctr(&["containers", "delete", id]);
+    }
+    settle_then_assert_nothing_left();
+    guard
+}
+
 /// Waits (bounded) for shims and VMMs of finished containers to go away:
 /// containerd shuts shims down asynchronously after delete.
 fn settle_then_assert_nothing_left() {
@@ -95,8 +122,8 @@ fn ctr_run_output_and_exit_codes_match_runc() {
     if skip_unless_root("ctr_run_output_and_exit_codes_match_runc") {
         return;
     }
-    let _serial = serial();
     let c = Containerd::shared();
+    let _serial = exclusive(c);
     let cases: &[&[&str]] = &[
         &["sh", "-c", "echo hello; echo oops >&2; exit 3"],
         &["sh", "-c", "sleep 30 & kill -9 $!; wait $!; echo status $?"],
@@ -133,13 +160,14 @@ fn ctr_run_with_a_terminal() {
     if skip_unless_root("ctr_run_with_a_terminal") {
         return;
     }
-    let _serial = serial();
     let c = Containerd::shared();
+    let _serial = exclusive(c);
     let id = unique_name("tty");
     // ctr -t needs a terminal of its own: script(1) gives it one.
     let command = format!(
-        "ctr --address {} run -t --rm --runtime {ARROW} {BUSYBOX_IMAGE} {id} sh -c 'tty; stty size; echo tty-ok'",
-        c.address().display()
+        "ctr --address {} -n {} run -t --rm --runtime {ARROW} {BUSYBOX_IMAGE} {id} sh -c 'tty; stty size; echo tty-ok'",
+        c.address().display(),
+        c.namespace()
     );
     let out = std::process::Command::new("script")
         .args(["-qec", &command, "/dev/null"])
@@ -159,8 +187,8 @@ fn ctr_exec_kill_pause_and_metrics() {
     if skip_unless_root("ctr_exec_kill_pause_and_metrics") {
         return;
     }
-    let _serial = serial();
     let c = Containerd::shared();
+    let _serial = exclusive(c);
     for runtime in [RUNC, ARROW] {
         let id = unique_name("exec");
         c.ctr(&[
@@ -228,7 +256,7 @@ fn arrow_pod_through_cri() {
     if skip_unless_root("arrow_pod_through_cri") {
         return;
     }
-    let _serial = serial();
+    let _serial = exclusive(Containerd::shared());
     block_on(pod_through_cri());
 }
 
@@ -343,7 +371,7 @@ fn twenty_pod_cycles_leave_nothing_behind() {
     if skip_unless_root("twenty_pod_cycles_leave_nothing_behind") {
         return;
     }
-    let _serial = serial();
+    let _serial = exclusive(Containerd::shared());
     block_on(twenty_pod_cycles());
 }
 
@@ -398,8 +426,8 @@ fn dead_vmm_or_killed_shim_end_in_exits_and_clean_deletes() {
     if skip_unless_root("dead_vmm_or_killed_shim_end_in_exits_and_clean_deletes") {
         return;
     }
-    let _serial = serial();
     let c = Containerd::shared();
+    let _serial = exclusive(c);
 
     // The VMM dies under a running container.
     let id = unique_name("vmm-dies");
