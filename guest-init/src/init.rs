@@ -26,9 +26,9 @@ pub fn run_pid1() -> ! {
     log::use_kmsg();
     let settings = read_settings();
     log::set_debug(settings.debug);
-    // Before the template snapshot: clones get a loopback for free.
-    if let Err(e) = network::loopback_up() {
-        log_error!("bringing lo up: {e}");
+    // Before the template snapshot: clones get lo and a NIC that is up.
+    if let Err(e) = network::boot_up() {
+        log_error!("bringing lo and {} up: {e}", network::BOOT_NIC);
     }
     let err = match null.and_then(|null| serve_vsock(&settings, null)) {
         Ok(never) => match never {},

@@ -181,7 +181,8 @@ pub trait Rtnetlink {
     fn request(&mut self, msg: RouteNetlinkMessage, flags: u16) -> io::Result<()>;
 }
 
-/// Applies a validated plan: per interface MAC and MTU (while down), up,
+/// Applies a validated plan: per interface MAC and MTU (live, or down and
+/// up again if the driver refuses a live MAC change), up,
 /// addresses; then the routes in order.
 pub fn apply(nl: &mut dyn Rtnetlink, plan: &Plan) -> Result<(), ProcError> {
     let family_missing = |e: &io::Error| e.raw_os_error() == Some(libc::EAFNOSUPPORT);
@@ -193,8 +194,20 @@ pub fn apply(nl: &mut dyn Rtnetlink, plan: &Plan) -> Result<(), ProcError> {
             .ok_or_else(|| ProcError::InterfaceNotFound(link.name.clone()))?;
         indices.push((link.name.as_str(), index));
         if link.mac.is_some() || link.mtu.is_some() {
-            nl.request(RouteNetlinkMessage::SetLink(set_link(index, link)), 0)
-                .map_err(|e| ProcError::Guest(format!("setting MAC/MTU of {}: {e}", link.name)))?;
+            let set_err =
+                |e: io::Error| ProcError::Guest(format!("setting MAC/MTU of {}: {e}", link.name));
+            match nl.request(RouteNetlinkMessage::SetLink(set_link(index, link)), 0) {
+                Ok(()) => {}
+                // A driver without live MAC changes wants the NIC down
+                // (virtio-net allows them; the NIC is up from boot).
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    nl.request(RouteNetlinkMessage::SetLink(link_down(index)), 0)
+                        .map_err(set_err)?;
+                    nl.request(RouteNetlinkMessage::SetLink(set_link(index, link)), 0)
+                        .map_err(set_err)?;
+                }
+                Err(e) => return Err(set_err(e)),
+            }
         }
         nl.request(RouteNetlinkMessage::SetLink(link_up(index)), 0)
             .map_err(|e| ProcError::Guest(format!("bringing {} up: {e}", link.name)))?;
@@ -271,13 +284,28 @@ pub fn configure(req: &ConfigureNetwork) -> Result<(), ProcError> {
     apply(&mut nl, &plan)
 }
 
-/// Brings `lo` up (at boot: 127.0.0.1 and ::1 come with it).
-pub fn loopback_up() -> io::Result<()> {
-    RtnlSocket::open()?.request(RouteNetlinkMessage::SetLink(link_up(LOOPBACK_INDEX)), 0)
+/// The NIC arrow-init brings up at boot, if the VM has one.
+pub const BOOT_NIC: &str = "eth0";
+
+/// At boot: brings `lo` up (127.0.0.1 comes with it) and the NIC, if the
+/// VM has one. Bringing a virtio-net NIC up fills its receive ring, which
+/// costs hundreds of milliseconds where the guest kernel is emulated; done
+/// here it is part of the template, and a clone only changes the MAC
+/// (live: virtio-net allows that) and adds addresses. With no address the
+/// NIC sends nothing meanwhile. Returns whether a NIC came up.
+pub fn boot_up() -> io::Result<bool> {
+    let mut nl = RtnlSocket::open()?;
+    nl.request(RouteNetlinkMessage::SetLink(link_up(LOOPBACK_INDEX)), 0)?;
+    match nl.link_index(BOOT_NIC)? {
+        Some(index) => {
+            nl.request(RouteNetlinkMessage::SetLink(link_up(index)), 0)?;
+            Ok(true)
+        }
+        None => Ok(false),
+    }
 }
 
-/// `RTM_SETLINK`: the MAC and MTU of `link` (it must be down for the MAC:
-/// virtio-net refuses a live address change).
+/// `RTM_SETLINK`: the MAC and MTU of `link`.
 pub fn set_link(index: u32, link: &LinkPlan) -> LinkMessage {
     let mut msg = LinkMessage::default();
     msg.header.index = index;
@@ -295,6 +323,14 @@ pub fn link_up(index: u32) -> LinkMessage {
     let mut msg = LinkMessage::default();
     msg.header.index = index;
     msg.header.flags = LinkFlags::Up;
+    msg.header.change_mask = LinkFlags::Up;
+    msg
+}
+
+/// `RTM_SETLINK` with `IFF_UP` cleared (and only that flag changed).
+pub fn link_down(index: u32) -> LinkMessage {
+    let mut msg = LinkMessage::default();
+    msg.header.index = index;
     msg.header.change_mask = LinkFlags::Up;
     msg
 }
@@ -643,6 +679,38 @@ mod tests {
             .attributes
             .iter()
             .any(|a| matches!(a, RouteAttribute::Destination(_))));
+    }
+
+    #[test]
+    fn a_refused_live_mac_change_is_done_while_down() {
+        let mut nl = Recorder {
+            links: vec![("eth0", 2)],
+            fail: Some((0, libc::EBUSY)),
+            ..Default::default()
+        };
+        apply(&mut nl, &plan(&request()).unwrap()).unwrap();
+        let steps: Vec<String> = nl
+            .sent
+            .iter()
+            .map(|(m, _)| match m {
+                RouteNetlinkMessage::SetLink(l) if l.header.change_mask.is_empty() => "set".into(),
+                RouteNetlinkMessage::SetLink(l) => format!("flags {:?}", l.header.flags),
+                RouteNetlinkMessage::NewAddress(_) => "addr".into(),
+                RouteNetlinkMessage::NewRoute(_) => "route".into(),
+                _ => "other".into(),
+            })
+            .collect();
+        assert_eq!(
+            steps,
+            [
+                "set",
+                "flags LinkFlags(0x0)",
+                "set",
+                "flags LinkFlags(Up)",
+                "addr",
+                "route"
+            ]
+        );
     }
 
     #[test]

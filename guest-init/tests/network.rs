@@ -56,7 +56,7 @@ fn configures_a_real_interface_in_a_private_netns() {
                 .success();
             assert!(ok, "ip {args:?}");
         }
-        network::loopback_up().unwrap();
+        assert!(network::boot_up().unwrap(), "eth0 came up");
         network::configure(&request()).unwrap();
         // Repeating is harmless.
         network::configure(&request()).unwrap();

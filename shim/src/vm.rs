@@ -118,7 +118,7 @@ impl PodDir {
 ///
 /// The guest NIC keeps the VMM's default MAC (the VMM puts the MAC in the
 /// template key, so one fixed MAC means one template for every pod);
-/// arrow-init gives it the pod's MAC before bringing it up
+/// arrow-init gives it the pod's MAC before it has an address
 /// (`ConfigureNetwork`). The MTU is the device's advertised maximum, so it
 /// is the pod's: pods of one cluster share it, and so share a template.
 #[derive(Debug)]
