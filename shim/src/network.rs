@@ -34,7 +34,7 @@ use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkLayerType, Lin
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteType,
 };
-use rtnetlink::packet_route::tc::TcHandle;
+use rtnetlink::packet_route::tc::{TcHandle, TcMessage};
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
@@ -46,6 +46,11 @@ pub const GUEST_NIC: &str = "eth0";
 const CNI_IFNAME: &str = "eth0";
 /// tc handle of an ingress qdisc (`ffff:`), the parent of its filters.
 const INGRESS_PARENT: u32 = 0xffff_0000;
+/// The priority of Arrow's redirect filters ("pref" in `tc filter show`):
+/// teardown removes a CNI interface's ingress qdisc only when it holds a
+/// filter of this priority, so a qdisc that was there before is never
+/// Arrow's to remove.
+const FILTER_PRIORITY: u16 = 0xa770;
 /// The MTUs the VMM's virtio-net device accepts.
 const MTU_RANGE: std::ops::RangeInclusive<u32> = 68..=65_521;
 
@@ -446,7 +451,7 @@ fn errno(err: &rtnetlink::Error) -> Option<i32> {
     }
 }
 
-async fn links(handle: &Handle) -> Result<Vec<LinkInfo>> {
+async fn list_links(handle: &Handle) -> Result<Vec<LinkInfo>> {
     let messages: Vec<LinkMessage> = handle
         .link()
         .get()
@@ -495,7 +500,7 @@ fn create_tap() -> Result<OwnedFd> {
 pub fn set_up(netns: &Path) -> Result<PodNetwork> {
     let made = in_netns(netns, false, || {
         with_netlink(|handle| async move {
-            let links = links(&handle).await?;
+            let links = list_links(&handle).await?;
             let veth = choose_interface(netns, &links)?.clone();
             let (mac, mtu) = nic_identity(&veth)?;
             // A tap a crashed shim left behind (its VMM gone) goes first.
@@ -545,8 +550,13 @@ pub fn set_up(netns: &Path) -> Result<PodNetwork> {
                     guest,
                 }),
                 Err(e) => {
-                    if let Err(undo) = undo(netns, &handle).await {
-                        log::warn!("undoing a failed network setup: {undo}");
+                    // `join` left the veth as it found it; the tap goes.
+                    let removed = match list_links(&handle).await {
+                        Ok(now) => remove_tap(&handle, &now).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(undo) = removed {
+                        log::warn!("removing {TAP_NAME} after a failed setup: {undo}");
                     }
                     Err(e)
                 }
@@ -559,7 +569,7 @@ pub fn set_up(netns: &Path) -> Result<PodNetwork> {
 /// Brings the tap up with the veth's MTU and adds the ingress qdiscs and
 /// the two redirect filters.
 async fn join(handle: &Handle, veth: &LinkInfo) -> Result<()> {
-    let links = links(handle).await?;
+    let links = list_links(handle).await?;
     let tap = links
         .iter()
         .find(|l| l.name == TAP_NAME)
@@ -581,42 +591,74 @@ async fn join(handle: &Handle, veth: &LinkInfo) -> Result<()> {
         .execute()
         .await
         .map_err(nl(format!("bringing {} up", veth.name)))?;
-    for (from, to) in [(veth, tap), (tap, veth)] {
-        let mut qdisc = handle.qdisc();
-        qdisc
-            .add(from.index as i32)
-            .ingress()
-            .execute()
-            .await
-            .map_err(nl(format!(
-                "adding an ingress qdisc to {} (one that exists already is not Arrow's)",
-                from.name
-            )))?;
-        handle
-            .traffic_filter(from.index as i32)
-            .add()
-            .parent(INGRESS_PARENT)
-            // ETH_P_ALL, in network byte order as tc wants it.
-            .protocol((libc::ETH_P_ALL as u16).to_be())
-            .redirect(to.index)
-            .map_err(nl("building the redirect filter"))?
-            .execute()
-            .await
-            .map_err(nl(format!(
-                "adding the filter redirecting {} to {}",
-                from.name, to.name
-            )))?;
+    // The veth's qdisc first: if it already has one (not Arrow's), nothing
+    // of the veth's is touched, and the caller only removes the tap.
+    add_ingress(handle, veth).await?;
+    let redirects = async {
+        add_redirect(handle, veth, tap).await?;
+        add_ingress(handle, tap).await?;
+        add_redirect(handle, tap, veth).await
+    };
+    if let Err(e) = redirects.await {
+        if let Err(undo) = remove_ingress(handle, veth).await {
+            log::warn!("removing the ingress qdisc of {} again: {undo}", veth.name);
+        }
+        return Err(e);
     }
     Ok(())
 }
 
-/// Removes the tap (its qdisc and filter go with it) and the ingress qdisc
-/// of the CNI interface (with its filter): [`join`] refused to start on an
-/// interface that had one, so while an Arrow pod owns the namespace that
-/// qdisc is Arrow's. Missing pieces (CNI DEL came first, or an earlier
-/// teardown) are fine.
-async fn undo(netns: &Path, handle: &Handle) -> Result<()> {
-    let links = links(handle).await?;
+async fn add_ingress(handle: &Handle, link: &LinkInfo) -> Result<()> {
+    handle
+        .qdisc()
+        .add(link.index as i32)
+        .ingress()
+        .execute()
+        .await
+        .map_err(nl(format!(
+            "adding an ingress qdisc to {} (one that exists already is not Arrow's)",
+            link.name
+        )))
+}
+
+/// A u32 filter on `from`'s ingress that matches every frame and
+/// redirects it to `to`'s egress (mirred), as `tc filter add dev FROM
+/// ingress protocol all u32 match u8 0 0 action mirred egress redirect dev
+/// TO` would.
+async fn add_redirect(handle: &Handle, from: &LinkInfo, to: &LinkInfo) -> Result<()> {
+    handle
+        .traffic_filter(from.index as i32)
+        .add()
+        .parent(INGRESS_PARENT)
+        .priority(FILTER_PRIORITY)
+        // ETH_P_ALL, in network byte order as tc wants it.
+        .protocol((libc::ETH_P_ALL as u16).to_be())
+        .redirect(to.index)
+        .map_err(nl("building the redirect filter"))?
+        .execute()
+        .await
+        .map_err(nl(format!(
+            "adding the filter redirecting {} to {}",
+            from.name, to.name
+        )))
+}
+
+/// Removes `link`'s ingress qdisc and its filters; none there is fine.
+async fn remove_ingress(handle: &Handle, link: &LinkInfo) -> Result<()> {
+    let mut del = handle.qdisc().del(link.index as i32);
+    del.message_mut().header.parent = TcHandle::INGRESS;
+    match del.execute().await {
+        Ok(()) => Ok(()),
+        // No ingress qdisc there (never added, or removed already).
+        Err(e) if matches!(errno(&e), Some(libc::ENOENT | libc::EINVAL | libc::ENODEV)) => Ok(()),
+        Err(e) => Err(nl(format!("removing the ingress qdisc of {}", link.name))(
+            e,
+        )),
+    }
+}
+
+/// Removes the tap if it exists (its qdisc and filter go with it).
+async fn remove_tap(handle: &Handle, links: &[LinkInfo]) -> Result<()> {
     if let Some(tap) = links.iter().find(|l| l.name == TAP_NAME) {
         match handle.link().del(tap.index).execute().await {
             Err(e) if errno(&e) != Some(libc::ENODEV) => {
@@ -625,19 +667,41 @@ async fn undo(netns: &Path, handle: &Handle) -> Result<()> {
             _ => {}
         }
     }
+    Ok(())
+}
+
+/// Removes the tap (its qdisc and filter go with it) and the ingress qdisc
+/// of the CNI interface (with its filter) if it holds Arrow's filter
+/// ([`FILTER_PRIORITY`]; [`join`] refuses an interface that had a qdisc,
+/// so such a qdisc is Arrow's). Missing pieces (CNI DEL came first, or an
+/// earlier teardown) are fine.
+async fn undo(netns: &Path, handle: &Handle) -> Result<()> {
+    let links = list_links(handle).await?;
+    remove_tap(handle, &links).await?;
     let Ok(veth) = choose_interface(netns, &links) else {
+        // No CNI interface left (CNI DEL came first): nothing of ours.
         return Ok(());
     };
-    let mut del = handle.qdisc().del(veth.index as i32);
-    del.message_mut().header.parent = TcHandle::INGRESS;
-    match del.execute().await {
-        Ok(()) => Ok(()),
-        // No ingress qdisc there (never added, or removed already).
-        Err(e) if matches!(errno(&e), Some(libc::ENOENT | libc::EINVAL | libc::ENODEV)) => Ok(()),
-        Err(e) => Err(nl(format!("removing the ingress qdisc of {}", veth.name))(
-            e,
-        )),
+    let filters: Vec<TcMessage> = match handle
+        .traffic_filter(veth.index as i32)
+        .get()
+        .ingress()
+        .execute()
+        .try_collect()
+        .await
+    {
+        Ok(filters) => filters,
+        // No ingress qdisc to hold filters.
+        Err(e) if matches!(errno(&e), Some(libc::ENOENT | libc::EINVAL)) => return Ok(()),
+        Err(e) => return Err(nl(format!("listing the filters of {}", veth.name))(e)),
+    };
+    if filters
+        .iter()
+        .any(|f| (f.header.info >> 16) as u16 == FILTER_PRIORITY)
+    {
+        remove_ingress(handle, veth).await?;
     }
+    Ok(())
 }
 
 /// Undoes [`set_up`] in `netns`: removes the tap and the tc redirect, so

@@ -165,6 +165,7 @@ fn set_up_joins_a_tap_to_the_cni_veth_and_tear_down_removes_it() {
     let to_tap = in_ns(&fx.pod, &["tc", "filter", "show", "dev", "eth0", "ingress"]);
     assert!(
         to_tap.contains("protocol all")
+            && to_tap.contains("pref 42864")
             && to_tap.contains(&format!("Redirect to device {TAP_NAME}")),
         "{to_tap}"
     );
@@ -239,4 +240,24 @@ fn a_namespace_without_an_interface_is_refused_and_left_clean() {
     let _ = Command::new("ip").args(["netns", "del", &ns]).status();
     assert!(err.to_string().contains("no interface"), "{err}");
     assert!(!links.contains(TAP_NAME), "{links}");
+}
+
+/// An ingress qdisc that is not Arrow's (there before set_up) makes set_up
+/// fail, and stays; the tap goes again.
+#[test]
+fn a_foreign_ingress_qdisc_is_refused_and_kept() {
+    if !root_with_ip() {
+        return;
+    }
+    let fx = Fixture::new("q");
+    in_ns(&fx.pod, &["tc", "qdisc", "add", "dev", "eth0", "ingress"]);
+    let err = network::set_up(&fx.netns()).unwrap_err();
+    assert!(err.to_string().contains("not Arrow's"), "{err}");
+    let links = ip(&["-n", &fx.pod, "link", "show"]);
+    assert!(!links.contains(TAP_NAME), "{links}");
+    let qdiscs = in_ns(&fx.pod, &["tc", "qdisc", "show", "dev", "eth0", "ingress"]);
+    assert!(
+        qdiscs.contains("ingress"),
+        "the foreign qdisc stays: {qdiscs}"
+    );
 }
