@@ -410,30 +410,49 @@ pub fn encode(msg: RouteNetlinkMessage, flags: u16, seq: u32) -> Vec<u8> {
 /// Reads the answer to request `seq` out of one datagram: `Ok` for an ack,
 /// the errno of a netlink error, `None` if the datagram holds neither for
 /// `seq` (the caller reads on).
+///
+/// Read by hand (a `struct nlmsghdr`, and for `NLMSG_ERROR` the `int`
+/// after it): the kernel only ever answers these requests with an ack or
+/// an error, and a full rtnetlink parser would add half a megabyte to
+/// arrow-init, which the guest unpacks and faults in.
 pub fn decode_ack(datagram: &[u8], seq: u32) -> Option<io::Result<()>> {
+    const NLMSG_HDRLEN: usize = 16;
+    const NLMSG_ERROR: u16 = 2;
+    let u32_at = |b: &[u8], at: usize| -> Option<u32> {
+        Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+    };
+    let bad = || {
+        Some(Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "truncated netlink answer",
+        )))
+    };
     let mut rest = datagram;
     while !rest.is_empty() {
-        let msg = match NetlinkMessage::<RouteNetlinkMessage>::deserialize(rest) {
-            Ok(msg) => msg,
-            Err(e) => {
-                return Some(Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("undecodable netlink answer: {e}"),
-                )))
-            }
+        let (Some(len), Some(kind), Some(msg_seq)) = (
+            u32_at(rest, 0),
+            rest.get(4..6).map(|k| u16::from_ne_bytes([k[0], k[1]])),
+            u32_at(rest, 8),
+        ) else {
+            return bad();
         };
-        let len = (msg.header.length as usize).max(16);
-        if msg.header.sequence_number == seq {
-            if let NetlinkPayload::Error(err) = msg.payload {
-                return Some(match err.code {
-                    None => Ok(()),
-                    Some(code) => Err(io::Error::from_raw_os_error(-code.get())),
-                });
-            }
+        let len = len as usize;
+        if len < NLMSG_HDRLEN || len > rest.len() {
+            return bad();
+        }
+        if msg_seq == seq && kind == NLMSG_ERROR {
+            let Some(code) = u32_at(rest, NLMSG_HDRLEN) else {
+                return bad();
+            };
+            let code = code as i32;
+            return Some(if code == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::from_raw_os_error(code.saturating_neg()))
+            });
         }
         // Messages are 4-byte aligned.
-        let next = len.next_multiple_of(4);
-        rest = rest.get(next..).unwrap_or_default();
+        rest = rest.get(len.next_multiple_of(4)..).unwrap_or_default();
     }
     None
 }
