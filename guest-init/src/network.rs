@@ -3,25 +3,17 @@
 //! pod's interface (its MAC, MTU, addresses and routes, see agent.proto).
 //!
 //! It talks rtnetlink directly (one `NETLINK_ROUTE` socket, one request and
-//! its ack at a time; messages built with `netlink-packet-route`): no `ip`
-//! binary exists in the guest, and every system call is expensive on an
-//! emulated host, so a configuration costs one socket and two system calls
-//! per change. Applying goes through [`Rtnetlink`], so unit tests check the
-//! messages and their order against a recording fake.
+//! its ack at a time): no `ip` binary exists in the guest, and every system
+//! call is expensive on an emulated host, so a configuration costs one
+//! socket and two system calls per change. The few requests it makes are
+//! built by hand ([`Change::encode`]; unit tests check them byte for byte
+//! against `netlink-packet-route`), which keeps arrow-init small. Applying
+//! goes through [`Rtnetlink`], so unit tests check the requests and their
+//! order against a recording fake.
 
 use std::io;
 use std::net::IpAddr;
 
-use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE,
-    NLM_F_REQUEST,
-};
-use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
-use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
-use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
-};
-use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use proto::agent::ConfigureNetwork;
 
@@ -176,9 +168,9 @@ fn format_mac(mac: &[u8; 6]) -> String {
 pub trait Rtnetlink {
     /// The index of interface `name`, or `None` if there is none.
     fn link_index(&mut self, name: &str) -> io::Result<Option<u32>>;
-    /// Sends one request (`NLM_F_REQUEST | NLM_F_ACK | flags`) and waits
-    /// for its acknowledgement; a netlink error comes back as its errno.
-    fn request(&mut self, msg: RouteNetlinkMessage, flags: u16) -> io::Result<()>;
+    /// Sends one change as a request and waits for its acknowledgement; a
+    /// netlink error comes back as its errno.
+    fn request(&mut self, change: &Change) -> io::Result<()>;
 }
 
 /// Applies a validated plan: per interface MAC and MTU (live, or down and
@@ -196,26 +188,27 @@ pub fn apply(nl: &mut dyn Rtnetlink, plan: &Plan) -> Result<(), ProcError> {
         if link.mac.is_some() || link.mtu.is_some() {
             let set_err =
                 |e: io::Error| ProcError::Guest(format!("setting MAC/MTU of {}: {e}", link.name));
-            match nl.request(RouteNetlinkMessage::SetLink(set_link(index, link)), 0) {
+            let set = Change::SetLink {
+                index,
+                mac: link.mac,
+                mtu: link.mtu,
+            };
+            match nl.request(&set) {
                 Ok(()) => {}
                 // A driver without live MAC changes wants the NIC down
                 // (virtio-net allows them; the NIC is up from boot).
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                    nl.request(RouteNetlinkMessage::SetLink(link_down(index)), 0)
+                    nl.request(&Change::SetUp { index, up: false })
                         .map_err(set_err)?;
-                    nl.request(RouteNetlinkMessage::SetLink(set_link(index, link)), 0)
-                        .map_err(set_err)?;
+                    nl.request(&set).map_err(set_err)?;
                 }
                 Err(e) => return Err(set_err(e)),
             }
         }
-        nl.request(RouteNetlinkMessage::SetLink(link_up(index)), 0)
+        nl.request(&Change::SetUp { index, up: true })
             .map_err(|e| ProcError::Guest(format!("bringing {} up: {e}", link.name)))?;
         for &(ip, prefix) in &link.addresses {
-            match nl.request(
-                RouteNetlinkMessage::NewAddress(address(index, ip, prefix)),
-                NLM_F_CREATE | NLM_F_REPLACE,
-            ) {
+            match nl.request(&Change::AddAddress { index, ip, prefix }) {
                 Ok(()) => {}
                 Err(e) if family_missing(&e) => {
                     return Err(ProcError::FailedPrecondition(format!(
@@ -241,10 +234,10 @@ pub fn apply(nl: &mut dyn Rtnetlink, plan: &Plan) -> Result<(), ProcError> {
                 r.device
             )));
         };
-        match nl.request(
-            RouteNetlinkMessage::NewRoute(route(index, r)),
-            NLM_F_CREATE | NLM_F_REPLACE,
-        ) {
+        match nl.request(&Change::AddRoute {
+            index,
+            route: r.clone(),
+        }) {
             Ok(()) => {}
             Err(e) if family_missing(&e) => {
                 return Err(ProcError::FailedPrecondition(format!(
@@ -295,116 +288,179 @@ pub const BOOT_NIC: &str = "eth0";
 /// NIC sends nothing meanwhile. Returns whether a NIC came up.
 pub fn boot_up() -> io::Result<bool> {
     let mut nl = RtnlSocket::open()?;
-    nl.request(RouteNetlinkMessage::SetLink(link_up(LOOPBACK_INDEX)), 0)?;
+    nl.request(&Change::SetUp {
+        index: LOOPBACK_INDEX,
+        up: true,
+    })?;
     match nl.link_index(BOOT_NIC)? {
         Some(index) => {
-            nl.request(RouteNetlinkMessage::SetLink(link_up(index)), 0)?;
+            nl.request(&Change::SetUp { index, up: true })?;
             Ok(true)
         }
         None => Ok(false),
     }
 }
 
-/// `RTM_SETLINK`: the MAC and MTU of `link`.
-pub fn set_link(index: u32, link: &LinkPlan) -> LinkMessage {
-    let mut msg = LinkMessage::default();
-    msg.header.index = index;
-    if let Some(mac) = link.mac {
-        msg.attributes.push(LinkAttribute::Address(mac.to_vec()));
-    }
-    if let Some(mtu) = link.mtu {
-        msg.attributes.push(LinkAttribute::Mtu(mtu));
-    }
-    msg
+/// One rtnetlink request arrow-init makes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// `RTM_SETLINK`: the MAC and/or MTU.
+    SetLink {
+        index: u32,
+        mac: Option<[u8; 6]>,
+        mtu: Option<u32>,
+    },
+    /// `RTM_SETLINK`: `IFF_UP` set or cleared (only that flag changes).
+    SetUp { index: u32, up: bool },
+    /// `RTM_NEWADDR`, create or replace. IPv6 addresses skip duplicate
+    /// address detection: the host's side of the pod network already owns
+    /// them, and DAD would keep them unusable for a second or more.
+    AddAddress { index: u32, ip: IpAddr, prefix: u8 },
+    /// `RTM_NEWROUTE` in the main table, create or replace: a unicast route,
+    /// scope link when it has no gateway.
+    AddRoute { index: u32, route: RoutePlan },
 }
 
-/// `RTM_SETLINK` with `IFF_UP` set (and only that flag changed).
-pub fn link_up(index: u32) -> LinkMessage {
-    let mut msg = LinkMessage::default();
-    msg.header.index = index;
-    msg.header.flags = LinkFlags::Up;
-    msg.header.change_mask = LinkFlags::Up;
-    msg
+// <linux/netlink.h>, <linux/rtnetlink.h>, <linux/if_link.h>, <linux/if_addr.h>.
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_REPLACE: u16 = 0x100;
+const NLM_F_CREATE: u16 = 0x400;
+const RTM_SETLINK: u16 = 19;
+const RTM_NEWADDR: u16 = 20;
+const RTM_NEWROUTE: u16 = 24;
+const IFF_UP: u32 = 0x1;
+const IFLA_ADDRESS: u16 = 1;
+const IFLA_MTU: u16 = 4;
+const IFA_ADDRESS: u16 = 1;
+const IFA_LOCAL: u16 = 2;
+const IFA_FLAGS: u16 = 8;
+const IFA_F_NODAD: u32 = 0x2;
+const RTA_DST: u16 = 1;
+const RTA_OIF: u16 = 4;
+const RTA_GATEWAY: u16 = 5;
+const RTA_PRIORITY: u16 = 6;
+const RTA_PREFSRC: u16 = 7;
+const RT_TABLE_MAIN: u8 = 254;
+const RTPROT_BOOT: u8 = 3;
+const RT_SCOPE_UNIVERSE: u8 = 0;
+const RT_SCOPE_LINK: u8 = 253;
+const RTN_UNICAST: u8 = 1;
+
+impl Change {
+    /// The request as the kernel reads it, numbered `seq`.
+    ///
+    /// Built by hand (a header, a fixed struct and a few attributes): the
+    /// generic rtnetlink emitter would link every message type into
+    /// arrow-init. The unit tests check these bytes against
+    /// `netlink-packet-route`'s.
+    pub fn encode(&self, seq: u32) -> Vec<u8> {
+        let mut m = Vec::with_capacity(96);
+        let (kind, flags) = match self {
+            Change::SetLink { .. } | Change::SetUp { .. } => (RTM_SETLINK, 0),
+            Change::AddAddress { .. } => (RTM_NEWADDR, NLM_F_CREATE | NLM_F_REPLACE),
+            Change::AddRoute { .. } => (RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE),
+        };
+        // struct nlmsghdr; the length is filled in at the end.
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(&kind.to_ne_bytes());
+        m.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK | flags).to_ne_bytes());
+        m.extend_from_slice(&seq.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        match self {
+            Change::SetLink { index, mac, mtu } => {
+                ifinfomsg(&mut m, *index, 0, 0);
+                if let Some(mac) = mac {
+                    attr(&mut m, IFLA_ADDRESS, mac);
+                }
+                if let Some(mtu) = mtu {
+                    attr(&mut m, IFLA_MTU, &mtu.to_ne_bytes());
+                }
+            }
+            Change::SetUp { index, up } => {
+                ifinfomsg(&mut m, *index, if *up { IFF_UP } else { 0 }, IFF_UP);
+            }
+            Change::AddAddress { index, ip, prefix } => {
+                // struct ifaddrmsg: family, prefixlen, flags, scope, index.
+                m.extend_from_slice(&[family(ip), *prefix, 0, 0]);
+                m.extend_from_slice(&index.to_ne_bytes());
+                attr(&mut m, IFA_LOCAL, &ip_bytes(ip));
+                attr(&mut m, IFA_ADDRESS, &ip_bytes(ip));
+                if ip.is_ipv6() {
+                    attr(&mut m, IFA_FLAGS, &IFA_F_NODAD.to_ne_bytes());
+                }
+            }
+            Change::AddRoute { index, route: r } => {
+                let scope = if r.gateway.is_some() {
+                    RT_SCOPE_UNIVERSE
+                } else {
+                    RT_SCOPE_LINK
+                };
+                // struct rtmsg: family, dst_len, src_len, tos, table,
+                // protocol, scope, type, flags.
+                m.extend_from_slice(&[
+                    family(&r.destination),
+                    r.prefix_len,
+                    0,
+                    0,
+                    RT_TABLE_MAIN,
+                    RTPROT_BOOT,
+                    scope,
+                    RTN_UNICAST,
+                ]);
+                m.extend_from_slice(&0u32.to_ne_bytes());
+                if r.prefix_len > 0 {
+                    attr(&mut m, RTA_DST, &ip_bytes(&r.destination));
+                }
+                if let Some(gw) = &r.gateway {
+                    attr(&mut m, RTA_GATEWAY, &ip_bytes(gw));
+                }
+                if let Some(src) = &r.source {
+                    attr(&mut m, RTA_PREFSRC, &ip_bytes(src));
+                }
+                if r.metric != 0 {
+                    attr(&mut m, RTA_PRIORITY, &r.metric.to_ne_bytes());
+                }
+                attr(&mut m, RTA_OIF, &index.to_ne_bytes());
+            }
+        }
+        let len = m.len() as u32;
+        m[0..4].copy_from_slice(&len.to_ne_bytes());
+        m
+    }
 }
 
-/// `RTM_SETLINK` with `IFF_UP` cleared (and only that flag changed).
-pub fn link_down(index: u32) -> LinkMessage {
-    let mut msg = LinkMessage::default();
-    msg.header.index = index;
-    msg.header.change_mask = LinkFlags::Up;
-    msg
+/// `struct ifinfomsg`: family, pad, type, index, flags, change.
+fn ifinfomsg(m: &mut Vec<u8>, index: u32, flags: u32, change: u32) {
+    m.extend_from_slice(&[0, 0, 0, 0]);
+    m.extend_from_slice(&index.to_ne_bytes());
+    m.extend_from_slice(&flags.to_ne_bytes());
+    m.extend_from_slice(&change.to_ne_bytes());
 }
 
-/// `RTM_NEWADDR` for `ip/prefix` on interface `index`. IPv6 addresses skip
-/// duplicate address detection: the host's side of the pod network already
-/// owns them, and DAD would keep them unusable for a second or more.
-pub fn address(index: u32, ip: IpAddr, prefix: u8) -> AddressMessage {
-    let mut msg = AddressMessage::default();
-    msg.header.index = index;
-    msg.header.prefix_len = prefix;
-    msg.header.family = family(&ip);
-    msg.attributes.push(AddressAttribute::Local(ip));
-    msg.attributes.push(AddressAttribute::Address(ip));
-    if ip.is_ipv6() {
-        msg.attributes
-            .push(AddressAttribute::Flags(AddressFlags::Nodad));
-    }
-    msg
+/// One attribute (`struct rtattr` and its payload), padded to 4 bytes.
+fn attr(m: &mut Vec<u8>, kind: u16, payload: &[u8]) {
+    // Payloads here are at most 16 bytes.
+    let len = (4 + payload.len()) as u16;
+    m.extend_from_slice(&len.to_ne_bytes());
+    m.extend_from_slice(&kind.to_ne_bytes());
+    m.extend_from_slice(payload);
+    m.resize(m.len().next_multiple_of(4), 0);
 }
 
-/// `RTM_NEWROUTE` in the main table: a unicast route, scope link when it
-/// has no gateway.
-pub fn route(index: u32, r: &RoutePlan) -> RouteMessage {
-    let mut msg = RouteMessage::default();
-    msg.header.address_family = family(&r.destination);
-    msg.header.destination_prefix_length = r.prefix_len;
-    msg.header.table = RouteHeader::RT_TABLE_MAIN;
-    msg.header.protocol = RouteProtocol::Boot;
-    msg.header.kind = RouteType::Unicast;
-    msg.header.scope = if r.gateway.is_some() {
-        RouteScope::Universe
-    } else {
-        RouteScope::Link
-    };
-    if r.prefix_len > 0 {
-        msg.attributes
-            .push(RouteAttribute::Destination(RouteAddress::from(
-                r.destination,
-            )));
-    }
-    if let Some(gw) = r.gateway {
-        msg.attributes
-            .push(RouteAttribute::Gateway(RouteAddress::from(gw)));
-    }
-    if let Some(src) = r.source {
-        msg.attributes
-            .push(RouteAttribute::PrefSource(RouteAddress::from(src)));
-    }
-    if r.metric != 0 {
-        msg.attributes.push(RouteAttribute::Priority(r.metric));
-    }
-    msg.attributes.push(RouteAttribute::Oif(index));
-    msg
-}
-
-fn family(ip: &IpAddr) -> AddressFamily {
+fn family(ip: &IpAddr) -> u8 {
     if ip.is_ipv4() {
-        AddressFamily::Inet
+        libc::AF_INET as u8
     } else {
-        AddressFamily::Inet6
+        libc::AF_INET6 as u8
     }
 }
 
-/// Serialises `msg` as request number `seq`.
-pub fn encode(msg: RouteNetlinkMessage, flags: u16, seq: u32) -> Vec<u8> {
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
-    header.sequence_number = seq;
-    let mut packet = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
-    packet.finalize();
-    let mut buf = vec![0u8; packet.buffer_len()];
-    packet.serialize(&mut buf);
-    buf
+fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
 }
 
 /// Reads the answer to request `seq` out of one datagram: `Ok` for an ack,
@@ -486,10 +542,10 @@ impl Rtnetlink for RtnlSocket {
         }
     }
 
-    fn request(&mut self, msg: RouteNetlinkMessage, flags: u16) -> io::Result<()> {
+    fn request(&mut self, change: &Change) -> io::Result<()> {
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
-        let buf = encode(msg, flags, seq);
+        let buf = change.encode(seq);
         self.socket.send(&buf, 0)?;
         // An ack is small; an error echoes the request, which is small too.
         let mut answer = Vec::with_capacity(8192);
@@ -533,7 +589,7 @@ mod tests {
     struct Recorder {
         /// (interface, index) the fake knows.
         links: Vec<(&'static str, u32)>,
-        sent: Vec<(RouteNetlinkMessage, u16)>,
+        sent: Vec<Change>,
         /// Fail the request with this index (0-based) with this errno.
         fail: Option<(usize, i32)>,
     }
@@ -543,9 +599,9 @@ mod tests {
             Ok(self.links.iter().find(|(n, _)| *n == name).map(|l| l.1))
         }
 
-        fn request(&mut self, msg: RouteNetlinkMessage, flags: u16) -> io::Result<()> {
+        fn request(&mut self, change: &Change) -> io::Result<()> {
             let n = self.sent.len();
-            self.sent.push((msg, flags));
+            self.sent.push(change.clone());
             match self.fail {
                 Some((at, errno)) if at == n => Err(io::Error::from_raw_os_error(errno)),
                 _ => Ok(()),
@@ -660,44 +716,27 @@ mod tests {
             ..Default::default()
         };
         apply(&mut nl, &plan(&request()).unwrap()).unwrap();
-        let kinds: Vec<&str> = nl
-            .sent
-            .iter()
-            .map(|(m, _)| match m {
-                RouteNetlinkMessage::SetLink(l) if l.header.flags.contains(LinkFlags::Up) => "up",
-                RouteNetlinkMessage::SetLink(_) => "set",
-                RouteNetlinkMessage::NewAddress(_) => "addr",
-                RouteNetlinkMessage::NewRoute(_) => "route",
-                _ => "other",
-            })
-            .collect();
-        assert_eq!(kinds, ["set", "up", "addr", "route"]);
-        let RouteNetlinkMessage::SetLink(set) = &nl.sent[0].0 else {
-            unreachable!()
-        };
-        assert_eq!(set.header.index, 2);
-        assert!(set
-            .attributes
-            .contains(&LinkAttribute::Address(vec![0x0a, 0x58, 0x0a, 0x58, 0, 7])));
-        assert!(set.attributes.contains(&LinkAttribute::Mtu(1450)));
-        // Addresses and routes replace: the call may be repeated.
-        assert_eq!(nl.sent[2].1, NLM_F_CREATE | NLM_F_REPLACE);
-        assert_eq!(nl.sent[3].1, NLM_F_CREATE | NLM_F_REPLACE);
-        let RouteNetlinkMessage::NewRoute(r) = &nl.sent[3].0 else {
-            unreachable!()
-        };
-        assert_eq!(r.header.scope, RouteScope::Universe);
-        assert_eq!(r.header.destination_prefix_length, 0);
-        assert!(r
-            .attributes
-            .contains(&RouteAttribute::Gateway(RouteAddress::Inet(
-                "10.88.0.1".parse().unwrap()
-            ))));
-        assert!(r.attributes.contains(&RouteAttribute::Oif(2)));
-        assert!(!r
-            .attributes
-            .iter()
-            .any(|a| matches!(a, RouteAttribute::Destination(_))));
+        let plan = plan(&request()).unwrap();
+        assert_eq!(
+            nl.sent,
+            vec![
+                Change::SetLink {
+                    index: 2,
+                    mac: Some([0x0a, 0x58, 0x0a, 0x58, 0, 7]),
+                    mtu: Some(1450),
+                },
+                Change::SetUp { index: 2, up: true },
+                Change::AddAddress {
+                    index: 2,
+                    ip: "10.88.0.7".parse().unwrap(),
+                    prefix: 16,
+                },
+                Change::AddRoute {
+                    index: 2,
+                    route: plan.routes[0].clone(),
+                },
+            ]
+        );
     }
 
     #[test]
@@ -708,28 +747,24 @@ mod tests {
             ..Default::default()
         };
         apply(&mut nl, &plan(&request()).unwrap()).unwrap();
-        let steps: Vec<String> = nl
-            .sent
-            .iter()
-            .map(|(m, _)| match m {
-                RouteNetlinkMessage::SetLink(l) if l.header.change_mask.is_empty() => "set".into(),
-                RouteNetlinkMessage::SetLink(l) => format!("flags {:?}", l.header.flags),
-                RouteNetlinkMessage::NewAddress(_) => "addr".into(),
-                RouteNetlinkMessage::NewRoute(_) => "route".into(),
-                _ => "other".into(),
-            })
-            .collect();
+        let set = Change::SetLink {
+            index: 2,
+            mac: Some([0x0a, 0x58, 0x0a, 0x58, 0, 7]),
+            mtu: Some(1450),
+        };
         assert_eq!(
-            steps,
+            nl.sent[..4],
             [
-                "set",
-                "flags LinkFlags(0x0)",
-                "set",
-                "flags LinkFlags(Up)",
-                "addr",
-                "route"
+                set.clone(),
+                Change::SetUp {
+                    index: 2,
+                    up: false
+                },
+                set,
+                Change::SetUp { index: 2, up: true },
             ]
         );
+        assert_eq!(nl.sent.len(), 6, "then the address and the route");
     }
 
     #[test]
@@ -773,40 +808,208 @@ mod tests {
         assert!(err.to_string().contains("IPv4"), "{err}");
     }
 
+    /// The same requests built with `netlink-packet-route` (the maintained
+    /// rtnetlink implementation), to check the hand-made bytes against.
+    mod reference {
+        use std::net::IpAddr;
+
+        use netlink_packet_core::{
+            NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE,
+            NLM_F_REQUEST,
+        };
+        use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
+        use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+        use netlink_packet_route::route::{
+            RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+            RouteType,
+        };
+        use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+
+        use super::super::{Change, RoutePlan};
+
+        pub fn encode(change: &Change, seq: u32) -> Vec<u8> {
+            let (msg, flags) = match change {
+                Change::SetLink { index, mac, mtu } => {
+                    let mut msg = LinkMessage::default();
+                    msg.header.index = *index;
+                    if let Some(mac) = mac {
+                        msg.attributes.push(LinkAttribute::Address(mac.to_vec()));
+                    }
+                    if let Some(mtu) = mtu {
+                        msg.attributes.push(LinkAttribute::Mtu(*mtu));
+                    }
+                    (RouteNetlinkMessage::SetLink(msg), 0)
+                }
+                Change::SetUp { index, up } => {
+                    let mut msg = LinkMessage::default();
+                    msg.header.index = *index;
+                    if *up {
+                        msg.header.flags = LinkFlags::Up;
+                    }
+                    msg.header.change_mask = LinkFlags::Up;
+                    (RouteNetlinkMessage::SetLink(msg), 0)
+                }
+                Change::AddAddress { index, ip, prefix } => (
+                    RouteNetlinkMessage::NewAddress(address(*index, *ip, *prefix)),
+                    NLM_F_CREATE | NLM_F_REPLACE,
+                ),
+                Change::AddRoute { index, route: r } => (
+                    RouteNetlinkMessage::NewRoute(route(*index, r)),
+                    NLM_F_CREATE | NLM_F_REPLACE,
+                ),
+            };
+            let mut header = NetlinkHeader::default();
+            header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
+            header.sequence_number = seq;
+            let mut packet = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
+            packet.finalize();
+            let mut buf = vec![0u8; packet.buffer_len()];
+            packet.serialize(&mut buf);
+            buf
+        }
+
+        fn address(index: u32, ip: IpAddr, prefix: u8) -> AddressMessage {
+            let mut msg = AddressMessage::default();
+            msg.header.index = index;
+            msg.header.prefix_len = prefix;
+            msg.header.family = family(&ip);
+            msg.attributes.push(AddressAttribute::Local(ip));
+            msg.attributes.push(AddressAttribute::Address(ip));
+            if ip.is_ipv6() {
+                msg.attributes
+                    .push(AddressAttribute::Flags(AddressFlags::Nodad));
+            }
+            msg
+        }
+
+        fn route(index: u32, r: &RoutePlan) -> RouteMessage {
+            let mut msg = RouteMessage::default();
+            msg.header.address_family = family(&r.destination);
+            msg.header.destination_prefix_length = r.prefix_len;
+            msg.header.table = RouteHeader::RT_TABLE_MAIN;
+            msg.header.protocol = RouteProtocol::Boot;
+            msg.header.kind = RouteType::Unicast;
+            msg.header.scope = if r.gateway.is_some() {
+                RouteScope::Universe
+            } else {
+                RouteScope::Link
+            };
+            if r.prefix_len > 0 {
+                msg.attributes
+                    .push(RouteAttribute::Destination(RouteAddress::from(
+                        r.destination,
+                    )));
+            }
+            if let Some(gw) = r.gateway {
+                msg.attributes
+                    .push(RouteAttribute::Gateway(RouteAddress::from(gw)));
+            }
+            if let Some(src) = r.source {
+                msg.attributes
+                    .push(RouteAttribute::PrefSource(RouteAddress::from(src)));
+            }
+            if r.metric != 0 {
+                msg.attributes.push(RouteAttribute::Priority(r.metric));
+            }
+            msg.attributes.push(RouteAttribute::Oif(index));
+            msg
+        }
+
+        fn family(ip: &IpAddr) -> AddressFamily {
+            if ip.is_ipv4() {
+                AddressFamily::Inet
+            } else {
+                AddressFamily::Inet6
+            }
+        }
+    }
+
     #[test]
-    fn messages_encode_as_the_kernel_expects() {
-        let buf = encode(RouteNetlinkMessage::SetLink(link_up(1)), 0, 9);
-        // nlmsghdr: length, type RTM_SETLINK (19), flags REQUEST|ACK, seq.
+    fn requests_encode_as_netlink_packet_route_does() {
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let changes = [
+            Change::SetLink {
+                index: 2,
+                mac: Some([0x0a, 0x58, 0x0a, 0x58, 0, 7]),
+                mtu: Some(1450),
+            },
+            Change::SetLink {
+                index: 2,
+                mac: None,
+                mtu: Some(9000),
+            },
+            Change::SetUp { index: 1, up: true },
+            Change::SetUp {
+                index: 7,
+                up: false,
+            },
+            Change::AddAddress {
+                index: 2,
+                ip: ip("10.1.2.3"),
+                prefix: 24,
+            },
+            Change::AddAddress {
+                index: 2,
+                ip: ip("fd00::7"),
+                prefix: 64,
+            },
+            Change::AddRoute {
+                index: 2,
+                route: RoutePlan {
+                    destination: ip("0.0.0.0"),
+                    prefix_len: 0,
+                    gateway: Some(ip("10.88.0.1")),
+                    device: "eth0".into(),
+                    source: None,
+                    metric: 0,
+                },
+            },
+            Change::AddRoute {
+                index: 3,
+                route: RoutePlan {
+                    destination: ip("10.0.0.0"),
+                    prefix_len: 8,
+                    gateway: None,
+                    device: "eth0".into(),
+                    source: Some(ip("10.88.0.7")),
+                    metric: 100,
+                },
+            },
+            Change::AddRoute {
+                index: 2,
+                route: RoutePlan {
+                    destination: ip("fd00::"),
+                    prefix_len: 48,
+                    gateway: Some(ip("fe80::1")),
+                    device: "eth0".into(),
+                    source: None,
+                    metric: 0,
+                },
+            },
+        ];
+        for (seq, change) in changes.iter().enumerate() {
+            let seq = seq as u32 + 1;
+            assert_eq!(
+                change.encode(seq),
+                reference::encode(change, seq),
+                "{change:?}"
+            );
+        }
+        // And the header fields the kernel checks, spelled out once.
+        let buf = Change::SetUp { index: 1, up: true }.encode(9);
         assert_eq!(
             u32::from_ne_bytes(buf[0..4].try_into().unwrap()) as usize,
             buf.len()
         );
-        assert_eq!(u16::from_ne_bytes(buf[4..6].try_into().unwrap()), 19);
+        assert_eq!(
+            u16::from_ne_bytes(buf[4..6].try_into().unwrap()),
+            RTM_SETLINK
+        );
         assert_eq!(
             u16::from_ne_bytes(buf[6..8].try_into().unwrap()),
             NLM_F_REQUEST | NLM_F_ACK
         );
         assert_eq!(u32::from_ne_bytes(buf[8..12].try_into().unwrap()), 9);
-        // ifinfomsg: family, pad, type, index 1, flags IFF_UP, change IFF_UP.
-        assert_eq!(i32::from_ne_bytes(buf[20..24].try_into().unwrap()), 1);
-        assert_eq!(u32::from_ne_bytes(buf[24..28].try_into().unwrap()), 1);
-        assert_eq!(u32::from_ne_bytes(buf[28..32].try_into().unwrap()), 1);
-
-        let a = encode(
-            RouteNetlinkMessage::NewAddress(address(2, "10.1.2.3".parse().unwrap(), 24)),
-            NLM_F_CREATE | NLM_F_REPLACE,
-            1,
-        );
-        // RTM_NEWADDR (20); ifaddrmsg: AF_INET, /24, flags, scope, index 2.
-        assert_eq!(u16::from_ne_bytes(a[4..6].try_into().unwrap()), 20);
-        assert_eq!((a[16], a[17]), (libc::AF_INET as u8, 24));
-        assert_eq!(u32::from_ne_bytes(a[20..24].try_into().unwrap()), 2);
-        // Decodes back to the same message.
-        let back = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&a).unwrap();
-        let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(m)) = back.payload else {
-            panic!("{back:?}");
-        };
-        assert_eq!(m, address(2, "10.1.2.3".parse().unwrap(), 24));
     }
 
     #[test]
