@@ -177,7 +177,16 @@ pub trait Rtnetlink {
 /// up again if the driver refuses a live MAC change), up,
 /// addresses; then the routes in order.
 pub fn apply(nl: &mut dyn Rtnetlink, plan: &Plan) -> Result<(), ProcError> {
-    let family_missing = |e: &io::Error| e.raw_os_error() == Some(libc::EAFNOSUPPORT);
+    // A kernel without IPv6 has no rtnetlink handler for it: the request
+    // fails with EOPNOTSUPP (EAFNOSUPPORT from some paths). Arrow's kernel
+    // always has IPv4 (CONFIG_INET).
+    let family_missing = |ip: &IpAddr, e: &io::Error| {
+        ip.is_ipv6()
+            && matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP | libc::EAFNOSUPPORT)
+            )
+    };
     let mut indices = Vec::with_capacity(plan.links.len());
     for link in &plan.links {
         let index = nl
@@ -210,7 +219,7 @@ pub fn apply(nl: &mut dyn Rtnetlink, plan: &Plan) -> Result<(), ProcError> {
         for &(ip, prefix) in &link.addresses {
             match nl.request(&Change::AddAddress { index, ip, prefix }) {
                 Ok(()) => {}
-                Err(e) if family_missing(&e) => {
+                Err(e) if family_missing(&ip, &e) => {
                     return Err(ProcError::FailedPrecondition(format!(
                         "{ip}/{prefix} on {}: the guest kernel has no {} support",
                         link.name,
@@ -239,7 +248,7 @@ pub fn apply(nl: &mut dyn Rtnetlink, plan: &Plan) -> Result<(), ProcError> {
             route: r.clone(),
         }) {
             Ok(()) => {}
-            Err(e) if family_missing(&e) => {
+            Err(e) if family_missing(&r.destination, &e) => {
                 return Err(ProcError::FailedPrecondition(format!(
                     "route to {}/{}: the guest kernel has no {} support",
                     r.destination,
@@ -798,14 +807,28 @@ mod tests {
         assert_eq!(err.code(), Code::Internal);
         assert!(err.to_string().contains("via 10.88.0.1"), "{err}");
 
+        // No IPv6 in the kernel: FAILED_PRECONDITION, naming it.
+        let mut req = request();
+        req.interfaces[0].addresses[0] = IpAddress {
+            address: "fd00::7".into(),
+            prefix_len: 64,
+        };
         let mut nl = Recorder {
             links: vec![("eth0", 2)],
-            fail: Some((2, libc::EAFNOSUPPORT)),
+            fail: Some((2, libc::EOPNOTSUPP)),
+            ..Default::default()
+        };
+        let err = apply(&mut nl, &plan(&req).unwrap()).unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition);
+        assert!(err.to_string().contains("no IPv6"), "{err}");
+        // The same errno for IPv4 is a plain failure.
+        let mut nl = Recorder {
+            links: vec![("eth0", 2)],
+            fail: Some((2, libc::EOPNOTSUPP)),
             ..Default::default()
         };
         let err = apply(&mut nl, &plan(&request()).unwrap()).unwrap_err();
-        assert_eq!(err.code(), Code::FailedPrecondition);
-        assert!(err.to_string().contains("IPv4"), "{err}");
+        assert_eq!(err.code(), Code::Internal);
     }
 
     /// The same requests built with `netlink-packet-route` (the maintained
