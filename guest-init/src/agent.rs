@@ -10,14 +10,15 @@ use std::time::Duration;
 
 use proto::agent::{
     request::Body, response, ContainerCreated, ContainerFrozen, ContainerRemoved, ContainerUpdated,
-    Exited, OomEvent, Pids, Pong, ProcessCreated, ProcessDeleted, Request, Response,
-    ShutdownStarted, Signalled, StartProcess, StdinClosed, TtyResized,
+    Exited, NetworkConfigured, OomEvent, Pids, Pong, ProcessCreated, ProcessDeleted, Request,
+    Response, ShutdownStarted, Signalled, StartProcess, StdinClosed, TtyResized,
 };
 use proto::{read_frame, write_frame, FrameError};
 
 use crate::clone::{self, ClonePlatform};
 use crate::conn::{is_disconnect, Conn, Listener};
 use crate::container::Containers;
+use crate::network;
 use crate::reaper::ExitStatus;
 use crate::supervisor::{ProcError, Supervisor};
 use crate::{log_debug, log_error, log_info};
@@ -43,6 +44,10 @@ pub struct Agent {
     containers: Containers,
     on_shutdown: OnShutdown,
     platform: Box<dyn ClonePlatform>,
+    /// Whether ConfigureNetwork may change this kernel's network (PID 1 in
+    /// the guest); in host-test mode it would change the host's, so it is
+    /// refused there.
+    guest_network: bool,
 }
 
 impl Agent {
@@ -57,7 +62,15 @@ impl Agent {
             containers,
             on_shutdown,
             platform,
+            guest_network: false,
         }
+    }
+
+    /// Lets ConfigureNetwork configure this kernel's interfaces (only for
+    /// PID 1 in the guest).
+    pub fn with_guest_network(mut self) -> Self {
+        self.guest_network = true;
+        self
     }
 
     /// The process table, shared with the stdio service.
@@ -177,12 +190,32 @@ impl Agent {
                 );
                 response::Result::CloneInitialized(done)
             }),
+            Some(Body::ConfigureNetwork(net)) => self
+                .configure_network(&net)
+                .map(|()| response::Result::NetworkConfigured(NetworkConfigured {})),
             Some(Body::Ping(_)) => Ok(response::Result::Pong(Pong {
                 version: env!("CARGO_PKG_VERSION").into(),
                 uptime_ms: uptime_ms(),
             })),
         };
         out.send(req.id, result);
+    }
+
+    fn configure_network(&self, req: &proto::agent::ConfigureNetwork) -> Result<(), ProcError> {
+        if !self.guest_network {
+            // Validated all the same, so host tests see the real checks.
+            network::plan(req).map_err(ProcError::InvalidArgument)?;
+            return Err(ProcError::FailedPrecondition(
+                "ConfigureNetwork only runs in a guest (this agent serves host tests)".into(),
+            ));
+        }
+        network::configure(req)?;
+        log_info!(
+            "network configured: {} interface(s), {} route(s)",
+            req.interfaces.len(),
+            req.routes.len()
+        );
+        Ok(())
     }
 
     /// WaitOom, on its own thread: answers with the next OOM kill, or

@@ -15,7 +15,7 @@ use crate::conn::Listener;
 use crate::container::{Containers, Layout};
 use crate::reaper::Reaper;
 use crate::supervisor::Supervisor;
-use crate::{cmdline, log, log_error, mounts, stdio, vsock};
+use crate::{cmdline, log, log_error, mounts, network, stdio, vsock};
 
 /// PID 1: mounts, agent on vsock, and never returns. A fatal error powers
 /// the VM off; if even that fails, it idles (exiting would panic the kernel).
@@ -26,6 +26,10 @@ pub fn run_pid1() -> ! {
     log::use_kmsg();
     let settings = read_settings();
     log::set_debug(settings.debug);
+    // Before the template snapshot: clones get lo and a NIC that is up.
+    if let Err(e) = network::boot_up() {
+        log_error!("bringing lo and {} up: {e}", network::BOOT_NIC);
+    }
     let err = match null.and_then(|null| serve_vsock(&settings, null)) {
         Ok(never) => match never {},
         Err(e) => e,
@@ -65,6 +69,7 @@ fn serve_vsock(
         OnShutdown::PowerOff,
         Box::new(GuestPlatform),
         Layout::guest(),
+        true,
     ))
 }
 
@@ -100,6 +105,7 @@ pub fn run_unix(dir: &Path) -> io::Result<()> {
         OnShutdown::Exit,
         Box::new(platform),
         layout,
+        false,
     ))
 }
 
@@ -116,6 +122,7 @@ fn serve(
     on_shutdown: OnShutdown,
     platform: Box<dyn ClonePlatform>,
     layout: Layout,
+    guest_network: bool,
 ) -> io::Error {
     let reaper = match Reaper::start() {
         Ok(reaper) => reaper,
@@ -133,10 +140,11 @@ fn serve(
         return e;
     }
     let containers = Containers::new(layout);
-    agent::serve(
-        Arc::new(Agent::new(supervisor, containers, on_shutdown, platform)),
-        agent_l,
-    )
+    let mut agent = Agent::new(supervisor, containers, on_shutdown, platform);
+    if guest_network {
+        agent = agent.with_guest_network();
+    }
+    agent::serve(Arc::new(agent), agent_l)
 }
 
 /// Makes sure fds 0-2 are open (the kernel leaves them closed when the

@@ -15,6 +15,7 @@ pub mod conn;
 pub mod container;
 pub mod init;
 pub mod mounts;
+pub mod network;
 pub mod process;
 pub mod reaper;
 pub mod stdio;

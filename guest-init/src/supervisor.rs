@@ -44,13 +44,17 @@ pub enum ProcError {
     ContainerNotFound(String),
     #[error("container {0:?} already exists")]
     ContainerExists(String),
+    #[error("no network interface {0:?} in the guest")]
+    InterfaceNotFound(String),
 }
 
 impl ProcError {
     /// The protocol code for this error.
     pub fn code(&self) -> Code {
         match self {
-            Self::NotFound(_) | Self::ContainerNotFound(_) => Code::NotFound,
+            Self::NotFound(_) | Self::ContainerNotFound(_) | Self::InterfaceNotFound(_) => {
+                Code::NotFound
+            }
             Self::AlreadyExists(_) | Self::ContainerExists(_) => Code::AlreadyExists,
             Self::InvalidArgument(_) => Code::InvalidArgument,
             Self::FailedPrecondition(_) => Code::FailedPrecondition,

@@ -712,3 +712,35 @@ fn connections_cut_mid_call_leave_the_agent_serving() {
         thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// On a host, ConfigureNetwork checks the request as in the guest but never
+/// touches the host's interfaces: a valid one is FAILED_PRECONDITION.
+#[test]
+fn configure_network_is_checked_and_refused_on_a_host() {
+    use proto::agent::{ConfigureNetwork, Interface, IpAddress};
+    let agent = Agent::start();
+    let client = agent.client();
+    let mut req = ConfigureNetwork {
+        interfaces: vec![Interface {
+            name: "eth0".into(),
+            mac: vec![0x0a, 0x58, 0, 0, 0, 9],
+            mtu: 1500,
+            addresses: vec![IpAddress {
+                address: "10.88.0.9".into(),
+                prefix_len: 16,
+            }],
+        }],
+        routes: Vec::new(),
+    };
+    let err = client.configure_network(req.clone()).unwrap_err();
+    assert!(
+        matches!(&err, ClientError::FailedPrecondition(m) if m.contains("guest")),
+        "{err:?}"
+    );
+    req.interfaces[0].mac = vec![1; 6];
+    let err = client.configure_network(req).unwrap_err();
+    assert!(
+        matches!(&err, ClientError::InvalidArgument(m) if m.contains("unicast")),
+        "{err:?}"
+    );
+}

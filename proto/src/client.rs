@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread;
 
 use crate::agent::{
-    error::Code, request, response, CloneInitialized, CloseStdin, ContainerStats, CreateContainer,
-    CreateProcess, DeleteProcess, Exited, FreezeContainer, InitClone, ListPids, Ping, Pong,
-    RemoveContainer, Request, ResizeTty, Resources, Response, Shutdown, SignalProcess,
+    error::Code, request, response, CloneInitialized, CloseStdin, ConfigureNetwork, ContainerStats,
+    CreateContainer, CreateProcess, DeleteProcess, Exited, FreezeContainer, InitClone, ListPids,
+    Ping, Pong, RemoveContainer, Request, ResizeTty, Resources, Response, Shutdown, SignalProcess,
     StartProcess, Stats, StreamAttach, StreamAttached, StreamKind, UpdateContainer, WaitOom,
     WaitProcess,
 };
@@ -301,6 +301,16 @@ impl AgentClient {
         }
     }
 
+    /// Configures the guest's NIC (MAC, MTU, addresses, up) and routes
+    /// (see `ConfigureNetwork` in agent.proto). The shim sends it once,
+    /// right after the VM is ready, for a pod that has a network namespace.
+    pub fn configure_network(&self, req: ConfigureNetwork) -> Result<()> {
+        match self.call("configure_network", request::Body::ConfigureNetwork(req))? {
+            response::Result::NetworkConfigured(_) => Ok(()),
+            other => Err(unexpected("configure_network", &other)),
+        }
+    }
+
     /// Asks the guest to power off. The VM may vanish before its reply
     /// arrives, so a connection closing after the request went out counts as
     /// success.
@@ -442,6 +452,7 @@ fn unexpected(call: &'static str, got: &response::Result) -> ClientError {
         response::Result::Stats(_) => "stats",
         response::Result::Pids(_) => "pids",
         response::Result::OomEvent(_) => "oom_event",
+        response::Result::NetworkConfigured(_) => "network_configured",
     };
     ClientError::UnexpectedResponse { call, got }
 }
@@ -814,6 +825,51 @@ mod tests {
                 ClientError::UnexpectedResponse {
                     got: "oom_event",
                     ..
+                }
+            ));
+        });
+    }
+
+    #[test]
+    fn configure_network_round_trip() {
+        use crate::agent::{Interface, IpAddress, NetworkConfigured, Route};
+        let (client, agent) = pair();
+        let req = ConfigureNetwork {
+            interfaces: vec![Interface {
+                name: "eth0".into(),
+                mac: vec![0x02, 0, 0, 0, 0, 7],
+                mtu: 1450,
+                addresses: vec![IpAddress {
+                    address: "10.88.0.7".into(),
+                    prefix_len: 16,
+                }],
+            }],
+            routes: vec![Route {
+                destination: "0.0.0.0/0".into(),
+                gateway: "10.88.0.1".into(),
+                device: "eth0".into(),
+                ..Default::default()
+            }],
+        };
+        thread::scope(|s| {
+            let sent = req.clone();
+            let call = s.spawn(|| client.configure_network(sent));
+            let got = agent.next();
+            assert_eq!(got.body, Some(request::Body::ConfigureNetwork(req)));
+            agent.answer(
+                got.id,
+                response::Result::NetworkConfigured(NetworkConfigured {}),
+            );
+            call.join().unwrap().unwrap();
+
+            let call = s.spawn(|| client.configure_network(ConfigureNetwork::default()));
+            let got = agent.next();
+            agent.answer(got.id, response::Result::Pong(Pong::default()));
+            assert!(matches!(
+                call.join().unwrap().unwrap_err(),
+                ClientError::UnexpectedResponse {
+                    call: "configure_network",
+                    got: "pong"
                 }
             ));
         });

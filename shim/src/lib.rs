@@ -4,6 +4,7 @@
 //! are created in it through the agent (`proto`), their files shared over
 //! virtio-fs.
 
+pub mod network;
 pub mod process;
 pub mod service;
 pub mod share;

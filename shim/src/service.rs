@@ -15,6 +15,7 @@ use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Config, Error, Flags, StartOpts};
 use oci_spec::runtime::Spec;
 
+use crate::network::{self, PodNetworkMode};
 use crate::spec::Role;
 use crate::task::TaskService;
 use crate::vm::PodDir;
@@ -30,11 +31,14 @@ pub struct ArrowShim {
     exit: Arc<ExitSignal>,
 }
 
+fn spec_in(bundle: &Path) -> Result<Spec, Error> {
+    Spec::load(bundle.join("config.json"))
+        .map_err(|e| Error::InvalidArgument(format!("reading the OCI spec: {e}")))
+}
+
 /// The container's role, from the bundle's `config.json`.
 fn role_in(bundle: &Path, id: &str) -> Result<Role, Error> {
-    let spec = Spec::load(bundle.join("config.json"))
-        .map_err(|e| Error::InvalidArgument(format!("reading the OCI spec: {e}")))?;
-    Ok(Role::of(id, &spec))
+    Ok(Role::of(id, &spec_in(bundle)?))
 }
 
 #[async_trait]
@@ -63,18 +67,35 @@ impl Shim for ArrowShim {
     /// containerd calls this when the shim is gone (killed, crashed): the
     /// VMM already stopped (its lifeline closed with the shim); undo the
     /// host mounts and state of this container, and of the whole pod if
-    /// this was its sandbox.
+    /// this was its sandbox, including a tap and tc redirect left in the
+    /// pod's network namespace (if that still exists).
     async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
         let bundle = if self.bundle.is_empty() {
             std::env::current_dir().map_err(|e| Error::Other(e.to_string()))?
         } else {
             self.bundle.clone().into()
         };
-        let role = role_in(&bundle, &self.id).unwrap_or(Role::Standalone);
+        let spec = spec_in(&bundle).ok();
+        let role = spec
+            .as_ref()
+            .map(|s| Role::of(&self.id, s))
+            .unwrap_or(Role::Standalone);
         let pod = PodDir::new(&self.namespace, role.pod_id(&self.id));
         let cleaned = match role {
             Role::PodMember { .. } => crate::share::remove_tree(&pod.share().join(&self.id)),
-            Role::Sandbox | Role::Standalone => pod.clean_up(),
+            Role::Sandbox | Role::Standalone => {
+                let netns = spec.as_ref().map(PodNetworkMode::of);
+                if let Some(PodNetworkMode::Namespace(netns)) = netns {
+                    let path = netns.clone();
+                    let done = tokio::task::spawn_blocking(move || network::tear_down(&path)).await;
+                    match done {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => log::warn!("network of {}: {e}", self.id),
+                        Err(e) => log::warn!("network of {}: {e}", self.id),
+                    }
+                }
+                pod.clean_up()
+            }
         };
         if let Err(e) = cleaned {
             log::warn!("cleaning up {}: {e}", self.id);

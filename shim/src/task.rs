@@ -37,12 +37,13 @@ use proto::agent::StreamKind;
 use proto::client::{AgentClient, ClientError};
 use tokio::sync::Mutex;
 
+use crate::network::{self, PodNetworkMode};
 use crate::process::{Exit, Process, StdioPaths};
 use crate::share::{ContainerShare, RootfsMount};
 use crate::spec::{self, Role, VmShape};
 use crate::stats;
 use crate::stdio::{self, Sink};
-use crate::vm::{PodDir, PodVm};
+use crate::vm::{PodDir, PodVm, VmNic};
 
 /// The status containerd sees for an error.
 fn status(code: Code, message: impl Into<String>) -> ttrpc::Error {
@@ -180,24 +181,74 @@ impl TaskService {
     }
 
     /// Starts the pod's VM and the tasks that follow it: its exit, and OOM
-    /// kills in the guest.
+    /// kills in the guest. A spec with a network namespace path (CNI ran
+    /// there) gets its network joined to the guest's NIC first, and the
+    /// guest configured once it is up; without one the guest has only `lo`.
     async fn start_vm(&self, pod_id: &str, spec: &Spec, role: &Role) -> TtrpcResult<Arc<PodVm>> {
         let shape = VmShape::for_spec(spec, role)
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         let hostname = spec.hostname().clone().unwrap_or_default();
         let dir = PodDir::new(&self.namespace, pod_id);
-        let vm = PodVm::start(dir.clone(), shape, &hostname)
-            .await
-            .map_err(|e| {
+        let (nic, guest_net) = match PodNetworkMode::of(spec) {
+            PodNetworkMode::Namespace(netns) => {
+                let path = netns.clone();
+                let net = tokio::task::spawn_blocking(move || network::set_up(&path))
+                    .await
+                    .map_err(|e| status(Code::INTERNAL, e.to_string()))?
+                    .map_err(|e| status(Code::INTERNAL, format!("pod network: {e}")))?;
+                log::info!(
+                    "pod {pod_id}: guest NIC joined to {} in {} (MAC {}, MTU {})",
+                    net.interface,
+                    netns.display(),
+                    network::format_mac(&net.guest.mac),
+                    net.guest.mtu
+                );
+                let nic = VmNic {
+                    tap: net.tap,
+                    mtu: net.guest.mtu,
+                    netns,
+                };
+                (Some(nic), Some(net.guest))
+            }
+            PodNetworkMode::NoNic => {
+                log::warn!(
+                    "pod {pod_id}: the spec names no network namespace path (host network, \
+                     or a new empty one): the guest gets no NIC, only lo"
+                );
+                (None, None)
+            }
+        };
+        let netns = nic.as_ref().map(|n| n.netns.clone());
+        let started = PodVm::start(dir.clone(), shape, &hostname, nic).await;
+        let vm = match started {
+            Ok(vm) => Arc::new(vm),
+            Err(e) => {
+                if let Some(netns) = netns {
+                    tear_down_network(netns).await;
+                }
                 if let Err(clean) = dir.clean_up() {
                     log::warn!(
                         "cleaning {} after a failed start: {clean}",
                         dir.root().display()
                     );
                 }
-                status(Code::INTERNAL, format!("starting the pod VM: {e}"))
-            })?;
-        let vm = Arc::new(vm);
+                return Err(status(Code::INTERNAL, format!("starting the pod VM: {e}")));
+            }
+        };
+        if let Some(guest) = guest_net {
+            let (request, left_out) = guest.to_request();
+            for item in left_out {
+                log::warn!("pod {pod_id}: {item} not configured: the guest kernel has no IPv6");
+            }
+            if let Err(e) = call(vm.agent(), "configuring the guest network", move |a| {
+                a.configure_network(request)
+            })
+            .await
+            {
+                stop_and_clean(&vm).await;
+                return Err(e);
+            }
+        }
         let this = self.clone();
         let watched = vm.clone();
         tokio::spawn(async move { this.follow_vm(watched).await });
@@ -208,8 +259,13 @@ impl TaskService {
     }
 
     /// When the VMM exits, every process still running in it has ended.
+    /// Its network goes first, so whoever sees the exit (containerd then
+    /// runs CNI DEL) finds the namespace as CNI left it.
     async fn follow_vm(&self, vm: Arc<PodVm>) {
         let code = vm.wait().await;
+        if let Some(netns) = vm.netns() {
+            tear_down_network(netns.to_path_buf()).await;
+        }
         let mut ended = Vec::new();
         {
             let pod = self.pod.lock().await;
@@ -487,6 +543,9 @@ impl TaskService {
         if ends_vm {
             if let Some(vm) = pod.vm.take() {
                 vm.stop().await;
+                if let Some(netns) = vm.netns() {
+                    tear_down_network(netns.to_path_buf()).await;
+                }
                 let dir = vm.dir().clone();
                 // App containers the sandbox outlived: their shares go too.
                 let rest: Vec<_> = pod.containers.drain().collect();
@@ -512,6 +571,29 @@ impl TaskService {
             )
             .await;
         Ok(init)
+    }
+}
+
+/// Removes the tap and tc redirect from the pod's network namespace;
+/// failures are logged (the VM is gone either way, and the namespace's own
+/// removal would take the rest).
+async fn tear_down_network(netns: PathBuf) {
+    let path = netns.clone();
+    match tokio::task::spawn_blocking(move || network::tear_down(&path)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => log::warn!("tearing down the network in {}: {e}", netns.display()),
+        Err(e) => log::warn!("tearing down the network in {}: {e}", netns.display()),
+    }
+}
+
+/// Stops a VM that failed to become a pod and removes what it had.
+async fn stop_and_clean(vm: &PodVm) {
+    vm.stop().await;
+    if let Some(netns) = vm.netns() {
+        tear_down_network(netns.to_path_buf()).await;
+    }
+    if let Err(e) = vm.dir().clean_up() {
+        log::warn!("cleaning {}: {e}", vm.dir().root().display());
     }
 }
 
@@ -579,8 +661,7 @@ impl Task for TaskService {
                 match self.create_app(&vm, &req, &spec).await {
                     Ok((share, init)) => (vm, Some(share), init),
                     Err(e) => {
-                        vm.stop().await;
-                        let _ = vm.dir().clean_up();
+                        stop_and_clean(&vm).await;
                         return Err(e);
                     }
                 }

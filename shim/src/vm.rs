@@ -8,7 +8,9 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Read};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -112,12 +114,30 @@ impl PodDir {
     }
 }
 
+/// The host side of the guest's NIC, for `arrow-vmm --net-tap-fd`.
+///
+/// The guest NIC keeps the VMM's default MAC (the VMM puts the MAC in the
+/// template key, so one fixed MAC means one template for every pod);
+/// arrow-init gives it the pod's MAC before it has an address
+/// (`ConfigureNetwork`). The MTU is the device's advertised maximum, so it
+/// is the pod's: pods of one cluster share it, and so share a template.
+#[derive(Debug)]
+pub struct VmNic {
+    /// The tap, close-on-exec: only the VMM inherits it (see `start`).
+    pub tap: OwnedFd,
+    pub mtu: u32,
+    /// The pod's network namespace, where the tap is.
+    pub netns: PathBuf,
+}
+
 /// A running pod VM.
 pub struct PodVm {
     pid: u32,
     dir: PodDir,
     agent: Arc<AgentClient>,
     cloned: bool,
+    /// The network namespace whose tap the VM's NIC uses, if it has one.
+    netns: Option<PathBuf>,
     /// Closing this makes the VMM stop the VM (`--exit-on-stdin-eof`).
     lifeline: Mutex<Option<ChildStdin>>,
     exit: watch::Receiver<Option<i32>>,
@@ -126,8 +146,15 @@ pub struct PodVm {
 impl PodVm {
     /// Starts `arrow-vmm serve` for the pod (a clone of the matching
     /// template, or a fresh boot), connects to the agent and, for a clone,
-    /// makes it unique with `InitClone`.
-    pub async fn start(dir: PodDir, shape: VmShape, hostname: &str) -> Result<PodVm, VmError> {
+    /// makes it unique with `InitClone`. With `nic`, the guest gets a
+    /// virtio-net NIC over that tap; the shim's copy of the descriptor is
+    /// closed once the VMM has its own, so the tap lives as long as the VMM.
+    pub async fn start(
+        dir: PodDir,
+        shape: VmShape,
+        hostname: &str,
+        nic: Option<VmNic>,
+    ) -> Result<PodVm, VmError> {
         let vmm = vmm_binary()?;
         for d in [dir.root().to_path_buf(), dir.share()] {
             fs::create_dir_all(&d).map_err(|err| VmError::StateDir { path: d, err })?;
@@ -160,7 +187,29 @@ impl PodVm {
         if std::env::var_os("ARROW_NO_TEMPLATE").is_some() {
             cmd.arg("--no-template");
         }
-        let mut child: Child = cmd.spawn().map_err(VmError::Spawn)?;
+        if let Some(nic) = &nic {
+            let fd = nic.tap.as_raw_fd();
+            cmd.arg("--net-tap-fd")
+                .arg(fd.to_string())
+                .arg("--net-mtu")
+                .arg(nic.mtu.to_string());
+            // SAFETY: runs in the forked child before exec and only calls
+            // fcntl, which is async-signal-safe. Clearing close-on-exec
+            // there (not in the shim) means no other child the shim spawns
+            // meanwhile inherits the tap.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let spawned = cmd.spawn();
+        // The VMM has its copy now (or failed): ours would keep the tap.
+        let netns = nic.map(|nic| nic.netns);
+        let mut child: Child = spawned.map_err(VmError::Spawn)?;
         let pid = child.id();
         let _ = fs::write(dir.vmm_pid(), pid.to_string());
         let (exit_tx, exit_rx) = watch::channel(None);
@@ -183,6 +232,7 @@ impl PodVm {
             dir: dir.clone(),
             agent: Arc::new(placeholder_agent()?),
             cloned: false,
+            netns,
             lifeline: Mutex::new(lifeline),
             exit: exit_rx,
         };
@@ -254,6 +304,11 @@ impl PodVm {
 
     pub fn dir(&self) -> &PodDir {
         &self.dir
+    }
+
+    /// The pod network namespace holding the tap of the VM's NIC.
+    pub fn netns(&self) -> Option<&Path> {
+        self.netns.as_deref()
     }
 
     pub fn agent(&self) -> Arc<AgentClient> {
