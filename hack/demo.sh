@@ -5,7 +5,8 @@
 # the second is a clone of it). Then it installs the containerd shim and,
 # under Debian's containerd (a private instance: hack/containerd.sh), runs a
 # container with `ctr run --runtime io.containerd.arrow.v1` and a Kubernetes
-# pod through containerd's CRI plugin with runtime handler `arrow`.
+# pod through containerd's CRI plugin with runtime handler `arrow`, and a
+# pod whose web server answers at its pod IP from the host.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 require_root
@@ -45,4 +46,29 @@ log "the container exited with code ${code:-0}"
 log "a pod through containerd's CRI plugin, runtime handler arrow (RuntimeClass arrow)"
 "$ARROW_ROOT/target/release/arrow-pod" run --handler arrow -- \
   sh -c "$in_vm; echo pod cgroup: \$(cat /proc/self/cgroup); ls /etc/hosts /etc/resolv.conf"
+log "a web server in a pod's microVM, answering at the pod IP from the host"
+pod_out=$(mktemp)
+"$ARROW_ROOT/target/release/arrow-pod" run --handler arrow -- sh -c \
+  'mkdir -p /tmp/www; echo "<h1>served by $(hostname) from inside an Arrow microVM ($(uname -r))</h1>" >/tmp/www/index.html; exec httpd -f -v -p 8080 -h /tmp/www' \
+  >"$pod_out" 2>&1 &
+pod_pid=$!
+stop_pod() { kill -INT "$pod_pid" 2>/dev/null || true; wait "$pod_pid" || true; cat "$pod_out"; rm -f "$pod_out"; }
+ip=""
+for _ in $(seq 1200); do
+  ip=$(sed -n 's/.*handler arrow, IP \([0-9.]*\).*/\1/p' "$pod_out")
+  [ -n "$ip" ] && break
+  sleep 0.1
+done
+[ -n "$ip" ] || { stop_pod; log "ERROR: the pod got no IP"; exit 1; }
+log "pod IP $ip; GET http://$ip:8080/ from the host"
+page=""
+for _ in $(seq 120); do
+  if page=$(exec 3<>"/dev/tcp/$ip/8080" && printf 'GET / HTTP/1.0\r\n\r\n' >&3 && cat <&3) 2>/dev/null; then
+    break
+  fi
+  sleep 0.5
+done
+stop_pod
+[ -n "$page" ] || { log "ERROR: no answer from $ip:8080"; exit 1; }
+printf '%s\n' "$page"
 log "done; stop the demo containerd with hack/containerd.sh stop"
