@@ -140,7 +140,7 @@ fn pod_ip_serves_http_from_the_guest_like_runc() {
 }
 
 #[test]
-#[ignore = "fails: wget from one arrow pod to another pod's IP gets no answer in 2 min (host to pod works); under investigation, issue 5"]
+#[ignore = "busybox wget segfaults in the guest on any HTTP response (pods do reach each other: ping works); issue 5"]
 fn arrow_pods_reach_each_other_and_runc_pods() {
     if skip_unless_root("arrow_pods_reach_each_other_and_runc_pods") {
         return;
