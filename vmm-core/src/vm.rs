@@ -35,6 +35,7 @@ use crate::vcpu::{Vcpu, VcpuControl, VcpuError, VcpuHandle};
 use crate::virtio::fs::{FsError, VirtioFs};
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::net::{format_mac, NetError, NetStats, Tap, VirtioNet};
+use crate::virtio::persist::MmioTransportState;
 use crate::virtio::vsock::{VirtioVsock, VsockError};
 use crate::virtio::VirtioDevice;
 
@@ -577,13 +578,13 @@ impl Vm {
         let vsock = match (&snap.vsock, config.vsock_uds_path.take()) {
             (Some(saved), Some(uds_path)) => {
                 let dev = Arc::new(Mutex::new(VirtioVsock::restore(&saved.device, uds_path)?));
-                let (base, gsi) = devices.next_slot()?;
-                let irq = new_irq_line(&vm_fd, gsi)?;
-                let transport =
-                    MmioTransport::restore(memory.clone(), dev.clone(), irq, &saved.transport)
-                        .map_err(|e| VmError::Restore(format!("vsock transport: {e}")))?;
-                let transport = Arc::new(Mutex::new(transport));
-                devices.place(transport.clone(), base, Some(dev.clone()))?;
+                let transport = devices.attach_restored(
+                    &vm_fd,
+                    &memory,
+                    dev.clone(),
+                    &saved.transport,
+                    "vsock",
+                )?;
                 Some((transport, dev))
             }
             (Some(_), None) => {
@@ -601,13 +602,13 @@ impl Vm {
                     &dir,
                     config.fs_read_only,
                 )?));
-                let (base, gsi) = devices.next_slot()?;
-                let irq = new_irq_line(&vm_fd, gsi)?;
-                let transport =
-                    MmioTransport::restore(memory.clone(), dev.clone(), irq, &saved.transport)
-                        .map_err(|e| VmError::Restore(format!("virtio-fs transport: {e}")))?;
-                let transport = Arc::new(Mutex::new(transport));
-                devices.place(transport.clone(), base, Some(dev.clone()))?;
+                let transport = devices.attach_restored(
+                    &vm_fd,
+                    &memory,
+                    dev.clone(),
+                    &saved.transport,
+                    "virtio-fs",
+                )?;
                 Some((transport, dev))
             }
             (Some(saved), None) => {
@@ -629,13 +630,13 @@ impl Vm {
         let net = match (&snap.net, config.net_tap.take()) {
             (Some(saved), Some(tap)) => {
                 let dev = Arc::new(Mutex::new(VirtioNet::restore(&saved.device, tap)?));
-                let (base, gsi) = devices.next_slot()?;
-                let irq = new_irq_line(&vm_fd, gsi)?;
-                let transport =
-                    MmioTransport::restore(memory.clone(), dev.clone(), irq, &saved.transport)
-                        .map_err(|e| VmError::Restore(format!("virtio-net transport: {e}")))?;
-                let transport = Arc::new(Mutex::new(transport));
-                devices.place(transport.clone(), base, Some(dev.clone()))?;
+                let transport = devices.attach_restored(
+                    &vm_fd,
+                    &memory,
+                    dev.clone(),
+                    &saved.transport,
+                    "virtio-net",
+                )?;
                 Some((transport, dev))
             }
             (Some(saved), None) => {
@@ -956,6 +957,25 @@ impl VirtioDevices {
         let slot = layout::virtio_mmio_slot(self.next_slot).ok_or(VmError::TooManyDevices)?;
         self.next_slot += 1;
         Ok(slot)
+    }
+
+    /// Puts a restored device in the next slot (the order `build` gave
+    /// them) behind its restored transport, and returns the transport.
+    fn attach_restored<D: VirtioDevice + MutEventSubscriber + Send + 'static>(
+        &mut self,
+        vm_fd: &VmFd,
+        memory: &GuestMemoryMmap<()>,
+        dev: Arc<Mutex<D>>,
+        saved: &MmioTransportState,
+        what: &str,
+    ) -> Result<Arc<Mutex<MmioTransport>>, VmError> {
+        let (base, gsi) = self.next_slot()?;
+        let irq = new_irq_line(vm_fd, gsi)?;
+        let transport = MmioTransport::restore(memory.clone(), dev.clone(), irq, saved)
+            .map_err(|e| VmError::Restore(format!("{what} transport: {e}")))?;
+        let transport = Arc::new(Mutex::new(transport));
+        self.place(transport.clone(), base, Some(dev))?;
+        Ok(transport)
     }
 
     fn place(
