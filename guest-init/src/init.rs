@@ -27,8 +27,14 @@ pub fn run_pid1() -> ! {
     let settings = read_settings();
     log::set_debug(settings.debug);
     // Before the template snapshot: clones get lo and a NIC that is up.
-    if let Err(e) = network::boot_up() {
-        log_error!("bringing lo and {} up: {e}", network::BOOT_NIC);
+    match network::boot_up() {
+        Ok(true) => {
+            if let Err(e) = network::tune_tcp() {
+                log_error!("tuning TCP for {}: {e}", network::BOOT_NIC);
+            }
+        }
+        Ok(false) => {}
+        Err(e) => log_error!("bringing lo and {} up: {e}", network::BOOT_NIC),
     }
     let err = match null.and_then(|null| serve_vsock(&settings, null)) {
         Ok(never) => match never {},

@@ -310,6 +310,24 @@ pub fn boot_up() -> io::Result<bool> {
     }
 }
 
+/// How the guest's TCP sizes its TSO bursts from the connection's minimum
+/// RTT: it adds `gso_max_size >> (min_rtt_us >> tcp_tso_rtt_log)` to the
+/// pacing rate's share. The kernel's 9 (512 µs) stops adding past a few
+/// milliseconds of RTT, and a guest whose kernel is emulated (kvm_pvm) puts
+/// every RTT there by its own processing: its TCP then sends 2-segment
+/// packets, each costing the emulated stack as much as a 64 KiB one (pod →
+/// host went from 0.18 to 1.4 MB/s with this). 15 keeps full bursts below
+/// 32 ms of RTT; on hardware KVM pod RTTs are far below 512 µs, where the
+/// setting changes nothing.
+const TSO_RTT_LOG_SYSCTL: &str = "/proc/sys/net/ipv4/tcp_tso_rtt_log";
+const TSO_RTT_LOG: &str = "15";
+
+/// At boot, with a NIC: tunes the guest's TCP for the VM it runs in (see
+/// [`TSO_RTT_LOG`]).
+pub fn tune_tcp() -> io::Result<()> {
+    std::fs::write(TSO_RTT_LOG_SYSCTL, TSO_RTT_LOG)
+}
+
 /// One rtnetlink request arrow-init makes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {

@@ -195,11 +195,13 @@ async fn round(fx: &Fixture, round: u32) -> bool {
                 ..Default::default()
             })
             .unwrap();
-        // The guest's eth0 carries the veth's MAC and the pod IP.
+        // The guest's eth0 carries the veth's MAC and the pod IP; its TCP
+        // is tuned for the VM (guest-init's network::tune_tcp).
         let check = format!(
             "ip link show eth0 | grep -q 'link/ether {mac}' && \
              ip -4 addr show eth0 | grep -q 10.200.0.2/24 && \
-             ip route | grep -q 'default via 10.200.0.1'"
+             ip route | grep -q 'default via 10.200.0.1' && \
+             grep -qx 15 /proc/sys/net/ipv4/tcp_tso_rtt_log"
         );
         assert_eq!(run_in_guest(&agent, "check", &check), (0, 0), "{check}");
         // Guest -> peer.
