@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use integration::bench::{cpu_count, host_kernel, kvm_flavour, shell_words, Summary};
 use integration::containerd::{ADDRESS, BUSYBOX_IMAGE, LOG};
 use integration::cri::{
     container_config, pod_config, remove_cgroup_dirs, unique_name, ContainerState, CriClient, Pod,
@@ -64,51 +65,6 @@ struct Args {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-/// Median, min, max.
-fn summary(values: &[f64]) -> Option<(f64, f64, f64)> {
-    if values.is_empty() {
-        return None;
-    }
-    let mut v = values.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    let median = if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    };
-    Some((median, v[0], v[n - 1]))
-}
-
-fn kvm_flavour() -> String {
-    let has = |m: &str| Path::new("/sys/module").join(m).exists();
-    if has("kvm_pvm") {
-        "kvm_pvm (software nested KVM: guest kernel code is emulated)".to_string()
-    } else if has("kvm_intel") {
-        "kvm_intel (hardware KVM)".to_string()
-    } else if has("kvm_amd") {
-        "kvm_amd (hardware KVM)".to_string()
-    } else if Path::new("/dev/kvm").exists() {
-        "unknown (/dev/kvm present, no kvm_pvm/kvm_intel/kvm_amd module)".to_string()
-    } else {
-        "none (/dev/kvm missing)".to_string()
-    }
-}
-
-fn cpu_count() -> usize {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .map(|t| t.lines().filter(|l| l.starts_with("processor")).count())
-        .ok()
-        .filter(|&n| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(0, |n| n.get()))
-}
-
-fn host_kernel() -> String {
-    nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_default()
 }
 
 // ---- processes ---------------------------------------------------------
@@ -544,32 +500,17 @@ async fn idle_memory(
 // ---- report ----------------------------------------------------------------
 
 /// A command line as one would type it.
-fn shell_words(args: &[&str]) -> String {
-    args.iter()
-        .map(|a| {
-            if a.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_./=:".contains(c))
-            {
-                a.to_string()
-            } else {
-                format!("'{}'", a.replace('\'', r"'\''"))
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn cell(v: Option<(f64, f64, f64)>) -> String {
+fn cell(v: Option<Summary>) -> String {
     match v {
-        Some((med, min, max)) => format!("{med:>9.1} {min:>9.1} {max:>9.1}"),
+        Some(s) => format!("{:>9.1} {:>9.1} {:>9.1}", s.median, s.min, s.max),
         None => format!("{:>9} {:>9} {:>9}", "-", "-", "-"),
     }
 }
 
-fn ratio(a: Option<(f64, f64, f64)>, b: Option<(f64, f64, f64)>) -> String {
+fn ratio(a: Option<Summary>, b: Option<Summary>) -> String {
     match (a, b) {
         // Below the 2 ms polling step a ratio means nothing.
-        (Some((a, _, _)), Some((b, _, _))) if a >= 2.0 => format!("{:>8.2}x", b / a),
+        (Some(a), Some(b)) if a.median >= 2.0 => format!("{:>8.2}x", b.median / a.median),
         _ => format!("{:>9}", "-"),
     }
 }
@@ -729,7 +670,7 @@ async fn main() -> Result<()> {
     for (label, field) in rows {
         let stats: Vec<_> = samples
             .iter()
-            .map(|v| summary(&v.iter().map(field).collect::<Vec<_>>()))
+            .map(|v| Summary::of(&v.iter().map(field).collect::<Vec<_>>()))
             .collect();
         let mut line = format!("{label:<34}");
         for s in &stats {
@@ -750,7 +691,7 @@ async fn main() -> Result<()> {
         println!(
             "{:<34} | {}   ({} clones, {fresh} fresh boots; arrow-vmm's own figure)",
             format!("  {handler}: VM ready"),
-            cell(summary(&v)),
+            cell(Summary::of(&v)),
             vms.len() - fresh
         );
     }
@@ -803,7 +744,7 @@ async fn main() -> Result<()> {
             .iter()
             .map(|r| {
                 r.as_ref().ok().and_then(|pods| {
-                    summary(&pods.iter().map(|m| mib(m.pss_kib)).collect::<Vec<_>>())
+                    Summary::of(&pods.iter().map(|m| mib(m.pss_kib)).collect::<Vec<_>>())
                 })
             })
             .collect();
