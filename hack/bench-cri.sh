@@ -21,14 +21,7 @@ if [ $# -gt 0 ] && [ "$1" != -- ]; then runs=$1; shift; fi
 if [ $# -gt 0 ] && [ "$1" != -- ]; then idle=$1; shift; fi
 [ "${1:-}" = -- ] && shift
 
-if [ -z "${ARROW_BENCH_NO_BUILD:-}" ]; then
-  "$ARROW_ROOT/hack/deps.sh"
-  "$ARROW_ROOT/hack/build-kernel.sh" >/dev/null
-  "$ARROW_ROOT/hack/build.sh"
-  "$ARROW_ROOT/hack/install.sh"
-fi
-"$ARROW_ROOT/hack/containerd.sh" start
-"$ARROW_ROOT/hack/images.sh" import >/dev/null
+bench_cri_setup
 cd "$ARROW_ROOT"
 log "building arrow-cri-bench"
 cargo build --release --locked -p integration --bin arrow-cri-bench --bin arrow-pod

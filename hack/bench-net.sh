@@ -19,14 +19,7 @@ runs=3
 if [ $# -gt 0 ] && [ "$1" != -- ]; then runs=$1; shift; fi
 [ "${1:-}" = -- ] && shift
 
-if [ -z "${ARROW_BENCH_NO_BUILD:-}" ]; then
-  "$ARROW_ROOT/hack/deps.sh"
-  "$ARROW_ROOT/hack/build-kernel.sh" >/dev/null
-  "$ARROW_ROOT/hack/build.sh"
-  "$ARROW_ROOT/hack/install.sh"
-fi
-"$ARROW_ROOT/hack/containerd.sh" start
-"$ARROW_ROOT/hack/images.sh" import >/dev/null
+bench_cri_setup
 cd "$ARROW_ROOT"
 target=x86_64-unknown-linux-gnu
 target_dir=${CARGO_TARGET_DIR:-$ARROW_ROOT/target}

@@ -32,3 +32,17 @@ require_root() {
     exit 1
   fi
 }
+
+# CRI benchmarks' set-up: builds and installs the runtime (unless
+# ARROW_BENCH_NO_BUILD is set), the guest kernel (cached), starts the private
+# containerd and imports the test images.
+bench_cri_setup() {
+  if [ -z "${ARROW_BENCH_NO_BUILD:-}" ]; then
+    "$ARROW_ROOT/hack/deps.sh"
+    "$ARROW_ROOT/hack/build-kernel.sh" >/dev/null
+    "$ARROW_ROOT/hack/build.sh"
+    "$ARROW_ROOT/hack/install.sh"
+  fi
+  "$ARROW_ROOT/hack/containerd.sh" start
+  "$ARROW_ROOT/hack/images.sh" import >/dev/null
+}

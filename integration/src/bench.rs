@@ -83,6 +83,73 @@ pub fn shell_words(args: &[&str]) -> String {
         .join(" ")
 }
 
+/// A side-by-side table of summaries: a label column, median, min and max
+/// per runtime and, with two runtimes, the second's median over the first's.
+pub struct Table<'a> {
+    pub handlers: &'a [String],
+    pub label_width: usize,
+}
+
+impl Table<'_> {
+    /// The two header lines, `title` in the label column.
+    pub fn header(&self, title: &str) -> String {
+        let w = self.label_width;
+        let mut top = format!("{title:<w$}");
+        let mut sub = format!("{:<w$}", "");
+        for handler in self.handlers {
+            top.push_str(&format!(" | {handler:^29}"));
+            sub.push_str(&format!(" | {:>9} {:>9} {:>9}", "median", "min", "max"));
+        }
+        if let [first, second] = self.handlers {
+            top.push_str(&format!(" | {:>10}", format!("{second}/{first}")));
+            sub.push_str(&format!(" | {:>10}", "(median)"));
+        }
+        format!("{top}\n{sub}")
+    }
+
+    /// One row: a summary per runtime (`None`: no samples). The ratio is
+    /// left out when the first runtime's median is below `ratio_floor`
+    /// (under a measurement's resolution a ratio means nothing).
+    pub fn row(&self, label: &str, stats: &[Option<Summary>], ratio_floor: f64) -> String {
+        let w = self.label_width;
+        let mut line = format!("{label:<w$}");
+        for s in stats {
+            line.push_str(&format!(" | {}", cell(*s)));
+        }
+        if let [a, b] = stats {
+            let ratio = match (a, b) {
+                (Some(a), Some(b)) if a.median >= ratio_floor && a.median > 0.0 => {
+                    format!("{}x", significant(b.median / a.median))
+                }
+                _ => "-".to_string(),
+            };
+            line.push_str(&format!(" | {ratio:>10}"));
+        }
+        line
+    }
+}
+
+fn cell(s: Option<Summary>) -> String {
+    match s {
+        Some(s) => format!(
+            "{:>9} {:>9} {:>9}",
+            significant(s.median),
+            significant(s.min),
+            significant(s.max)
+        ),
+        None => format!("{:>9} {:>9} {:>9}", "-", "-", "-"),
+    }
+}
+
+/// `v` with one decimal from 10 up, else with three significant digits.
+fn significant(v: f64) -> String {
+    if v.abs() >= 10.0 || v == 0.0 || !v.is_finite() {
+        return format!("{v:.1}");
+    }
+    let decimals = (2 - v.abs().log10().floor() as i32).max(0) as usize;
+    format!("{v:.decimals$}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,6 +161,39 @@ mod tests {
         assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
         let s = Summary::of(&[4.0, 1.0, 2.0, 3.0]).unwrap();
         assert_eq!((s.median, s.min, s.max), (2.5, 1.0, 4.0));
+    }
+
+    #[test]
+    fn figures_keep_three_significant_digits_below_ten() {
+        assert_eq!(significant(2590.54), "2590.5");
+        assert_eq!(significant(1.4821), "1.48");
+        assert_eq!(significant(0.25), "0.250");
+        assert_eq!(significant(0.000_577), "0.000577");
+        assert_eq!(significant(0.0), "0.0");
+    }
+
+    #[test]
+    fn table_rows_line_up_with_the_header_and_guard_the_ratio() {
+        let handlers = ["runc".to_string(), "arrow".to_string()];
+        let table = Table {
+            handlers: &handlers,
+            label_width: 12,
+        };
+        let header = table.header("ms");
+        let row = table.row("start", &[Summary::of(&[4.0]), Summary::of(&[8.0])], 2.0);
+        assert_eq!(
+            header.lines().next().unwrap().len(),
+            row.len(),
+            "{header}\n{row}"
+        );
+        assert!(row.ends_with("2.00x"), "{row}");
+        let below = table.row("start", &[Summary::of(&[1.0]), Summary::of(&[8.0])], 2.0);
+        assert!(below.ends_with(" -"), "{below}");
+        let missing = table.row("start", &[None, Summary::of(&[8.0])], 0.0);
+        assert!(
+            missing.contains("        -         -         -"),
+            "{missing}"
+        );
     }
 
     #[test]

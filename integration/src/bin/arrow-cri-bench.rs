@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use integration::bench::{cpu_count, host_kernel, kvm_flavour, shell_words, Summary};
+use integration::bench::{cpu_count, host_kernel, kvm_flavour, shell_words, Summary, Table};
 use integration::containerd::{ADDRESS, BUSYBOX_IMAGE, LOG};
 use integration::cri::{
     container_config, pod_config, remove_cgroup_dirs, unique_name, ContainerState, CriClient, Pod,
@@ -500,21 +500,6 @@ async fn idle_memory(
 // ---- report ----------------------------------------------------------------
 
 /// A command line as one would type it.
-fn cell(v: Option<Summary>) -> String {
-    match v {
-        Some(s) => format!("{:>9.1} {:>9.1} {:>9.1}", s.median, s.min, s.max),
-        None => format!("{:>9} {:>9} {:>9}", "-", "-", "-"),
-    }
-}
-
-fn ratio(a: Option<Summary>, b: Option<Summary>) -> String {
-    match (a, b) {
-        // Below the 2 ms polling step a ratio means nothing.
-        (Some(a), Some(b)) if a.median >= 2.0 => format!("{:>8.2}x", b.median / a.median),
-        _ => format!("{:>9}", "-"),
-    }
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -640,22 +625,14 @@ async fn main() -> Result<()> {
     }
     println!();
 
-    let width = 29;
-    let mut header = format!("{:<34}", format!("pod start/stop, ms (N={})", args.runs));
-    let mut sub = format!("{:<34}", "");
-    for handler in &args.handlers {
-        header.push_str(&format!(" | {:^width$}", handler));
-        sub.push_str(&format!(" | {:>9} {:>9} {:>9}", "median", "min", "max"));
-    }
-    if args.handlers.len() == 2 {
-        header.push_str(&format!(
-            " | {:>9}",
-            format!("{}/{}", args.handlers[1], args.handlers[0])
-        ));
-        sub.push_str(&format!(" | {:>9}", "(median)"));
-    }
-    println!("{header}");
-    println!("{sub}");
+    let table = Table {
+        handlers: &args.handlers,
+        label_width: 34,
+    };
+    println!(
+        "{}",
+        table.header(&format!("pod start/stop, ms (N={})", args.runs))
+    );
     type Field = fn(&Sample) -> f64;
     let rows: [(&str, Field); 8] = [
         ("RunPodSandbox", |s| s.sandbox),
@@ -672,14 +649,8 @@ async fn main() -> Result<()> {
             .iter()
             .map(|v| Summary::of(&v.iter().map(field).collect::<Vec<_>>()))
             .collect();
-        let mut line = format!("{label:<34}");
-        for s in &stats {
-            line.push_str(&format!(" | {}", cell(*s)));
-        }
-        if stats.len() == 2 {
-            line.push_str(&format!(" | {}", ratio(stats[0], stats[1])));
-        }
-        println!("{line}");
+        // Below the 2 ms polling step a ratio means nothing.
+        println!("{}", table.row(label, &stats, 2.0));
     }
     for (h, handler) in args.handlers.iter().enumerate() {
         let vms: Vec<(u64, bool)> = samples[h].iter().filter_map(|s| s.vm).collect();
@@ -688,10 +659,13 @@ async fn main() -> Result<()> {
         }
         let fresh = vms.iter().filter(|(_, cloned)| !cloned).count();
         let v: Vec<f64> = vms.iter().map(|(ms, _)| *ms as f64).collect();
+        let one = Table {
+            handlers: std::slice::from_ref(handler),
+            label_width: 34,
+        };
         println!(
-            "{:<34} | {}   ({} clones, {fresh} fresh boots; arrow-vmm's own figure)",
-            format!("  {handler}: VM ready"),
-            cell(Summary::of(&v)),
+            "{}   ({} clones, {fresh} fresh boots; arrow-vmm's own figure)",
+            one.row(&format!("  {handler}: VM ready"), &[Summary::of(&v)], 0.0),
             vms.len() - fresh
         );
     }
@@ -748,29 +722,11 @@ async fn main() -> Result<()> {
                 })
             })
             .collect();
-        let mut header = format!("{:<34}", format!("memory, MiB (M={})", args.idle));
-        let mut sub = format!("{:<34}", "");
-        for handler in &args.handlers {
-            header.push_str(&format!(" | {:^width$}", handler));
-            sub.push_str(&format!(" | {:>9} {:>9} {:>9}", "median", "min", "max"));
-        }
-        if stats.len() == 2 {
-            header.push_str(&format!(
-                " | {:>9}",
-                format!("{}/{}", args.handlers[1], args.handlers[0])
-            ));
-            sub.push_str(&format!(" | {:>9}", "(median)"));
-        }
-        println!("{header}");
-        println!("{sub}");
-        let mut line = format!("{:<34}", "PSS PER IDLE POD");
-        for s in &stats {
-            line.push_str(&format!(" | {}", cell(*s)));
-        }
-        if stats.len() == 2 {
-            line.push_str(&format!(" | {}", ratio(stats[0], stats[1])));
-        }
-        println!("{line}");
+        println!(
+            "{}",
+            table.header(&format!("memory, MiB (M={})", args.idle))
+        );
+        println!("{}", table.row("PSS PER IDLE POD", &stats, 0.0));
     }
     Ok(())
 }

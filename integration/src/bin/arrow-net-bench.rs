@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
-use integration::bench::{cpu_count, host_kernel, kvm_flavour, Summary};
+use integration::bench::{cpu_count, host_kernel, kvm_flavour, Summary, Table};
 use integration::containerd::{ADDRESS, BUSYBOX_IMAGE};
 use integration::cri::{container_config, pod_config, unique_name, CriClient, Pod};
 use proto::cri;
@@ -270,23 +270,6 @@ async fn measure_pod(cri: &CriClient, pod: &Pod, args: &Args, bin_dir: &Path) ->
     Ok(f)
 }
 
-fn cell(s: Option<Summary>) -> String {
-    match s {
-        Some(s) if s.median < 10.0 => {
-            format!("{:>9.2} {:>9.2} {:>9.2}", s.median, s.min, s.max)
-        }
-        Some(s) => format!("{:>9.1} {:>9.1} {:>9.1}", s.median, s.min, s.max),
-        None => format!("{:>9} {:>9} {:>9}", "-", "-", "-"),
-    }
-}
-
-fn ratio(a: Option<Summary>, b: Option<Summary>) -> String {
-    match (a, b) {
-        (Some(a), Some(b)) if a.median > 0.0 => format!("{:>9.3}x", b.median / a.median),
-        _ => format!("{:>10}", "-"),
-    }
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -340,21 +323,11 @@ async fn main() -> Result<()> {
         }
     }
     println!();
-    let mut header = format!("{:<40}", "");
-    let mut sub = format!("{:<40}", "");
-    for handler in &args.handlers {
-        header.push_str(&format!(" | {handler:^29}"));
-        sub.push_str(&format!(" | {:>9} {:>9} {:>9}", "median", "min", "max"));
-    }
-    if args.handlers.len() == 2 {
-        header.push_str(&format!(
-            " | {:>10}",
-            format!("{}/{}", args.handlers[1], args.handlers[0])
-        ));
-        sub.push_str(&format!(" | {:>10}", "(median)"));
-    }
-    println!("{header}");
-    println!("{sub}");
+    let table = Table {
+        handlers: &args.handlers,
+        label_width: 40,
+    };
+    println!("{}", table.header(""));
     type Field = fn(&Figures) -> &Vec<f64>;
     let rows: [(String, Field); 5] = [
         (
@@ -383,14 +356,7 @@ async fn main() -> Result<()> {
             .iter()
             .map(|r| r.as_ref().ok().and_then(|f| Summary::of(field(f))))
             .collect();
-        let mut line = format!("{label:<40}");
-        for s in &stats {
-            line.push_str(&format!(" | {}", cell(*s)));
-        }
-        if stats.len() == 2 {
-            line.push_str(&format!(" | {}", ratio(stats[0], stats[1])));
-        }
-        println!("{line}");
+        println!("{}", table.row(&label, &stats, 0.0));
     }
     if results.iter().any(Result::is_err) {
         bail!("a runtime failed (above)");
