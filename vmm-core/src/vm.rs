@@ -405,15 +405,7 @@ impl Vm {
                     vsock.guest_cid,
                     vsock.uds_path.clone(),
                 )?));
-                let (base, gsi) = devices.next_slot()?;
-                let irq = new_irq_line(&vm_fd, gsi)?;
-                let transport = Arc::new(Mutex::new(MmioTransport::new(
-                    memory.clone(),
-                    dev.clone(),
-                    irq,
-                )));
-                devices.place(transport.clone(), base, Some(dev.clone()))?;
-                cmdline.push_virtio_mmio(base, gsi);
+                let transport = devices.attach_new(&vm_fd, &memory, dev.clone(), &mut cmdline)?;
                 Some((transport, dev))
             }
             None => None,
@@ -427,15 +419,7 @@ impl Vm {
                     &fs.shared_dir,
                     fs.read_only,
                 )?));
-                let (base, gsi) = devices.next_slot()?;
-                let irq = new_irq_line(&vm_fd, gsi)?;
-                let transport = Arc::new(Mutex::new(MmioTransport::new(
-                    memory.clone(),
-                    dev.clone(),
-                    irq,
-                )));
-                devices.place(transport.clone(), base, Some(dev.clone()))?;
-                cmdline.push_virtio_mmio(base, gsi);
+                let transport = devices.attach_new(&vm_fd, &memory, dev.clone(), &mut cmdline)?;
                 Some((transport, dev))
             }
             None => None,
@@ -443,15 +427,7 @@ impl Vm {
         let net = match config.net.take() {
             Some(net) => {
                 let dev = Arc::new(Mutex::new(VirtioNet::new(net.tap, net.mac, net.mtu)?));
-                let (base, gsi) = devices.next_slot()?;
-                let irq = new_irq_line(&vm_fd, gsi)?;
-                let transport = Arc::new(Mutex::new(MmioTransport::new(
-                    memory.clone(),
-                    dev.clone(),
-                    irq,
-                )));
-                devices.place(transport.clone(), base, Some(dev.clone()))?;
-                cmdline.push_virtio_mmio(base, gsi);
+                let transport = devices.attach_new(&vm_fd, &memory, dev.clone(), &mut cmdline)?;
                 Some((transport, dev))
             }
             None => None,
@@ -957,6 +933,27 @@ impl VirtioDevices {
         let slot = layout::virtio_mmio_slot(self.next_slot).ok_or(VmError::TooManyDevices)?;
         self.next_slot += 1;
         Ok(slot)
+    }
+
+    /// Puts a new device in the next slot behind a fresh transport, tells
+    /// the guest kernel where it is, and returns the transport.
+    fn attach_new<D: VirtioDevice + MutEventSubscriber + Send + 'static>(
+        &mut self,
+        vm_fd: &VmFd,
+        memory: &GuestMemoryMmap<()>,
+        dev: Arc<Mutex<D>>,
+        cmdline: &mut KernelCmdline,
+    ) -> Result<Arc<Mutex<MmioTransport>>, VmError> {
+        let (base, gsi) = self.next_slot()?;
+        let irq = new_irq_line(vm_fd, gsi)?;
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            memory.clone(),
+            dev.clone(),
+            irq,
+        )));
+        self.place(transport.clone(), base, Some(dev))?;
+        cmdline.push_virtio_mmio(base, gsi);
+        Ok(transport)
     }
 
     /// Puts a restored device in the next slot (the order `build` gave

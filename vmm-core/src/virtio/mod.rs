@@ -17,13 +17,15 @@ pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod persist;
+#[cfg(test)]
+mod test_utils;
 pub mod vsock;
 
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -65,6 +67,20 @@ pub enum ActivateError {
     /// A host resource the device needs could not be set up.
     #[error("device activation: {0}")]
     Io(#[from] io::Error),
+}
+
+impl ActivateError {
+    /// The checks every device makes before it takes the queues: not
+    /// active yet, and exactly as many queues as it has.
+    pub fn check(already_active: bool, expected: usize, got: usize) -> Result<(), Self> {
+        if already_active {
+            return Err(Self::AlreadyActive);
+        }
+        if got != expected {
+            return Err(Self::QueueCount { expected, got });
+        }
+        Ok(())
+    }
 }
 
 /// The interrupt state shared by a transport and its device.
@@ -182,4 +198,78 @@ pub trait VirtioDevice: Send {
     /// Returns the device to its pre-activation state: queues, memory and
     /// interrupt are dropped, backend connections are closed.
     fn reset(&mut self);
+}
+
+/// Returns descriptor chain `head` to the guest with `len` bytes written.
+/// A failure means the ring itself is unusable (the transport validated it
+/// at activation), so it is logged under `device` and the chain is lost.
+pub(crate) fn add_used(device: &str, q: &mut Queue, mem: &GuestMemory, head: u16, len: u32) {
+    if let Err(e) = q.add_used(mem, head, len) {
+        log::error!("{device}: cannot add used descriptor {head}: {e:?}");
+    }
+}
+
+/// Raises the used-buffer interrupt unless the driver suppressed it.
+pub(crate) fn signal_used(device: &str, q: &mut Queue, mem: &GuestMemory, interrupt: &Interrupt) {
+    // When in doubt, interrupt: a spurious one is cheap, a lost one hangs.
+    if q.needs_notification(mem).unwrap_or(true) {
+        if let Err(e) = interrupt.signal_used_queue() {
+            log::error!("{device}: cannot raise interrupt: {e}");
+        }
+    }
+}
+
+/// Serves a configuration-space read from `config`; a read outside it is
+/// logged and reads as zeros, whatever offset and size the guest used.
+pub(crate) fn read_config_space(device: &str, config: &[u8], offset: u64, data: &mut [u8]) {
+    let src = usize::try_from(offset)
+        .ok()
+        .and_then(|start| Some((start, start.checked_add(data.len())?)))
+        .and_then(|(start, end)| config.get(start..end));
+    match src {
+        Some(src) => data.copy_from_slice(src),
+        None => {
+            log::warn!(
+                "{device}: config read at {offset:#x} size {} out of range",
+                data.len()
+            );
+            data.fill(0);
+        }
+    }
+}
+
+/// Refuses a configuration-space write: every field our devices expose is
+/// read-only for a virtio 1.x driver.
+pub(crate) fn refuse_config_write(device: &str, offset: u64, data: &[u8]) {
+    log::warn!(
+        "{device}: config space is read-only (write at {offset:#x}, {} bytes)",
+        data.len()
+    );
+}
+
+/// Consumes an eventfd's count after a wakeup.
+pub(crate) fn drain(evt: &EventFd) {
+    // Non-blocking: EAGAIN just means another wakeup already drained it.
+    let _ = evt.read();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_inside_config_are_copied() {
+        let mut data = [0u8; 2];
+        read_config_space("test", &[1, 2, 3, 4], 1, &mut data);
+        assert_eq!(data, [2, 3]);
+    }
+
+    #[test]
+    fn reads_past_or_overflowing_the_end_read_zeros() {
+        for offset in [3, 4, u64::MAX] {
+            let mut data = [0xffu8; 2];
+            read_config_space("test", &[1, 2, 3, 4], offset, &mut data);
+            assert_eq!(data, [0, 0], "offset {offset:#x}");
+        }
+    }
 }

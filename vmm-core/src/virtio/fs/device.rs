@@ -10,14 +10,19 @@ use std::sync::Arc;
 use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{Config, PassthroughFs};
-use log::{debug, error, warn};
+use log::{debug, error};
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
     FsError, CONFIG_SPACE_SIZE, NUM_QUEUES, NUM_REQUEST_QUEUES, QUEUE_SIZE, TAG_LEN, VIRTIO_ID_FS,
 };
-use crate::virtio::{ActivateError, GuestMemory, Interrupt, VirtioDevice};
+use crate::virtio::{
+    read_config_space, refuse_config_write, ActivateError, GuestMemory, Interrupt, VirtioDevice,
+};
+
+/// The device as log lines name it.
+pub(super) const LOG_NAME: &str = "virtio-fs";
 
 /// The passthrough file system as the FUSE server sees it.
 pub(super) type SharedFs = Arc<PassthroughFs>;
@@ -171,27 +176,11 @@ impl VirtioDevice for VirtioFs {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let src = usize::try_from(offset)
-            .ok()
-            .and_then(|start| Some((start, start.checked_add(data.len())?)))
-            .and_then(|(start, end)| self.config.get(start..end));
-        match src {
-            Some(src) => data.copy_from_slice(src),
-            None => {
-                warn!(
-                    "virtio-fs: config read at {offset:#x} size {} out of range",
-                    data.len()
-                );
-                data.fill(0);
-            }
-        }
+        read_config_space(LOG_NAME, &self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        warn!(
-            "virtio-fs: config space is read-only (write at {offset:#x}, {} bytes)",
-            data.len()
-        );
+        refuse_config_write(LOG_NAME, offset, data);
     }
 
     fn activate(
@@ -200,15 +189,7 @@ impl VirtioDevice for VirtioFs {
         interrupt: Arc<Interrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if queues.len() != NUM_QUEUES {
-            return Err(ActivateError::QueueCount {
-                expected: NUM_QUEUES,
-                got: queues.len(),
-            });
-        }
+        ActivateError::check(self.active.is_some(), NUM_QUEUES, queues.len())?;
         debug!(
             "virtio-fs: activated, tag {:?}, sharing {}",
             self.tag,

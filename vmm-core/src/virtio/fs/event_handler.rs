@@ -11,12 +11,12 @@ use std::os::unix::io::AsRawFd;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use fuse_backend_rs::abi::fuse_abi::Opcode;
 use log::{error, warn};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 
-use super::device::VirtioFs;
+use super::device::{VirtioFs, LOG_NAME};
 use super::request::{handle_chain, Served};
 use super::{HIPRIO_QUEUE_INDEX, NUM_QUEUES, REQUEST_QUEUE_INDEX};
-use crate::virtio::{GuestMemory, Interrupt};
+use crate::virtio::{add_used, drain, signal_used};
 
 impl VirtioFs {
     /// Serves every request waiting on queue `index`. Returns how many
@@ -48,11 +48,11 @@ impl VirtioFs {
                     0
                 }
             };
-            add_used(q, mem, head, len);
+            add_used(LOG_NAME, q, mem, head, len);
             used += 1;
         }
         if used > 0 {
-            signal(q, mem, &active.interrupt);
+            signal_used(LOG_NAME, q, mem, &active.interrupt);
         }
         used
     }
@@ -62,26 +62,6 @@ impl VirtioFs {
             self.process_queue(index);
         }
     }
-}
-
-fn add_used(q: &mut Queue, mem: &GuestMemory, head: u16, len: u32) {
-    if let Err(e) = q.add_used(mem, head, len) {
-        error!("virtio-fs: cannot add used descriptor {head}: {e:?}");
-    }
-}
-
-fn signal(q: &mut Queue, mem: &GuestMemory, interrupt: &Interrupt) {
-    // When in doubt, interrupt: a spurious one is cheap, a lost one hangs.
-    if q.needs_notification(mem).unwrap_or(true) {
-        if let Err(e) = interrupt.signal_used_queue() {
-            error!("virtio-fs: cannot raise interrupt: {e}");
-        }
-    }
-}
-
-fn drain(evt: &vmm_sys_util::eventfd::EventFd) {
-    // Non-blocking: EAGAIN just means another wakeup already drained it.
-    let _ = evt.read();
 }
 
 impl MutEventSubscriber for VirtioFs {

@@ -13,19 +13,16 @@ use fuse_backend_rs::abi::fuse_abi::{
 };
 use virtio_bindings::virtio_mmio as regs;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Address, ByteValued, Bytes, GuestAddress};
+use vm_memory::{ByteValued, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
 use crate::devices::bus::BusDevice;
 use crate::devices::irq::IrqLine;
 use crate::virtio::mmio::MmioTransport;
+use crate::virtio::test_utils::{new_mem, GuestQueue, MEM_SIZE, QSIZE};
 use crate::virtio::{status, GuestMemory, Interrupt, VirtioDevice};
 
-const QSIZE: u16 = 64;
-const MEM_SIZE: usize = 0x100_0000;
 const HELLO: &[u8] = b"hello from the host\n";
 
 type Em = EventManager<Arc<Mutex<VirtioFs>>>;
@@ -39,91 +36,6 @@ fn temp_dir(tag: &str) -> PathBuf {
         std::env::temp_dir().join(format!("arrow-fs-e2e-{tag}-{}-{nanos}", std::process::id()));
     std::fs::create_dir(&dir).unwrap();
     dir
-}
-
-fn new_mem() -> GuestMemory {
-    GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
-}
-
-/// One queue as the guest driver sees it.
-struct GuestQueue<'a> {
-    mock: MockSplitQueue<'a, GuestMemory>,
-    mem: &'a GuestMemory,
-    next_desc: u16,
-    avail_idx: u16,
-    last_used: u16,
-}
-
-impl<'a> GuestQueue<'a> {
-    fn new(mem: &'a GuestMemory, ring: u64) -> Self {
-        Self {
-            mock: MockSplitQueue::create(mem, GuestAddress(ring), QSIZE),
-            mem,
-            next_desc: 0,
-            avail_idx: 0,
-            last_used: 0,
-        }
-    }
-
-    /// Publishes raw descriptors `(addr, len, flags, next)`; the first is
-    /// the head.
-    fn add_raw(&mut self, descs: &[(u64, u32, u16, u16)]) -> u16 {
-        let head = self.next_desc;
-        for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
-            let d = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next));
-            self.mock.desc_table().store(head + i as u16, d).unwrap();
-        }
-        self.publish(head, descs.len() as u16)
-    }
-
-    /// Publishes a chain of `(addr, len, device_writable)` descriptors.
-    fn add_chain(&mut self, descs: &[(u64, u32, bool)]) -> u16 {
-        if self.next_desc as usize + descs.len() > QSIZE as usize {
-            self.next_desc = 0;
-        }
-        let head = self.next_desc;
-        let raw: Vec<_> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, &(addr, len, write))| {
-                let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
-                let mut next = 0;
-                if i + 1 < descs.len() {
-                    flags |= VRING_DESC_F_NEXT as u16;
-                    next = head + i as u16 + 1;
-                }
-                (addr, len, flags, next)
-            })
-            .collect();
-        self.add_raw(&raw)
-    }
-
-    fn publish(&mut self, head: u16, n: u16) -> u16 {
-        self.next_desc = (self.next_desc + n) % QSIZE;
-        let avail = self.mock.avail_addr();
-        let slot = 4 + 2 * u64::from(self.avail_idx % QSIZE);
-        self.mem.write_obj(head, avail.unchecked_add(slot)).unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem
-            .write_obj(self.avail_idx, avail.unchecked_add(2))
-            .unwrap();
-        head
-    }
-
-    /// New used entries `(head, len)`.
-    fn take_used(&mut self) -> Vec<(u32, u32)> {
-        let used = self.mock.used_addr();
-        let idx: u16 = self.mem.read_obj(used.unchecked_add(2)).unwrap();
-        let mut out = Vec::new();
-        while self.last_used != idx {
-            let slot = 4 + 8 * u64::from(self.last_used % QSIZE);
-            let id: u32 = self.mem.read_obj(used.unchecked_add(slot)).unwrap();
-            let len: u32 = self.mem.read_obj(used.unchecked_add(slot + 4)).unwrap();
-            out.push((id, len));
-            self.last_used = self.last_used.wrapping_add(1);
-        }
-        out
-    }
 }
 
 /// A reply: the header and the bytes after it.

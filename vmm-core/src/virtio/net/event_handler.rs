@@ -15,11 +15,7 @@ use log::{error, warn};
 
 use super::device::VirtioNet;
 use super::{RXQ_INDEX, TXQ_INDEX};
-
-fn drain(evt: &vmm_sys_util::eventfd::EventFd) {
-    // Non-blocking: EAGAIN just means another wakeup already drained it.
-    let _ = evt.read();
-}
+use crate::virtio::drain;
 
 impl VirtioNet {
     /// What the tap should be watched for now.

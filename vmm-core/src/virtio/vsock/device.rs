@@ -23,7 +23,13 @@ use super::{
     VsockError, EVQ_INDEX, MAX_PKT_BUF_SIZE, NUM_QUEUES, QUEUE_SIZE, RXQ_INDEX, TXQ_INDEX,
     VIRTIO_ID_VSOCK, VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, VSOCK_PKT_HDR_SIZE,
 };
-use crate::virtio::{ActivateError, GuestMemory, Interrupt, VirtioDevice};
+use crate::virtio::{
+    add_used, read_config_space, refuse_config_write, signal_used, ActivateError, GuestMemory,
+    Interrupt, VirtioDevice,
+};
+
+/// The device as log lines name it.
+const LOG_NAME: &str = "vsock";
 
 struct Active {
     mem: GuestMemory,
@@ -140,8 +146,8 @@ impl VirtioVsock {
             Ok(_) => warn!("vsock: event buffer too small"),
             Err(e) => warn!("vsock: bad event buffer: {e}"),
         }
-        add_used(q, mem, head, len);
-        signal(q, mem, &active.interrupt);
+        add_used(LOG_NAME, q, mem, head, len);
+        signal_used(LOG_NAME, q, mem, &active.interrupt);
     }
 
     /// Feeds the guest's tx packets to the muxer. Returns whether any chain
@@ -169,11 +175,11 @@ impl VirtioVsock {
                 Ok(pkt) => self.muxer.handle_guest_pkt(pkt),
                 Err(e) => warn!("vsock: dropping bad tx packet: {e}"),
             }
-            add_used(q, mem, head, 0);
+            add_used(LOG_NAME, q, mem, head, 0);
             used = true;
         }
         if used {
-            signal(q, mem, &active.interrupt);
+            signal_used(LOG_NAME, q, mem, &active.interrupt);
         }
         used
     }
@@ -196,13 +202,13 @@ impl VirtioVsock {
                 Ok(b) if b.len() >= VSOCK_PKT_HDR_SIZE => b,
                 Ok(b) => {
                     warn!("vsock: rx buffer of {} bytes is too small", b.len());
-                    add_used(q, mem, head, 0);
+                    add_used(LOG_NAME, q, mem, head, 0);
                     used = true;
                     continue;
                 }
                 Err(e) => {
                     warn!("vsock: bad rx buffer: {e}");
-                    add_used(q, mem, head, 0);
+                    add_used(LOG_NAME, q, mem, head, 0);
                     used = true;
                     continue;
                 }
@@ -221,11 +227,11 @@ impl VirtioVsock {
                     0
                 }
             };
-            add_used(q, mem, head, len);
+            add_used(LOG_NAME, q, mem, head, len);
             used = true;
         }
         if used {
-            signal(q, mem, &active.interrupt);
+            signal_used(LOG_NAME, q, mem, &active.interrupt);
         }
         used
     }
@@ -288,21 +294,6 @@ fn write_event(mem: &GuestMemory, bufs: &GuestBuffers, id: u32) -> Result<(), Pa
     bufs.write_at(mem, 0, &id.to_le_bytes())
 }
 
-fn add_used(q: &mut Queue, mem: &GuestMemory, head: u16, len: u32) {
-    if let Err(e) = q.add_used(mem, head, len) {
-        error!("vsock: cannot add used descriptor {head}: {e:?}");
-    }
-}
-
-fn signal(q: &mut Queue, mem: &GuestMemory, interrupt: &Interrupt) {
-    // When in doubt, interrupt: a spurious one is cheap, a lost one hangs.
-    if q.needs_notification(mem).unwrap_or(true) {
-        if let Err(e) = interrupt.signal_used_queue() {
-            error!("vsock: cannot raise interrupt: {e}");
-        }
-    }
-}
-
 impl VirtioDevice for VirtioVsock {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_VSOCK
@@ -331,28 +322,11 @@ impl VirtioDevice for VirtioVsock {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.cid.to_le_bytes();
-        let src = usize::try_from(offset)
-            .ok()
-            .and_then(|start| Some((start, start.checked_add(data.len())?)))
-            .and_then(|(start, end)| config.get(start..end));
-        match src {
-            Some(src) => data.copy_from_slice(src),
-            None => {
-                warn!(
-                    "vsock: config read at {offset:#x} size {} out of range",
-                    data.len()
-                );
-                data.fill(0);
-            }
-        }
+        read_config_space(LOG_NAME, &self.cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        warn!(
-            "vsock: config space is read-only (write at {offset:#x}, {} bytes)",
-            data.len()
-        );
+        refuse_config_write(LOG_NAME, offset, data);
     }
 
     fn activate(
@@ -361,15 +335,7 @@ impl VirtioDevice for VirtioVsock {
         interrupt: Arc<Interrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if queues.len() != NUM_QUEUES {
-            return Err(ActivateError::QueueCount {
-                expected: NUM_QUEUES,
-                got: queues.len(),
-            });
-        }
+        ActivateError::check(self.active.is_some(), NUM_QUEUES, queues.len())?;
         debug!(
             "vsock: activated, guest CID {}, {} bytes of memory",
             self.cid,

@@ -16,14 +16,9 @@ use log::{error, warn};
 use super::device::VirtioVsock;
 use super::muxer::FdOp;
 use super::{EVQ_INDEX, RXQ_INDEX, TXQ_INDEX};
-use crate::virtio::VirtioDevice;
+use crate::virtio::{drain, VirtioDevice};
 
 impl VirtioVsock {
-    fn drain(evt: &vmm_sys_util::eventfd::EventFd) {
-        // Non-blocking: EAGAIN just means another wakeup already drained it.
-        let _ = evt.read();
-    }
-
     /// Applies the muxer's epoll changes; repeats rx once if a failed
     /// registration reset a connection.
     fn sync_interest(&mut self, ops: &mut EventOps) {
@@ -75,16 +70,16 @@ impl MutEventSubscriber for VirtioVsock {
         let set = events.event_set();
         let mut timer_fired = false;
         if fd == self.queue_evt(RXQ_INDEX).as_raw_fd() {
-            Self::drain(self.queue_evt(RXQ_INDEX));
+            drain(self.queue_evt(RXQ_INDEX));
             self.process_rx_work();
         } else if fd == self.queue_evt(TXQ_INDEX).as_raw_fd() {
-            Self::drain(self.queue_evt(TXQ_INDEX));
+            drain(self.queue_evt(TXQ_INDEX));
             self.process_queues();
         } else if fd == self.queue_evt(EVQ_INDEX).as_raw_fd() {
-            Self::drain(self.queue_evt(EVQ_INDEX));
+            drain(self.queue_evt(EVQ_INDEX));
             self.process_evq();
         } else if fd == self.kick_evt.as_raw_fd() {
-            Self::drain(&self.kick_evt);
+            drain(&self.kick_evt);
             // Whatever changed, look at every queue.
             self.process_evq();
             self.process_queues();
