@@ -6,6 +6,7 @@ pub mod bench;
 pub mod containerd;
 pub mod cri;
 pub mod image;
+pub mod netns;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -10,95 +10,21 @@
 //!
 //! Addresses are 10.200.0.0/24, inside the two namespaces the test makes.
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use containerd_shim::asynchronous::monitor::monitor_notify_by_pid;
 
+use integration::netns::{in_netns, ip, VethPair};
 use integration::{arrow_vmm, boot_lock, busybox_rootfs, kernel};
 use proto::agent::{CreateContainer, CreateProcess, Mount};
 use proto::client::AgentClient;
 use shim::network::{self, TAP_NAME};
 use shim::spec::VmShape;
 use shim::vm::{PodDir, PodVm, VmNic};
-
-fn ip(args: &[&str]) -> String {
-    let out = Command::new("ip").args(args).output().expect("running ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The pod and peer namespaces; removed on drop.
-struct Fixture {
-    pod: String,
-    peer: String,
-}
-
-impl Fixture {
-    fn new() -> Fixture {
-        let pid = std::process::id();
-        let f = Fixture {
-            pod: format!("arrow-vm-pod-{pid}"),
-            peer: format!("arrow-vm-peer-{pid}"),
-        };
-        ip(&["netns", "add", &f.pod]);
-        ip(&["netns", "add", &f.peer]);
-        ip(&[
-            "-n", &f.pod, "link", "add", "eth0", "type", "veth", "peer", "name", "peer0", "netns",
-            &f.peer,
-        ]);
-        ip(&["-n", &f.pod, "addr", "add", "10.200.0.2/24", "dev", "eth0"]);
-        ip(&[
-            "-n",
-            &f.peer,
-            "addr",
-            "add",
-            "10.200.0.1/24",
-            "dev",
-            "peer0",
-        ]);
-        for (ns, dev) in [(&f.pod, "eth0"), (&f.peer, "peer0"), (&f.pod, "lo")] {
-            ip(&["-n", ns, "link", "set", dev, "up"]);
-        }
-        ip(&["-n", &f.pod, "route", "add", "default", "via", "10.200.0.1"]);
-        f
-    }
-
-    fn netns(&self) -> PathBuf {
-        PathBuf::from("/var/run/netns").join(&self.pod)
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        for ns in [&self.pod, &self.peer] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
-
-/// Runs `f` on a thread that entered network namespace `ns`.
-fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    let file = File::open(Path::new("/var/run/netns").join(ns)).unwrap();
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            f()
-        })
-        .join()
-        .unwrap()
-    })
-}
 
 fn run_in_guest(agent: &AgentClient, id: &str, script: &str) -> (i32, i32) {
     agent
@@ -130,7 +56,7 @@ fn reap_into_monitor(pid: u32, runtime: tokio::runtime::Handle) {
     });
 }
 
-async fn round(fx: &Fixture, round: u32) -> bool {
+async fn round(fx: &VethPair, round: u32) -> bool {
     let netns = fx.netns();
     let net = tokio::task::spawn_blocking(move || network::set_up(&netns))
         .await
@@ -298,7 +224,7 @@ fn the_pod_ip_answers_from_inside_the_vm() {
         return;
     }
     let _boot = boot_lock();
-    let fx = Fixture::new();
+    let fx = VethPair::new("vm");
     let work = std::env::temp_dir().join(format!("arrow-network-vm-{}", std::process::id()));
     std::fs::create_dir_all(&work).unwrap();
     // The shim finds arrow-vmm by $ARROW_VMM and keeps pod state under

@@ -13,94 +13,20 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use integration::netns::{in_ns, ip, root_with_ip, VethPair, PEER_IP};
 use shim::network::{self, GuestRoute, TAP_NAME};
 
-fn ip(args: &[&str]) -> String {
-    let out = Command::new("ip").args(args).output().expect("running ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn in_ns(ns: &str, cmd: &[&str]) -> String {
-    let mut args = vec!["netns", "exec", ns];
-    args.extend_from_slice(cmd);
-    ip(&args)
-}
-
-/// Two namespaces joined by a veth; removed on drop.
-struct Fixture {
-    pod: String,
-    peer: String,
-}
-
-impl Fixture {
-    fn new(tag: &str) -> Fixture {
-        let pid = std::process::id();
-        let f = Fixture {
-            pod: format!("arrow-nt-pod-{tag}-{pid}"),
-            peer: format!("arrow-nt-peer-{tag}-{pid}"),
-        };
-        ip(&["netns", "add", &f.pod]);
-        ip(&["netns", "add", &f.peer]);
-        ip(&[
-            "-n", &f.pod, "link", "add", "eth0", "type", "veth", "peer", "name", "peer0", "netns",
-            &f.peer,
-        ]);
-        ip(&["-n", &f.pod, "link", "set", "eth0", "mtu", "1400"]);
-        ip(&["-n", &f.peer, "link", "set", "peer0", "mtu", "1400"]);
-        ip(&["-n", &f.pod, "addr", "add", "10.200.0.2/24", "dev", "eth0"]);
-        ip(&[
-            "-n",
-            &f.peer,
-            "addr",
-            "add",
-            "10.200.0.1/24",
-            "dev",
-            "peer0",
-        ]);
-        for (ns, dev) in [(&f.pod, "eth0"), (&f.peer, "peer0"), (&f.pod, "lo")] {
-            ip(&["-n", ns, "link", "set", dev, "up"]);
-        }
-        ip(&["-n", &f.pod, "route", "add", "default", "via", "10.200.0.1"]);
-        ip(&[
-            "-n",
-            &f.pod,
-            "route",
-            "add",
-            "192.168.77.0/24",
-            "via",
-            "10.200.0.1",
-            "metric",
-            "7",
-        ]);
-        f
-    }
-
-    fn netns(&self) -> PathBuf {
-        PathBuf::from("/var/run/netns").join(&self.pod)
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        for ns in [&self.pod, &self.peer] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
-
-fn root_with_ip() -> bool {
-    let root = nix::unistd::geteuid().is_root();
-    let has_ip = Command::new("ip").arg("-V").output().is_ok();
-    if !(root && has_ip) {
-        eprintln!("skipped: needs root and iproute2");
-    }
-    root && has_ip
+/// The veth pair with an MTU and a second route besides the default one,
+/// which `set_up` must hand to the guest.
+fn fixture(tag: &str) -> VethPair {
+    let fx = VethPair::new(tag);
+    ip(&["-n", &fx.pod, "link", "set", "eth0", "mtu", "1400"]);
+    ip(&["-n", &fx.peer, "link", "set", "peer0", "mtu", "1400"]);
+    #[rustfmt::skip]
+    ip(&[
+        "-n", &fx.pod, "route", "add", "192.168.77.0/24", "via", PEER_IP, "metric", "7",
+    ]);
+    fx
 }
 
 fn parse_mac(text: &str) -> [u8; 6] {
@@ -131,7 +57,7 @@ fn set_up_joins_a_tap_to_the_cni_veth_and_tear_down_removes_it() {
     if !root_with_ip() {
         return;
     }
-    let fx = Fixture::new("a");
+    let fx = fixture("nt-a");
     let veth_mac = parse_mac(in_ns(&fx.pod, &["cat", "/sys/class/net/eth0/address"]).trim());
 
     let net = network::set_up(&fx.netns()).expect("set_up");
@@ -249,7 +175,7 @@ fn a_foreign_ingress_qdisc_is_refused_and_kept() {
     if !root_with_ip() {
         return;
     }
-    let fx = Fixture::new("q");
+    let fx = fixture("nt-q");
     in_ns(&fx.pod, &["tc", "qdisc", "add", "dev", "eth0", "ingress"]);
     let err = network::set_up(&fx.netns()).unwrap_err();
     assert!(err.to_string().contains("not Arrow's"), "{err}");
