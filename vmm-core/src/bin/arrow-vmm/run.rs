@@ -227,10 +227,35 @@ fn start_guest(
 impl Guest {
     /// Powers the guest off cleanly, stops it if it does not comply, and
     /// removes its sockets.
+    ///
+    /// What is waited for is the VM's exit, not the agent's reply: the guest
+    /// may power off before its reply leaves the vsock device, and this
+    /// process holds the device's end of the connection until the VM is
+    /// dropped, so the reply could be waited for forever.
     fn shut_down(mut self) {
-        if self.client.shutdown().is_ok() && self.vm.wait(Some(SHUTDOWN_GRACE)).is_none() {
-            eprintln!("arrow-vmm: guest did not power off within {SHUTDOWN_GRACE:?}; stopping it");
+        let (asked_tx, asked) = std::sync::mpsc::channel();
+        let client = Arc::clone(&self.client);
+        std::thread::spawn(move || {
+            let _ = asked_tx.send(client.shutdown());
+        });
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        loop {
+            if self.vm.wait(Some(Duration::from_millis(10))).is_some() {
+                break;
+            }
+            if let Ok(Err(e)) = asked.try_recv() {
+                eprintln!("arrow-vmm: the guest refused to power off ({e}); stopping it");
+                break;
+            }
+            if Instant::now() >= deadline {
+                eprintln!(
+                    "arrow-vmm: guest did not power off within {SHUTDOWN_GRACE:?}; stopping it"
+                );
+                break;
+            }
         }
+        // Stopping and dropping the VM closes the connection, which ends the
+        // shutdown call if it still waits.
         self.vm.stop();
         drop(self.run_dir);
     }
