@@ -218,6 +218,20 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 
     let exit = vm.wait(None).unwrap_or(VmExit::Stopped);
     vm.stop();
+    if let Some(net) = vm.net_stats() {
+        eprintln!(
+            "arrow-vmm: network: {} frames in ({} bytes, {} more merged into them, held {} \
+             times, {} dropped), {} frames out ({} bytes, {} dropped)",
+            net.rx_frames,
+            net.rx_bytes,
+            net.rx_coalesced,
+            net.rx_held,
+            net.rx_dropped,
+            net.tx_frames,
+            net.tx_bytes,
+            net.tx_dropped
+        );
+    }
     let code = match &exit {
         VmExit::Stopped => {
             let why = cancel.reason().unwrap_or_else(|| "stop requested".into());

@@ -14,17 +14,26 @@ use std::time::{Duration, Instant};
 use event_manager::EventSet;
 use log::{debug, error, warn};
 use virtio_bindings::virtio_net as vn;
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory as _};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
+use super::coalesce::Merge;
 use super::header::{self, has, prepare_rx_header, HeaderError, NetHeader};
 use super::tap::Tap;
 use super::{
     format_mac, mac_is_valid, NetError, CONFIG_SPACE_SIZE, MAX_MTU, MAX_PACKET_LEN, MIN_MTU,
     NUM_QUEUES, QUEUE_SIZE, RXQ_INDEX, TXQ_INDEX, VIRTIO_ID_NET, VNET_HDR_LEN,
 };
-use crate::virtio::{ActivateError, GuestMemory, Interrupt, VirtioDevice};
+use crate::virtio::{
+    add_used, read_config_space, refuse_config_write, signal_used, ActivateError, GuestMemory,
+    Interrupt, VirtioDevice, VIRTIO_RING_F_EVENT_IDX,
+};
+
+/// The device as log lines name it.
+const LOG_NAME: &str = "virtio-net";
 
 /// Most segments (descriptor pieces) of one chain; `writev` takes at most
 /// `UIO_MAXIOV`.
@@ -32,6 +41,13 @@ pub const MAX_SEGMENTS: usize = libc::UIO_MAXIOV as usize;
 /// Most frames moved to the guest per wake-up, so tx is not starved; the
 /// tap stays readable and the loop comes back.
 pub const RX_BATCH: usize = 64;
+/// While the guest is still busy with earlier frames (its rx interrupt is
+/// off: NAPI is polling), new frames wait in the tap to be coalesced, and
+/// the device looks again this often...
+pub const RX_HOLD_RECHECK: Duration = Duration::from_micros(250);
+/// ...but no frame waits longer than this: a guest that polls without end
+/// (saturated) still gets its frames.
+pub const RX_HOLD_MAX: Duration = Duration::from_millis(10);
 
 pub(super) struct Active {
     pub(super) mem: GuestMemory,
@@ -59,6 +75,13 @@ pub struct NetStats {
     pub rx_dropped: u64,
     /// Times a frame had to wait because the guest had no rx buffer.
     pub rx_deferred: u64,
+    /// Tap frames appended to the frame before them (see [`coalesce`]), so
+    /// not counted in `rx_frames`.
+    ///
+    /// [`coalesce`]: super::coalesce
+    pub rx_coalesced: u64,
+    /// Times frames were left in the tap because the guest was busy.
+    pub rx_held: u64,
 }
 
 /// What is wrong with a chain or its frame.
@@ -181,6 +204,15 @@ pub struct VirtioNet {
     rx_buf: Box<[u8]>,
     /// The length of a frame in `rx_buf` that waits for rx buffers.
     rx_pending: Option<usize>,
+    /// The next frame from the tap, read while coalescing and not part of
+    /// the frame in `rx_buf`.
+    rx_next: Box<[u8]>,
+    /// The length of the frame in `rx_next`, if one waits there.
+    rx_lookahead: Option<usize>,
+    /// Since when frames wait in the tap for a busy guest: the tap is not
+    /// polled for input, `rx_hold_timer` brings the device back.
+    pub(super) rx_hold_since: Option<Instant>,
+    pub(super) rx_hold_timer: TimerFd,
     /// The guest had no rx buffer for `rx_pending`: the tap is not polled
     /// for input until it notifies the rx queue.
     pub(super) rx_needs_buffers: bool,
@@ -229,6 +261,10 @@ impl VirtioNet {
             kick_evt,
             rx_buf: vec![0u8; MAX_PACKET_LEN].into_boxed_slice(),
             rx_pending: None,
+            rx_next: vec![0u8; MAX_PACKET_LEN].into_boxed_slice(),
+            rx_lookahead: None,
+            rx_hold_since: None,
+            rx_hold_timer: TimerFd::new().map_err(|e| NetError::EventFd(e.into()))?,
             rx_needs_buffers: false,
             tx_blocked: false,
             tap_broken: false,
@@ -318,11 +354,11 @@ impl VirtioNet {
                         .log(format_args!("dropping tx frame (chain {head}): {e}"));
                 }
             }
-            add_used(q, mem, head, 0);
+            add_used(LOG_NAME, q, mem, head, 0);
             used = true;
         }
         if used {
-            signal(q, mem, &active.interrupt);
+            signal_used(LOG_NAME, q, mem, &active.interrupt);
         }
         used
     }
@@ -333,21 +369,42 @@ impl VirtioNet {
         let Some(active) = self.active.as_mut() else {
             return false;
         };
-        if self.tap_broken && self.rx_pending.is_none() {
+        if self.tap_broken && self.rx_pending.is_none() && self.rx_lookahead.is_none() {
             return false;
         }
         let mem = &active.mem;
         let q = &mut active.queues[RXQ_INDEX];
         let acked = self.acked_features;
         let mergeable = has(acked, vn::VIRTIO_NET_F_MRG_RXBUF);
+        let coalescing =
+            has(acked, vn::VIRTIO_NET_F_GUEST_CSUM) && has(acked, vn::VIRTIO_NET_F_GUEST_TSO4);
+        if coalescing && self.rx_pending.is_none() && self.rx_lookahead.is_none() {
+            let busy = guest_is_polling(q, mem, acked);
+            let since = *self.rx_hold_since.get_or_insert_with(Instant::now);
+            if busy && since.elapsed() < RX_HOLD_MAX {
+                if let Err(e) = self.rx_hold_timer.reset(RX_HOLD_RECHECK, None) {
+                    error!("virtio-net: cannot arm the rx hold timer: {e}");
+                } else {
+                    self.stats.rx_held += 1;
+                    return false;
+                }
+            }
+        }
+        self.rx_hold_since = None;
         let mut used = false;
         let mut frames = 0;
         self.rx_needs_buffers = false;
-        while frames < RX_BATCH {
-            let len = match self.rx_pending.take() {
-                Some(len) => len,
-                None => match self.tap.read(&mut self.rx_buf) {
-                    Ok(len) => len,
+        // A frame read ahead is taken even past the batch, uncoalesced, so
+        // none is left behind a tap that epoll no longer reports readable.
+        while frames < RX_BATCH || self.rx_lookahead.is_some() {
+            let (mut len, fresh) = if let Some(len) = self.rx_pending.take() {
+                (len, false)
+            } else if let Some(len) = self.rx_lookahead.take() {
+                std::mem::swap(&mut self.rx_buf, &mut self.rx_next);
+                (len, true)
+            } else {
+                match self.tap.read(&mut self.rx_buf) {
+                    Ok(len) => (len, true),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
@@ -359,8 +416,14 @@ impl VirtioNet {
                         self.tap_broken = true;
                         break;
                     }
-                },
+                }
             };
+            if fresh && coalescing && frames < RX_BATCH && !self.tap_broken {
+                let merged = coalesce(&self.tap, &mut self.rx_buf, &mut self.rx_next, len);
+                len = merged.len;
+                self.rx_lookahead = merged.lookahead;
+                self.stats.rx_coalesced += merged.appended;
+            }
             frames += 1;
             let packet = &mut self.rx_buf[..len];
             let checked = match NetHeader::parse(packet).and_then(|h| h.check_rx(acked)) {
@@ -394,10 +457,61 @@ impl VirtioNet {
             }
         }
         if used {
-            signal(q, mem, &active.interrupt);
+            signal_used(LOG_NAME, q, mem, &active.interrupt);
         }
         used
     }
+}
+
+/// Whether the guest's driver is working through the rx queue (it turned
+/// the used-buffer interrupt off, as Linux's NAPI does while polling), so
+/// it will look at the ring again without an interrupt. Only the avail
+/// ring's flag says so; with `EVENT_IDX` (not offered) it would not.
+fn guest_is_polling(q: &Queue, mem: &GuestMemory, acked: u64) -> bool {
+    if acked & (1 << VIRTIO_RING_F_EVENT_IDX) != 0 {
+        return false;
+    }
+    mem.read_obj::<u16>(GuestAddress(q.avail_ring()))
+        .is_ok_and(|flags| u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 != 0)
+}
+
+/// What [`coalesce`] made of a fresh frame.
+struct Coalesced {
+    /// The frame's new length.
+    len: usize,
+    /// Frames appended to it.
+    appended: u64,
+    /// The length of the frame read ahead into the lookahead buffer.
+    lookahead: Option<usize>,
+}
+
+/// Appends the frames waiting in `tap` that continue the TCP flow of the
+/// fresh frame `buf[..len]` to it (see [`super::coalesce`]). The first
+/// frame that does not continue it is left in `next`.
+fn coalesce(tap: &Tap, buf: &mut [u8], next: &mut [u8], len: usize) -> Coalesced {
+    let mut out = Coalesced {
+        len,
+        appended: 0,
+        lookahead: None,
+    };
+    let Some(mut merge) = Merge::start(&buf[..len]) else {
+        return out;
+    };
+    while !merge.closed() {
+        let n = match tap.read(next) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // Nothing waiting; an error shows again at the next read.
+            Err(_) => break,
+        };
+        if !merge.append(buf, &mut out.len, &next[..n]) {
+            out.lookahead = Some(n);
+            break;
+        }
+    }
+    out.appended = u64::from(merge.frames() - 1);
+    merge.finish(&mut buf[..out.len]);
+    out
 }
 
 /// Gathers one tx chain (header and frame) and writes it to the tap.
@@ -527,7 +641,7 @@ fn deliver(
         if let Some(err) = bad {
             // The whole frame goes: every chain taken for it returns empty.
             for c in chains.iter() {
-                add_used(q, mem, c.head, 0);
+                add_used(LOG_NAME, q, mem, c.head, 0);
             }
             return Err(RxFail::Drop { used: true, err });
         }
@@ -561,24 +675,9 @@ fn deliver(
             offset += n;
             written += n;
         }
-        add_used(q, mem, c.head, written as u32);
+        add_used(LOG_NAME, q, mem, c.head, written as u32);
     }
     Ok(())
-}
-
-fn add_used(q: &mut Queue, mem: &GuestMemory, head: u16, len: u32) {
-    if let Err(e) = q.add_used(mem, head, len) {
-        error!("virtio-net: cannot add used descriptor {head}: {e:?}");
-    }
-}
-
-fn signal(q: &mut Queue, mem: &GuestMemory, interrupt: &Interrupt) {
-    // When in doubt, interrupt: a spurious one is cheap, a lost one hangs.
-    if q.needs_notification(mem).unwrap_or(true) {
-        if let Err(e) = interrupt.signal_used_queue() {
-            error!("virtio-net: cannot raise interrupt: {e}");
-        }
-    }
 }
 
 impl VirtioDevice for VirtioNet {
@@ -611,28 +710,12 @@ impl VirtioDevice for VirtioNet {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let src = usize::try_from(offset)
-            .ok()
-            .and_then(|start| Some((start, start.checked_add(data.len())?)))
-            .and_then(|(start, end)| self.config.get(start..end));
-        match src {
-            Some(src) => data.copy_from_slice(src),
-            None => {
-                warn!(
-                    "virtio-net: config read at {offset:#x} size {} out of range",
-                    data.len()
-                );
-                data.fill(0);
-            }
-        }
+        read_config_space(LOG_NAME, &self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // The MAC is only writable for legacy drivers; nothing else is.
-        warn!(
-            "virtio-net: config space is read-only (write at {offset:#x}, {} bytes)",
-            data.len()
-        );
+        refuse_config_write(LOG_NAME, offset, data);
     }
 
     fn activate(
@@ -641,15 +724,7 @@ impl VirtioDevice for VirtioNet {
         interrupt: Arc<Interrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if queues.len() != NUM_QUEUES {
-            return Err(ActivateError::QueueCount {
-                expected: NUM_QUEUES,
-                got: queues.len(),
-            });
-        }
+        ActivateError::check(self.active.is_some(), NUM_QUEUES, queues.len())?;
         debug!(
             "virtio-net: activated, tap {}, mac {}, features {:#x}",
             self.tap.name(),
@@ -662,6 +737,8 @@ impl VirtioDevice for VirtioNet {
             queues,
         });
         self.rx_pending = None;
+        self.rx_lookahead = None;
+        self.rx_hold_since = None;
         self.rx_needs_buffers = false;
         self.tx_blocked = false;
         // The event loop starts polling the tap, and takes queued frames.
@@ -684,6 +761,8 @@ impl VirtioDevice for VirtioNet {
             warn!("virtio-net: {e}");
         }
         self.rx_pending = None;
+        self.rx_lookahead = None;
+        self.rx_hold_since = None;
         self.rx_needs_buffers = false;
         self.tx_blocked = false;
         self.kick();

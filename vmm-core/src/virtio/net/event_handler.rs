@@ -24,7 +24,7 @@ impl VirtioNet {
             return None;
         }
         let mut set = EventSet::empty();
-        if !self.rx_needs_buffers {
+        if !self.rx_needs_buffers && self.rx_hold_since.is_none() {
             set |= EventSet::IN;
         }
         if self.tx_blocked {
@@ -59,6 +59,7 @@ impl MutEventSubscriber for VirtioNet {
             self.queue_evt(RXQ_INDEX).as_raw_fd(),
             self.queue_evt(TXQ_INDEX).as_raw_fd(),
             self.kick_evt.as_raw_fd(),
+            self.rx_hold_timer.as_raw_fd(),
         ];
         for fd in fds {
             if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
@@ -83,6 +84,10 @@ impl MutEventSubscriber for VirtioNet {
         } else if fd == self.kick_evt.as_raw_fd() {
             drain(&self.kick_evt);
             self.process_tx();
+            self.process_rx();
+        } else if fd == self.rx_hold_timer.as_raw_fd() {
+            // Reading clears it; `process_rx` re-arms it if it holds on.
+            let _ = self.rx_hold_timer.wait();
             self.process_rx();
         } else if fd == self.tap.as_raw_fd() {
             if set.intersects(EventSet::ERROR | EventSet::HANG_UP) {

@@ -138,6 +138,23 @@ impl NetHeader {
         })
     }
 
+    /// Writes the header into the first 12 bytes of `out` (which must have
+    /// them), the inverse of [`NetHeader::parse`].
+    pub fn write(&self, out: &mut [u8]) {
+        out[0] = self.flags;
+        out[1] = self.gso_type;
+        let fields = [
+            self.hdr_len,
+            self.gso_size,
+            self.csum_start,
+            self.csum_offset,
+            self.num_buffers,
+        ];
+        for (i, v) in fields.into_iter().enumerate() {
+            out[2 + 2 * i..4 + 2 * i].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+
     /// Checks a header the guest sent against the features it acked: only
     /// `NEEDS_CSUM` with `CSUM`, and TCPv4/TCPv6 GSO (with ECN) only with
     /// the matching `HOST_*` features.
@@ -233,6 +250,9 @@ mod tests {
                 num_buffers: 2,
             }
         );
+        let mut out = [0u8; VNET_HDR_LEN];
+        h.write(&mut out);
+        assert_eq!(out, bytes[..VNET_HDR_LEN]);
         assert_eq!(NetHeader::parse(&bytes[..11]), Err(HeaderError::Short(11)));
         assert_eq!(NetHeader::parse(&[]), Err(HeaderError::Short(0)));
     }

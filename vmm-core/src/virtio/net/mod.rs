@@ -20,12 +20,18 @@
 //! "big packets" layout, or small buffers when it takes no GSO). A frame
 //! that finds no buffers waits in the device and the tap is no longer
 //! polled for input until the guest posts buffers and notifies the rx
-//! queue.
+//! queue. When the guest takes TSO4 (and checksum hints), consecutive TCP
+//! segments of one flow that wait in the tap are merged into one GSO frame
+//! first (`coalesce`): the guest's cost is per frame. So that they do wait
+//! when the guest is behind, frames stay in the tap while the driver has
+//! its rx interrupt off (NAPI still polling earlier frames), rechecked
+//! every [`device::RX_HOLD_RECHECK`] and for at most
+//! [`device::RX_HOLD_MAX`]; an idle guest gets every frame at once.
 //!
 //! Layout follows the other devices: [`tap`] is the host backend,
-//! [`header`] the wire header and the feature rules, [`device`] the virtio
-//! device and its queue work, [`event_handler`] what wakes it and
-//! [`persist`] its snapshot state.
+//! [`header`] the wire header and the feature rules, `coalesce` the receive
+//! coalescing, [`device`] the virtio device and its queue work,
+//! [`event_handler`] what wakes it and [`persist`] its snapshot state.
 //!
 //! What is not here: a control queue (no `CTRL_VQ`: no promiscuous/multicast
 //! filters, no MAC change or guest-announce from the driver, no runtime
@@ -34,6 +40,7 @@
 //! always up) and rate limiting. Frames waiting in the device or the tap
 //! are not part of a snapshot.
 
+mod coalesce;
 pub mod device;
 pub mod event_handler;
 pub mod header;

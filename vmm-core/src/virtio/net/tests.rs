@@ -7,105 +7,17 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, EventSet, SubscriberOps};
 use virtio_bindings::virtio_net as vn;
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Address, Bytes, GuestAddress};
+use virtio_bindings::virtio_ring::{VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_NEXT};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::header::{device_features, BASE_FEATURES, F_NEEDS_CSUM, GSO_TCPV4};
+use super::header::{device_features, NetHeader, BASE_FEATURES, F_NEEDS_CSUM, GSO_TCPV4};
 use super::*;
 use crate::devices::irq::IrqLine;
+use crate::virtio::test_utils::{new_mem, GuestQueue, MEM_SIZE, QSIZE};
 use crate::virtio::{GuestMemory, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 
-const QSIZE: u16 = 64;
-const MEM_SIZE: usize = 0x100_0000;
 const MAC: [u8; 6] = [0x02, 0xa7, 0x72, 0, 0, 1];
-
-fn new_mem() -> GuestMemory {
-    GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
-}
-
-/// One queue as the guest driver sees it.
-struct GuestQueue<'a> {
-    mock: MockSplitQueue<'a, GuestMemory>,
-    mem: &'a GuestMemory,
-    next_desc: u16,
-    avail_idx: u16,
-    last_used: u16,
-}
-
-impl<'a> GuestQueue<'a> {
-    fn new(mem: &'a GuestMemory, ring: u64) -> Self {
-        Self {
-            mock: MockSplitQueue::create(mem, GuestAddress(ring), QSIZE),
-            mem,
-            next_desc: 0,
-            avail_idx: 0,
-            last_used: 0,
-        }
-    }
-
-    /// Publishes raw descriptors `(addr, len, flags, next)`; the first is
-    /// the head.
-    fn add_raw(&mut self, descs: &[(u64, u32, u16, u16)]) -> u16 {
-        if self.next_desc as usize + descs.len() > QSIZE as usize {
-            self.next_desc = 0;
-        }
-        let head = self.next_desc;
-        for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
-            let d = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next));
-            self.mock.desc_table().store(head + i as u16, d).unwrap();
-        }
-        self.next_desc = (self.next_desc + descs.len() as u16) % QSIZE;
-        let avail = self.mock.avail_addr();
-        let slot = 4 + 2 * u64::from(self.avail_idx % QSIZE);
-        self.mem.write_obj(head, avail.unchecked_add(slot)).unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem
-            .write_obj(self.avail_idx, avail.unchecked_add(2))
-            .unwrap();
-        head
-    }
-
-    /// Publishes a chain of `(addr, len, device_writable)` descriptors.
-    fn add_chain(&mut self, descs: &[(u64, u32, bool)]) -> u16 {
-        let base = if self.next_desc as usize + descs.len() > QSIZE as usize {
-            0
-        } else {
-            self.next_desc
-        };
-        let raw: Vec<_> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, &(addr, len, write))| {
-                let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
-                let mut next = 0;
-                if i + 1 < descs.len() {
-                    flags |= VRING_DESC_F_NEXT as u16;
-                    next = base + i as u16 + 1;
-                }
-                (addr, len, flags, next)
-            })
-            .collect();
-        self.add_raw(&raw)
-    }
-
-    /// New used entries `(head, len)`.
-    fn take_used(&mut self) -> Vec<(u32, u32)> {
-        let used = self.mock.used_addr();
-        let idx: u16 = self.mem.read_obj(used.unchecked_add(2)).unwrap();
-        let mut out = Vec::new();
-        while self.last_used != idx {
-            let slot = 4 + 8 * u64::from(self.last_used % QSIZE);
-            let id: u32 = self.mem.read_obj(used.unchecked_add(slot)).unwrap();
-            let len: u32 = self.mem.read_obj(used.unchecked_add(slot + 4)).unwrap();
-            out.push((id, len));
-            self.last_used = self.last_used.wrapping_add(1);
-        }
-        out
-    }
-}
 
 /// The fake guest and the host's end of the fake tap.
 struct Guest<'a> {
@@ -397,6 +309,113 @@ fn rx_spreads_a_frame_over_mergeable_buffers() {
     assert_eq!(got, big);
     let stats = g.dev().stats();
     assert_eq!((stats.rx_frames, stats.rx_bytes), (2, 3064));
+}
+
+/// A guest that takes TSO4 with checksum hints (so rx coalesces), with
+/// eight 1536-byte rx buffers posted.
+fn tso_guest(mem: &GuestMemory) -> Guest<'_> {
+    let tso = (1 << vn::VIRTIO_NET_F_GUEST_CSUM) | (1 << vn::VIRTIO_NET_F_GUEST_TSO4);
+    let mut g = Guest::start(mem, BASE_FEATURES | tso);
+    post_rx(&mut g, 8, 1536, 0x20_0000);
+    g
+}
+
+#[test]
+fn queued_segments_of_one_flow_reach_the_guest_as_one_gso_frame() {
+    use super::coalesce::{tcp_segment, TCP_ACK, TCP_PSH};
+    // The last byte of the TCP ACK number, behind the virtio-net, Ethernet
+    // and IPv4 headers.
+    const TCP_ACK_NUMBER_AT: usize = 12 + 14 + 20 + 11;
+    let mem = new_mem();
+    let mut g = tso_guest(&mem);
+    let mss = 1448;
+    let frames = [
+        tcp_segment(0, &frame(mss, 1), TCP_ACK, 5),
+        tcp_segment(mss as u32, &frame(mss, 2), TCP_ACK | TCP_PSH, 6),
+        // Not part of it: another flow's (other ACK number).
+        tcp_segment(2 * mss as u32, &frame(mss, 3), TCP_ACK, 6),
+    ];
+    let mut frames = frames;
+    frames[2][TCP_ACK_NUMBER_AT] ^= 1;
+    for f in &frames {
+        g.host.send(f).unwrap();
+    }
+    assert!(g.dev().process_rx());
+    let used = g.rx.take_used();
+    // 12 + 14 + 20 + 32 + 2 * 1448 = 2974 bytes over two buffers, then the
+    // third segment (1526 bytes) in one.
+    assert_eq!(used, vec![(0, 1536), (1, 1438), (2, 1526)]);
+    let merged = read_guest(&mem, 0x20_0000, 12);
+    let hdr = NetHeader::parse(&merged).unwrap();
+    assert_eq!(
+        (hdr.gso_type, hdr.gso_size, hdr.num_buffers),
+        (GSO_TCPV4, 1448, 2)
+    );
+    let stats = g.dev().stats();
+    assert_eq!((stats.rx_frames, stats.rx_coalesced), (2, 1));
+    assert_eq!(stats.rx_bytes, 2962 + 1514);
+}
+
+#[test]
+fn frames_wait_in_the_tap_while_the_guest_polls_then_come_merged() {
+    use super::coalesce::{tcp_segment, TCP_ACK};
+    let mem = new_mem();
+    let mut g = tso_guest(&mem);
+    // The driver turned the rx interrupt off: it is still working through
+    // earlier frames.
+    let flags = g.rx.mock.avail_addr();
+    mem.write_obj(VRING_AVAIL_F_NO_INTERRUPT as u16, flags)
+        .unwrap();
+    for i in 0..3u32 {
+        g.host
+            .send(&tcp_segment(i * 1000, &frame(1000, 1), TCP_ACK, 5))
+            .unwrap();
+    }
+    assert!(!g.dev().process_rx(), "held while the guest polls");
+    assert!(g.rx.take_used().is_empty());
+    assert_eq!(g.dev().stats().rx_held, 1);
+    // It turned the interrupt back on: all three arrive as one frame.
+    mem.write_obj(0u16, flags).unwrap();
+    assert!(g.dev().process_rx());
+    assert_eq!(
+        g.rx.take_used().len(),
+        3,
+        "12 + 66 + 3000 bytes in three buffers"
+    );
+    let stats = g.dev().stats();
+    assert_eq!((stats.rx_frames, stats.rx_coalesced), (1, 2));
+}
+
+#[test]
+fn a_guest_that_polls_without_end_still_gets_its_frames() {
+    use super::coalesce::{tcp_segment, TCP_ACK};
+    let mem = new_mem();
+    let mut g = tso_guest(&mem);
+    mem.write_obj(VRING_AVAIL_F_NO_INTERRUPT as u16, g.rx.mock.avail_addr())
+        .unwrap();
+    g.host
+        .send(&tcp_segment(0, &frame(1000, 1), TCP_ACK, 5))
+        .unwrap();
+    assert!(!g.dev().process_rx());
+    std::thread::sleep(super::device::RX_HOLD_MAX);
+    assert!(g.dev().process_rx(), "delivered once held for RX_HOLD_MAX");
+    assert_eq!(g.rx.take_used().len(), 1);
+}
+
+#[test]
+fn without_guest_tso_frames_are_not_coalesced() {
+    use super::coalesce::{tcp_segment, TCP_ACK};
+    let mem = new_mem();
+    let mut g = Guest::start(&mem, BASE_FEATURES | (1 << vn::VIRTIO_NET_F_GUEST_CSUM));
+    post_rx(&mut g, 8, 1536, 0x20_0000);
+    for i in 0..3u32 {
+        g.host
+            .send(&tcp_segment(i * 100, &frame(100, 1), TCP_ACK, 5))
+            .unwrap();
+    }
+    assert!(g.dev().process_rx());
+    assert_eq!(g.rx.take_used().len(), 3);
+    assert_eq!(g.dev().stats().rx_coalesced, 0);
 }
 
 #[test]
