@@ -43,8 +43,10 @@ pub const MAX_SEGMENTS: usize = libc::UIO_MAXIOV as usize;
 pub const RX_BATCH: usize = 64;
 /// While the guest is still busy with earlier frames (its rx interrupt is
 /// off: NAPI is polling), new frames wait in the tap to be coalesced, and
-/// the device looks again this often...
-pub const RX_HOLD_RECHECK: Duration = Duration::from_micros(250);
+/// the device looks again this often: the most a held frame waits after the
+/// guest is done (a hardware-KVM guest's NAPI poll lasts microseconds, an
+/// emulated one's milliseconds)...
+pub const RX_HOLD_RECHECK: Duration = Duration::from_micros(100);
 /// ...but no frame waits longer than this: a guest that polls without end
 /// (saturated) still gets its frames.
 pub const RX_HOLD_MAX: Duration = Duration::from_millis(10);
@@ -80,7 +82,7 @@ pub struct NetStats {
     ///
     /// [`coalesce`]: super::coalesce
     pub rx_coalesced: u64,
-    /// Times frames were left in the tap because the guest was busy.
+    /// Times frames started to wait in the tap because the guest was busy.
     pub rx_held: u64,
 }
 
@@ -380,12 +382,13 @@ impl VirtioNet {
             has(acked, vn::VIRTIO_NET_F_GUEST_CSUM) && has(acked, vn::VIRTIO_NET_F_GUEST_TSO4);
         if coalescing && self.rx_pending.is_none() && self.rx_lookahead.is_none() {
             let busy = guest_is_polling(q, mem, acked);
+            let starts = self.rx_hold_since.is_none();
             let since = *self.rx_hold_since.get_or_insert_with(Instant::now);
             if busy && since.elapsed() < RX_HOLD_MAX {
                 if let Err(e) = self.rx_hold_timer.reset(RX_HOLD_RECHECK, None) {
                     error!("virtio-net: cannot arm the rx hold timer: {e}");
                 } else {
-                    self.stats.rx_held += 1;
+                    self.stats.rx_held += u64::from(starts);
                     return false;
                 }
             }

@@ -372,8 +372,9 @@ fn frames_wait_in_the_tap_while_the_guest_polls_then_come_merged() {
             .unwrap();
     }
     assert!(!g.dev().process_rx(), "held while the guest polls");
+    assert!(!g.dev().process_rx(), "still held at the recheck");
     assert!(g.rx.take_used().is_empty());
-    assert_eq!(g.dev().stats().rx_held, 1);
+    assert_eq!(g.dev().stats().rx_held, 1, "one hold, rechecked");
     // It turned the interrupt back on: all three arrive as one frame.
     mem.write_obj(0u16, flags).unwrap();
     assert!(g.dev().process_rx());
