@@ -25,7 +25,8 @@ pub(crate) struct GuestQueue<'a> {
     /// Where the next chain's descriptors go in the table.
     pub(crate) next_desc: u16,
     avail_idx: u16,
-    last_used: u16,
+    /// The used index the driver has read up to.
+    pub(crate) last_used: u16,
 }
 
 impl<'a> GuestQueue<'a> {
@@ -37,6 +38,25 @@ impl<'a> GuestQueue<'a> {
             next_desc: 0,
             avail_idx: 0,
             last_used: 0,
+        }
+    }
+
+    /// The same driver state over `mem`, a copy of this queue's memory (a
+    /// snapshot restored in another process).
+    pub(crate) fn resume_on<'b>(&self, mem: &'b GuestMemory) -> GuestQueue<'b> {
+        // Creating the mock zeroes the rings' flags and indexes; keep the
+        // restored ones.
+        let start = self.mock.desc_table_addr();
+        let mut rings = vec![0u8; (self.mock.end().0 - start.0) as usize];
+        mem.read_slice(&mut rings, start).unwrap();
+        let mock = MockSplitQueue::create(mem, start, QSIZE);
+        mem.write_slice(&rings, start).unwrap();
+        GuestQueue {
+            mock,
+            mem,
+            next_desc: self.next_desc,
+            avail_idx: self.avail_idx,
+            last_used: self.last_used,
         }
     }
 

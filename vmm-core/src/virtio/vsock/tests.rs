@@ -3,27 +3,25 @@
 
 use std::ffi::OsString;
 use std::io::{ErrorKind, Read, Write};
+use std::ops::{Deref, DerefMut};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, SubscriberOps};
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
-use vm_memory::{Address, Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::packet::VsockHeader;
 use super::*;
 use crate::devices::irq::IrqLine;
+use crate::virtio::test_utils;
+pub(super) use crate::virtio::test_utils::{MEM_SIZE, QSIZE};
 use crate::virtio::{GuestMemory, Interrupt, VirtioDevice};
 
 pub(super) const GUEST_CID: u64 = 3;
-pub(super) const QSIZE: u16 = 64;
-pub(super) const MEM_SIZE: usize = 0x100_0000;
 
 pub(super) type Em = EventManager<Arc<Mutex<VirtioVsock>>>;
 
@@ -38,26 +36,32 @@ pub(super) fn temp_path(tag: &str) -> PathBuf {
     ))
 }
 
-/// One queue as the guest driver sees it.
+/// One queue as the guest driver sees it, with an arena for its buffers.
 pub(super) struct GuestQueue<'a> {
-    pub(super) mock: MockSplitQueue<'a, GuestMemory>,
-    mem: &'a GuestMemory,
-    next_desc: u16,
-    avail_idx: u16,
-    pub(super) last_used: u16,
+    ring: test_utils::GuestQueue<'a>,
     /// Where this queue's buffers live.
     buf_base: u64,
     next_buf: u64,
 }
 
+impl<'a> Deref for GuestQueue<'a> {
+    type Target = test_utils::GuestQueue<'a>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.ring
+    }
+}
+
+impl DerefMut for GuestQueue<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.ring
+    }
+}
+
 impl<'a> GuestQueue<'a> {
     fn new(mem: &'a GuestMemory, ring: u64, buf_base: u64) -> Self {
         Self {
-            mock: MockSplitQueue::create(mem, GuestAddress(ring), QSIZE),
-            mem,
-            next_desc: 0,
-            avail_idx: 0,
-            last_used: 0,
+            ring: test_utils::GuestQueue::new(mem, ring),
             buf_base,
             next_buf: 0,
         }
@@ -66,19 +70,8 @@ impl<'a> GuestQueue<'a> {
     /// The same driver state over `mem`, a copy of this queue's memory (a
     /// snapshot restored in another process).
     fn resume_on<'b>(&self, mem: &'b GuestMemory) -> GuestQueue<'b> {
-        // Creating the mock zeroes the rings' flags and indexes; keep the
-        // restored ones.
-        let start = self.mock.desc_table_addr();
-        let mut rings = vec![0u8; (self.mock.end().0 - start.0) as usize];
-        mem.read_slice(&mut rings, start).unwrap();
-        let mock = MockSplitQueue::create(mem, start, QSIZE);
-        mem.write_slice(&rings, start).unwrap();
         GuestQueue {
-            mock,
-            mem,
-            next_desc: self.next_desc,
-            avail_idx: self.avail_idx,
-            last_used: self.last_used,
+            ring: self.ring.resume_on(mem),
             buf_base: self.buf_base,
             next_buf: self.next_buf,
         }
@@ -96,50 +89,6 @@ impl<'a> GuestQueue<'a> {
         let a = self.buf_base + self.next_buf;
         self.next_buf += (len + 0xfff) & !0xfff;
         a
-    }
-
-    /// Publishes a chain of `(addr, len, device_writable)` descriptors.
-    fn add_chain(&mut self, descs: &[(u64, u32, bool)]) -> u16 {
-        if self.next_desc as usize + descs.len() > QSIZE as usize {
-            self.next_desc = 0;
-        }
-        let head = self.next_desc;
-        for (i, &(addr, len, write)) in descs.iter().enumerate() {
-            let idx = head + i as u16;
-            let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
-            let next = if i + 1 < descs.len() {
-                flags |= VRING_DESC_F_NEXT as u16;
-                idx + 1
-            } else {
-                0
-            };
-            let d = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next));
-            self.mock.desc_table().store(idx, d).unwrap();
-        }
-        self.next_desc += descs.len() as u16;
-        let avail = self.mock.avail_addr();
-        let slot = 4 + 2 * u64::from(self.avail_idx % QSIZE);
-        self.mem.write_obj(head, avail.unchecked_add(slot)).unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem
-            .write_obj(self.avail_idx, avail.unchecked_add(2))
-            .unwrap();
-        head
-    }
-
-    /// New used entries `(head, len)`.
-    fn take_used(&mut self) -> Vec<(u32, u32)> {
-        let used = self.mock.used_addr();
-        let idx: u16 = self.mem.read_obj(used.unchecked_add(2)).unwrap();
-        let mut out = Vec::new();
-        while self.last_used != idx {
-            let slot = 4 + 8 * u64::from(self.last_used % QSIZE);
-            let id: u32 = self.mem.read_obj(used.unchecked_add(slot)).unwrap();
-            let len: u32 = self.mem.read_obj(used.unchecked_add(slot + 4)).unwrap();
-            out.push((id, len));
-            self.last_used = self.last_used.wrapping_add(1);
-        }
-        out
     }
 }
 
