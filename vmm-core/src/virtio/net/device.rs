@@ -384,7 +384,9 @@ impl VirtioNet {
             let busy = guest_is_polling(q, mem, acked);
             let starts = self.rx_hold_since.is_none();
             let since = *self.rx_hold_since.get_or_insert_with(Instant::now);
-            if busy && since.elapsed() < RX_HOLD_MAX {
+            // A hold starts only for frames that are there: rechecks of an
+            // empty tap would be wake-ups for nothing.
+            if busy && since.elapsed() < RX_HOLD_MAX && (!starts || self.tap.has_input()) {
                 if let Err(e) = self.rx_hold_timer.reset(RX_HOLD_RECHECK, None) {
                     error!("virtio-net: cannot arm the rx hold timer: {e}");
                 } else {

@@ -10,7 +10,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 use super::{NetError, VNET_HDR_LEN};
@@ -205,6 +205,13 @@ impl Tap {
         } else {
             Ok(n as usize)
         }
+    }
+
+    /// Whether a frame waits to be read, without reading it.
+    pub fn has_input(&self) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let mut fds = [PollFd::new(self.file.as_fd(), PollFlags::POLLIN)];
+        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
     }
 
     /// Writes one header and frame gathered from `iovecs`.

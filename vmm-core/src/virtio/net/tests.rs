@@ -388,6 +388,16 @@ fn frames_wait_in_the_tap_while_the_guest_polls_then_come_merged() {
 }
 
 #[test]
+fn nothing_is_held_while_the_tap_is_empty() {
+    let mem = new_mem();
+    let g = tso_guest(&mem);
+    mem.write_obj(VRING_AVAIL_F_NO_INTERRUPT as u16, g.rx.mock.avail_addr())
+        .unwrap();
+    assert!(!g.dev().process_rx());
+    assert_eq!(g.dev().stats().rx_held, 0);
+}
+
+#[test]
 fn a_guest_that_polls_without_end_still_gets_its_frames() {
     use super::coalesce::{tcp_segment, TCP_ACK};
     let mem = new_mem();
