@@ -77,6 +77,35 @@ pub enum NetworkError {
     Tap(io::Error),
     #[error("network thread: {0}")]
     Thread(String),
+    #[error(
+        "network namespace {0}: that is the host's (or the shim's own) network namespace; \
+         an Arrow pod needs a namespace of its own (hostNetwork pods cannot run in a microVM)"
+    )]
+    HostNetns(PathBuf),
+}
+
+/// Refuses a namespace that is the host's (PID 1's) or the shim's own: the
+/// shim would move that namespace's interface traffic into the pod's tap.
+/// Checked on the opened descriptor, the one `setns` then uses.
+fn check_pod_netns(ns: &File, path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let id = |m: &std::fs::Metadata| (m.dev(), m.ino());
+    let opened = ns.metadata().map_err(|source| NetworkError::Netns {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    for forbidden in [
+        "/proc/1/ns/net",
+        "/proc/self/ns/net",
+        "/proc/thread-self/ns/net",
+    ] {
+        if let Ok(m) = std::fs::metadata(forbidden) {
+            if id(&m) == id(&opened) {
+                return Err(NetworkError::HostNetns(path.to_path_buf()));
+            }
+        }
+    }
+    Ok(())
 }
 
 type Result<T, E = NetworkError> = std::result::Result<T, E>;
@@ -395,6 +424,7 @@ where
             })
         }
     };
+    check_pod_netns(&ns, netns)?;
     std::thread::scope(|s| {
         let thread = std::thread::Builder::new()
             .name("netns".into())
@@ -989,6 +1019,19 @@ mod tests {
         assert_eq!(req.routes[0].source, "10.88.0.7");
         assert_eq!(req.routes[0].metric, 5);
         assert!(req.routes.iter().all(|r| r.device == "eth0"));
+    }
+
+    #[test]
+    fn the_host_netns_is_refused() {
+        for path in ["/proc/1/ns/net", "/proc/self/ns/net"] {
+            if !Path::new(path).exists() {
+                continue;
+            }
+            let err = set_up(Path::new(path)).unwrap_err();
+            assert!(matches!(err, NetworkError::HostNetns(_)), "{path}: {err}");
+            let err = tear_down(Path::new(path)).unwrap_err();
+            assert!(matches!(err, NetworkError::HostNetns(_)), "{path}: {err}");
+        }
     }
 
     #[test]

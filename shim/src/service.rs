@@ -38,7 +38,7 @@ fn spec_in(bundle: &Path) -> Result<Spec, Error> {
 
 /// The container's role, from the bundle's `config.json`.
 fn role_in(bundle: &Path, id: &str) -> Result<Role, Error> {
-    Ok(Role::of(id, &spec_in(bundle)?))
+    Role::of(id, &spec_in(bundle)?).map_err(|e| Error::InvalidArgument(e.to_string()))
 }
 
 #[async_trait]
@@ -76,13 +76,15 @@ impl Shim for ArrowShim {
             self.bundle.clone().into()
         };
         let spec = spec_in(&bundle).ok();
-        let role = spec
-            .as_ref()
-            .map(|s| Role::of(&self.id, s))
-            .unwrap_or(Role::Standalone);
-        let pod = PodDir::new(&self.namespace, role.pod_id(&self.id));
+        let role = match spec.as_ref().map(|s| Role::of(&self.id, s)) {
+            Some(Ok(role)) => role,
+            Some(Err(e)) => return Err(Error::InvalidArgument(e.to_string())),
+            None => Role::Standalone,
+        };
+        let pod = PodDir::new(&self.namespace, role.pod_id(&self.id))
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let cleaned = match role {
-            Role::PodMember { .. } => crate::share::remove_tree(&pod.share().join(&self.id)),
+            Role::PodMember { .. } => pod.share().remove_container(&self.id),
             Role::Sandbox | Role::Standalone => {
                 let netns = spec.as_ref().map(PodNetworkMode::of);
                 if let Some(PodNetworkMode::Namespace(netns)) = netns {

@@ -1,18 +1,40 @@
-//! The host side of a pod's virtio-fs share: one directory per pod that
-//! `arrow-vmm` exports to the guest, under which the shim mounts each
-//! container's rootfs and bind-mounts its volumes. The guest sees every one
-//! of these mounts through the one device, so containers can come and go
+//! The host side of a pod's virtio-fs share: one tree per pod that
+//! `arrow-vmm` exports to the guest, on which the shim mounts each
+//! container's rootfs and binds its volumes. The guest sees every one of
+//! these mounts through the one device, so containers can come and go
 //! without touching the VM's devices.
+//!
+//! The guest is hostile, and the VMM serves this tree to it with root's
+//! rights, so the shim (root) never resolves a path the guest can change:
+//!
+//! - `<pod>/skeleton/` holds the directories and mount-point files the shim
+//!   creates (`<container>/rootfs`, `<container>/mounts/<n>`). It is never
+//!   exported.
+//! - `<pod>/shared/` is what the VMM exports: a read-only, `nosuid`,
+//!   `nodev`, `noexec` bind mount of the skeleton, with each container's
+//!   rootfs and volumes mounted on top of it. The guest can write only
+//!   inside those mounts (each writable or not by its own flags); the
+//!   skeleton's own entries, every path the shim walks, are read-only to it,
+//!   so it can plant no symlink and fill no host directory there.
+//! - Each mount is complete before it is attached: binds are cloned from
+//!   their source with `open_tree`, given their flags with `mount_setattr`
+//!   and only then moved into the view with `move_mount`, so a read-only
+//!   volume is never writable, not even for an instant. Every mount in the
+//!   view is `nodev`: a device node the guest creates in its rootfs or a
+//!   volume can never be opened on the host by the VMM.
+//! - Unmounting uses `UMOUNT_NOFOLLOW`.
 //!
 //! Layout: `<share>/<container>/rootfs` and `<share>/<container>/mounts/<n>`.
 
-use std::fs;
+use std::fs::{self, OpenOptions};
 use std::io;
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Component, Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use rustix::mount::{move_mount, open_tree, MoveMountFlags, OpenTreeFlags};
 
-use crate::spec::SharedBind;
+use crate::spec::{check_identifier, SharedBind, SpecError};
 
 /// A failed host mount.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +54,12 @@ pub enum ShareError {
         path: PathBuf,
         err: io::Error,
     },
+    #[error("share path {0:?} is not a plain relative path inside the container's directory")]
+    BadSharePath(String),
+    #[error("{0} is already set up: a pod of this id still has its share (delete it first)")]
+    AlreadySetUp(PathBuf),
+    #[error(transparent)]
+    Id(#[from] SpecError),
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ShareError + 'a {
@@ -91,150 +119,353 @@ fn parse_options(options: &[String]) -> (MsFlags, String) {
     (flags, data.join(","))
 }
 
-/// One container's part of the share; `unmount` (or drop) removes it.
-#[derive(Debug)]
-pub struct ContainerShare {
-    dir: PathBuf,
+/// A pod's share: the skeleton the shim writes and the read-only view the
+/// VMM exports (see the module doc).
+#[derive(Clone, Debug)]
+pub struct PodShare {
+    skeleton: PathBuf,
+    view: PathBuf,
 }
 
-impl ContainerShare {
-    /// Mounts container `id`'s rootfs and binds under `share/<id>`. On error
+impl PodShare {
+    /// The share of the pod whose state directory is `pod_root`.
+    pub fn new(pod_root: &Path) -> PodShare {
+        PodShare {
+            skeleton: pod_root.join("skeleton"),
+            view: pod_root.join("shared"),
+        }
+    }
+
+    /// The directory the VMM exports to the guest.
+    pub fn view(&self) -> &Path {
+        &self.view
+    }
+
+    /// Creates the skeleton and mounts the read-only view of it. Runs
+    /// before the VM exists, so the guest never sees the view writable.
+    pub fn set_up(&self) -> Result<(), ShareError> {
+        fs::create_dir_all(&self.skeleton).map_err(io_err("create", &self.skeleton))?;
+        fs::create_dir_all(&self.view).map_err(io_err("create", &self.view))?;
+        let mountinfo = read_mountinfo()?;
+        if !mounts_under(&mountinfo, &self.view).is_empty() {
+            return Err(ShareError::AlreadySetUp(self.view.clone()));
+        }
+        let fail = |err| ShareError::Mount {
+            kind: "bind".into(),
+            source_path: self.skeleton.display().to_string(),
+            target: self.view.clone(),
+            err,
+        };
+        mount(
+            Some(&self.skeleton),
+            &self.view,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(fail)?;
+        let sealed = mount(
+            None::<&str>,
+            &self.view,
+            None::<&str>,
+            MsFlags::MS_BIND
+                | MsFlags::MS_REMOUNT
+                | MsFlags::MS_RDONLY
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NODEV
+                | MsFlags::MS_NOEXEC,
+            None::<&str>,
+        )
+        .and_then(|()| {
+            // Container mounts on the view stay out of the host's other
+            // mount namespaces.
+            mount(
+                None::<&str>,
+                &self.view,
+                None::<&str>,
+                MsFlags::MS_PRIVATE,
+                None::<&str>,
+            )
+        });
+        if let Err(err) = sealed {
+            let _ = umount2(&self.view, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW);
+            return Err(fail(err));
+        }
+        Ok(())
+    }
+
+    /// Mounts container `id`'s rootfs and binds in the view. On error
     /// everything already mounted is undone.
-    pub fn create(
-        share: &Path,
+    pub fn add_container(
+        &self,
         id: &str,
         rootfs: &[RootfsMount],
         bundle_rootfs: &Path,
         binds: &[SharedBind],
     ) -> Result<ContainerShare, ShareError> {
-        let dir = share.join(id);
-        let this = ContainerShare { dir };
-        this.populate(share, rootfs, bundle_rootfs, binds)?;
+        check_identifier("container id", id)?;
+        let this = ContainerShare {
+            share: self.clone(),
+            id: id.to_string(),
+        };
+        this.populate(rootfs, bundle_rootfs, binds)?;
         Ok(this)
     }
 
+    /// Unmounts everything of container `id` and removes its directories.
+    pub fn remove_container(&self, id: &str) -> Result<(), ShareError> {
+        check_identifier("container id", id)?;
+        // The view's directory is the skeleton's, seen read-only.
+        unmount_under(&self.view.join(id))?;
+        remove_tree(&self.skeleton.join(id))
+    }
+}
+
+/// One container's part of a pod's share; `unmount` (or drop) removes it.
+#[derive(Debug)]
+pub struct ContainerShare {
+    share: PodShare,
+    id: String,
+}
+
+impl ContainerShare {
     fn populate(
         &self,
-        share: &Path,
         rootfs: &[RootfsMount],
         bundle_rootfs: &Path,
         binds: &[SharedBind],
     ) -> Result<(), ShareError> {
-        let target = self.dir.join("rootfs");
-        fs::create_dir_all(&target).map_err(io_err("create", &target))?;
+        let skeleton = self.share.skeleton.join(&self.id);
+        let view = self.share.view.join(&self.id);
+        let mount_point = skeleton.join("rootfs");
+        fs::create_dir_all(&mount_point).map_err(io_err("create", &mount_point))?;
+        let target = view.join("rootfs");
         if rootfs.is_empty() {
             // `ctr run --rootfs` or a bundle whose rootfs is already there.
-            bind(bundle_rootfs, &target, false)?;
+            attach_bind(bundle_rootfs, &target, true, BindAttrs::default())?;
         }
         for m in rootfs {
             mount_one(m, &target)?;
         }
         for b in binds {
-            let target = share.join(&b.share_path);
+            let relative = share_path_of(&self.id, &b.share_path)?;
             let source = Path::new(&b.source);
-            let is_dir = fs::metadata(source)
+            // The clone fixes what is mounted: the source path is not looked
+            // at again, so its type below is the type of what gets attached.
+            let tree = clone_tree(source, true)?;
+            let is_dir = fs::File::from(tree.try_clone().map_err(io_err("dup", source))?)
+                .metadata()
                 .map_err(io_err("bind source", source))?
                 .is_dir();
-            if let Some(parent) = target.parent() {
+            let mount_point = self.share.skeleton.join(&relative);
+            if let Some(parent) = mount_point.parent() {
                 fs::create_dir_all(parent).map_err(io_err("create", parent))?;
             }
             if is_dir {
-                fs::create_dir_all(&target).map_err(io_err("create", &target))?;
+                fs::create_dir_all(&mount_point).map_err(io_err("create", &mount_point))?;
             } else {
-                fs::File::create(&target).map_err(io_err("create", &target))?;
+                OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&mount_point)
+                    .map_err(io_err("create", &mount_point))?;
             }
-            bind(source, &target, b.read_only)?;
+            let attrs = BindAttrs {
+                read_only: b.read_only,
+                ..BindAttrs::default()
+            };
+            attach(tree, source, &self.share.view.join(&relative), true, attrs)?;
         }
         Ok(())
     }
 
-    /// The container's directory in the share.
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    /// The container's directory in the view the guest sees.
+    pub fn dir(&self) -> PathBuf {
+        self.share.view.join(&self.id)
     }
 
-    /// Unmounts everything under the container's directory and removes it.
+    /// Unmounts everything of the container and removes its directories.
     pub fn unmount(&self) -> Result<(), ShareError> {
-        remove_tree(&self.dir)
+        self.share.remove_container(&self.id)
     }
 }
 
 impl Drop for ContainerShare {
     fn drop(&mut self) {
-        if self.dir.exists() {
-            if let Err(e) = remove_tree(&self.dir) {
-                log::warn!("cleaning {}: {e}", self.dir.display());
+        let dirs = [
+            self.share.view.join(&self.id),
+            self.share.skeleton.join(&self.id),
+        ];
+        if dirs.iter().any(|d| d.exists()) {
+            if let Err(e) = self.unmount() {
+                log::warn!("cleaning container {} of the share: {e}", self.id);
             }
         }
     }
 }
 
+/// `share_path` (from the spec plan) as a relative path of plain
+/// components under container `id`'s directory.
+fn share_path_of(id: &str, share_path: &str) -> Result<PathBuf, ShareError> {
+    let path = Path::new(share_path);
+    let plain = path.components().all(|c| matches!(c, Component::Normal(_)));
+    let mut components = path.components();
+    let under_id = components.next() == Some(Component::Normal(id.as_ref()));
+    if !plain || !under_id || components.next().is_none() {
+        return Err(ShareError::BadSharePath(share_path.to_string()));
+    }
+    Ok(path.to_path_buf())
+}
+
+/// Per-mount flags a bind gets before it is attached. Every mount in the
+/// view is `nodev` (see the module doc).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct BindAttrs {
+    read_only: bool,
+    nosuid: bool,
+    noexec: bool,
+}
+
+impl BindAttrs {
+    fn from_flags(flags: MsFlags) -> BindAttrs {
+        BindAttrs {
+            read_only: flags.contains(MsFlags::MS_RDONLY),
+            nosuid: flags.contains(MsFlags::MS_NOSUID),
+            noexec: flags.contains(MsFlags::MS_NOEXEC),
+        }
+    }
+
+    fn mount_attr_set(self) -> u64 {
+        let mut set = libc::MOUNT_ATTR_NODEV;
+        if self.read_only {
+            set |= libc::MOUNT_ATTR_RDONLY;
+        }
+        if self.nosuid {
+            set |= libc::MOUNT_ATTR_NOSUID;
+        }
+        if self.noexec {
+            set |= libc::MOUNT_ATTR_NOEXEC;
+        }
+        set
+    }
+}
+
+/// A detached copy of the mount tree at `source` (`recursive`: with the
+/// mounts below it).
+fn clone_tree(source: &Path, recursive: bool) -> Result<OwnedFd, ShareError> {
+    let mut flags = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
+    if recursive {
+        flags |= OpenTreeFlags::AT_RECURSIVE;
+    }
+    open_tree(rustix::fs::CWD, source, flags).map_err(|err| ShareError::Mount {
+        kind: "bind".into(),
+        source_path: source.display().to_string(),
+        target: PathBuf::new(),
+        err: nix::Error::from_raw(err.raw_os_error()),
+    })
+}
+
+/// Binds `source` on `target` in one step that the guest cannot observe
+/// half done (see [`attach`]).
+fn attach_bind(
+    source: &Path,
+    target: &Path,
+    recursive: bool,
+    attrs: BindAttrs,
+) -> Result<(), ShareError> {
+    let tree = clone_tree(source, recursive)?;
+    attach(tree, source, target, recursive, attrs)
+}
+
+/// Gives the detached `tree` its flags, then attaches it on `target`.
+fn attach(
+    tree: OwnedFd,
+    source: &Path,
+    target: &Path,
+    recursive: bool,
+    attrs: BindAttrs,
+) -> Result<(), ShareError> {
+    let fail = |err: nix::Error| ShareError::Mount {
+        kind: "bind".into(),
+        source_path: source.display().to_string(),
+        target: target.to_path_buf(),
+        err,
+    };
+    let attr = libc::mount_attr {
+        attr_set: attrs.mount_attr_set(),
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    let mut at_flags = libc::AT_EMPTY_PATH;
+    if recursive {
+        at_flags |= libc::AT_RECURSIVE;
+    }
+    // SAFETY: mount_setattr(2) reads `size_of::<mount_attr>()` bytes from
+    // `attr`, which lives across the call; the path is a static empty C
+    // string and `tree` an open descriptor we own.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            at_flags as libc::c_uint,
+            &attr as *const libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(fail(nix::Error::last()));
+    }
+    move_mount(
+        &tree,
+        "",
+        rustix::fs::CWD,
+        target,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+    .map_err(|err| fail(nix::Error::from_raw(err.raw_os_error())))
+}
+
+/// Mounts one of containerd's rootfs mounts on `target`, with all its
+/// flags in the one call that attaches it (binds through [`attach_bind`]).
 fn mount_one(m: &RootfsMount, target: &Path) -> Result<(), ShareError> {
     let (flags, data) = parse_options(&m.options);
+    if flags.contains(MsFlags::MS_BIND) {
+        let recursive = flags.contains(MsFlags::MS_REC);
+        return attach_bind(
+            Path::new(&m.source),
+            target,
+            recursive,
+            BindAttrs::from_flags(flags),
+        );
+    }
     if data.len() >= 4096 {
         return Err(ShareError::OptionsTooLong {
             target: target.to_path_buf(),
             len: data.len(),
         });
     }
-    let kind = if flags.contains(MsFlags::MS_BIND) {
-        None
-    } else {
-        Some(m.kind.as_str())
-    };
     let data = (!data.is_empty()).then_some(data.as_str());
-    let fail = |err| ShareError::Mount {
+    mount(
+        Some(m.source.as_str()),
+        target,
+        Some(m.kind.as_str()),
+        (flags | MsFlags::MS_NODEV) - MsFlags::MS_REMOUNT,
+        data,
+    )
+    .map_err(|err| ShareError::Mount {
         kind: m.kind.clone(),
         source_path: m.source.clone(),
         target: target.to_path_buf(),
         err,
-    };
-    mount(
-        Some(m.source.as_str()),
-        target,
-        kind,
-        flags - MsFlags::MS_RDONLY,
-        data,
-    )
-    .map_err(fail)?;
-    if flags.contains(MsFlags::MS_RDONLY) {
-        let ro = flags | MsFlags::MS_REMOUNT;
-        let ro = if flags.contains(MsFlags::MS_BIND) {
-            ro
-        } else {
-            ro - MsFlags::MS_BIND
-        };
-        mount(None::<&str>, target, None::<&str>, ro, data).map_err(fail)?;
-    }
-    Ok(())
+    })
 }
 
-fn bind(source: &Path, target: &Path, read_only: bool) -> Result<(), ShareError> {
-    let fail = |err| ShareError::Mount {
-        kind: "bind".into(),
-        source_path: source.display().to_string(),
-        target: target.to_path_buf(),
-        err,
-    };
-    mount(
-        Some(source),
-        target,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .map_err(fail)?;
-    if read_only {
-        mount(
-            None::<&str>,
-            target,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-            None::<&str>,
-        )
-        .map_err(fail)?;
-    }
-    Ok(())
+fn read_mountinfo() -> Result<String, ShareError> {
+    fs::read_to_string("/proc/self/mountinfo")
+        .map_err(io_err("read", Path::new("/proc/self/mountinfo")))
 }
 
 /// Mount points at or below `dir`, deepest (latest) first, from
@@ -274,12 +505,26 @@ fn unescape_mountinfo(field: &str) -> String {
 /// Unmounts every mount at or below `dir` (lazily if busy), then removes
 /// the directory tree. Never follows into a mount it failed to unmount.
 pub fn remove_tree(dir: &Path) -> Result<(), ShareError> {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo")
-        .map_err(io_err("read", Path::new("/proc/self/mountinfo")))?;
+    unmount_under(dir)?;
+    match fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(ShareError::Io {
+            what: "remove",
+            path: dir.to_path_buf(),
+            err: e,
+        }),
+    }
+}
+
+/// Unmounts every mount at or below `dir` (lazily if busy), and checks
+/// that none is left.
+fn unmount_under(dir: &Path) -> Result<(), ShareError> {
+    let mountinfo = read_mountinfo()?;
     for point in mounts_under(&mountinfo, dir) {
-        if let Err(e) = umount2(&point, MntFlags::empty()) {
+        if let Err(e) = umount2(&point, MntFlags::UMOUNT_NOFOLLOW) {
             log::debug!("umount {}: {e}; detaching", point.display());
-            if let Err(err) = umount2(&point, MntFlags::MNT_DETACH) {
+            if let Err(err) = umount2(&point, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
                 if err != nix::Error::EINVAL && err != nix::Error::ENOENT {
                     return Err(ShareError::Mount {
                         kind: "umount".into(),
@@ -293,8 +538,7 @@ pub fn remove_tree(dir: &Path) -> Result<(), ShareError> {
     }
     // Anything still mounted here now would make remove_dir_all reach into
     // host data: check again before deleting.
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo")
-        .map_err(io_err("read", Path::new("/proc/self/mountinfo")))?;
+    let mountinfo = read_mountinfo()?;
     if let Some(point) = mounts_under(&mountinfo, dir).into_iter().next() {
         return Err(ShareError::Mount {
             kind: "umount".into(),
@@ -303,15 +547,7 @@ pub fn remove_tree(dir: &Path) -> Result<(), ShareError> {
             err: nix::Error::EBUSY,
         });
     }
-    match fs::remove_dir_all(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(ShareError::Io {
-            what: "remove",
-            path: dir.to_path_buf(),
-            err: e,
-        }),
-    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -374,13 +610,47 @@ mod tests {
     }
 
     #[test]
+    fn share_paths_stay_under_their_container() {
+        assert_eq!(
+            share_path_of("c1", "c1/mounts/0").unwrap(),
+            PathBuf::from("c1/mounts/0")
+        );
+        for bad in ["c2/mounts/0", "c1", "c1/../c2/mounts/0", "/c1/mounts/0", ""] {
+            assert!(share_path_of("c1", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn bind_attrs_always_nodev() {
+        assert_eq!(
+            BindAttrs::default().mount_attr_set(),
+            libc::MOUNT_ATTR_NODEV
+        );
+        let ro = BindAttrs::from_flags(MsFlags::MS_BIND | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID);
+        assert_eq!(
+            ro.mount_attr_set(),
+            libc::MOUNT_ATTR_NODEV | libc::MOUNT_ATTR_RDONLY | libc::MOUNT_ATTR_NOSUID
+        );
+    }
+
+    fn mounts_in(dir: &Path) -> Vec<PathBuf> {
+        mounts_under(&read_mountinfo().unwrap(), dir)
+    }
+
+    #[test]
     fn share_binds_files_and_dirs_when_root() {
         if !nix::unistd::geteuid().is_root() {
             eprintln!("skipped: needs root to mount");
             return;
         }
         let tmp = tempfile::tempdir().unwrap();
-        let share = tmp.path().join("share");
+        let pod = PodShare::new(&tmp.path().join("pod"));
+        pod.set_up().unwrap();
+        assert!(
+            matches!(pod.set_up(), Err(ShareError::AlreadySetUp(_))),
+            "a second set-up is refused"
+        );
+        let view = pod.view().to_path_buf();
         let rootfs = tmp.path().join("bundle-rootfs");
         fs::create_dir_all(rootfs.join("bin")).unwrap();
         let volume = tmp.path().join("vol");
@@ -400,18 +670,62 @@ mod tests {
                 read_only: true,
             },
         ];
-        let c = ContainerShare::create(&share, "c1", &[], &rootfs, &binds).unwrap();
-        assert!(share.join("c1/rootfs/bin").is_dir());
+        let c = pod.add_container("c1", &[], &rootfs, &binds).unwrap();
+        assert_eq!(c.dir(), view.join("c1"));
+        assert!(view.join("c1/rootfs/bin").is_dir());
         assert_eq!(
-            fs::read_to_string(share.join("c1/mounts/0/f")).unwrap(),
+            fs::read_to_string(view.join("c1/mounts/0/f")).unwrap(),
             "data"
         );
+        fs::write(view.join("c1/mounts/0/g"), "guest").unwrap();
         assert!(
-            fs::write(share.join("c1/mounts/1"), "x").is_err(),
+            fs::write(view.join("c1/mounts/1"), "x").is_err(),
             "read-only bind"
         );
+        // The guest's view of the skeleton is read-only: nothing can be
+        // planted where the shim works.
+        let erofs = |r: io::Result<()>| {
+            assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EROFS));
+        };
+        erofs(std::os::unix::fs::symlink("/etc", view.join("c2")));
+        erofs(std::os::unix::fs::symlink("/etc", view.join("c1/evil")));
+        erofs(fs::remove_dir(view.join("c1/mounts")));
+        erofs(fs::rename(view.join("c1"), view.join("c1-moved")));
+        erofs(fs::write(view.join("filler"), "x"));
+        erofs(fs::create_dir(view.join("c1/mounts/2")));
+
         c.unmount().unwrap();
-        assert!(!share.join("c1").exists());
+        assert!(!view.join("c1").exists());
+        assert!(!tmp.path().join("pod/skeleton/c1").exists());
         assert_eq!(fs::read_to_string(volume.join("f")).unwrap(), "data");
+        assert_eq!(fs::read_to_string(volume.join("g")).unwrap(), "guest");
+        assert!(
+            pod.add_container("../c1", &[], &rootfs, &[]).is_err(),
+            "ids are plain identifiers"
+        );
+        remove_tree(&tmp.path().join("pod")).unwrap();
+        assert!(mounts_in(tmp.path()).is_empty());
+    }
+
+    #[test]
+    fn share_drops_what_it_mounted_on_error_when_root() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to mount");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let pod = PodShare::new(&tmp.path().join("pod"));
+        pod.set_up().unwrap();
+        let rootfs = tmp.path().join("bundle-rootfs");
+        fs::create_dir_all(&rootfs).unwrap();
+        let binds = vec![SharedBind {
+            source: tmp.path().join("missing").display().to_string(),
+            share_path: "c1/mounts/0".into(),
+            read_only: false,
+        }];
+        assert!(pod.add_container("c1", &[], &rootfs, &binds).is_err());
+        assert_eq!(mounts_in(tmp.path()), vec![pod.view().to_path_buf()]);
+        assert!(!pod.view().join("c1").exists());
+        remove_tree(&tmp.path().join("pod")).unwrap();
     }
 }

@@ -52,6 +52,35 @@ pub enum SpecError {
     },
     #[error("{0}")]
     Unsupported(String),
+    #[error("{what} {value:?} is not a plain identifier (letters, digits and . _ - inside, at most 76 characters)")]
+    BadIdentifier { what: &'static str, value: String },
+}
+
+/// Refuses anything but containerd's identifiers (`[A-Za-z0-9]+` joined by
+/// single `.`, `_` or `-`, at most 76 characters): ids and namespaces
+/// become path components on the host, so `..`, `/` and the like must never
+/// get that far.
+pub fn check_identifier(what: &'static str, value: &str) -> Result<(), SpecError> {
+    let bytes = value.as_bytes();
+    let separator = |b: &u8| matches!(b, b'.' | b'_' | b'-');
+    let ok = !bytes.is_empty()
+        && bytes.len() <= 76
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || separator(b))
+        && !bytes.first().is_some_and(separator)
+        && !bytes.last().is_some_and(separator)
+        && !bytes
+            .windows(2)
+            .any(|w| separator(&w[0]) && separator(&w[1]));
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::BadIdentifier {
+            what,
+            value: value.to_string(),
+        })
+    }
 }
 
 /// What a container is to the pod, from CRI's annotations.
@@ -66,18 +95,23 @@ pub enum Role {
 }
 
 impl Role {
-    /// Reads the role of container `id` from its spec's annotations.
-    pub fn of(id: &str, spec: &Spec) -> Role {
+    /// Reads the role of container `id` from its spec's annotations. Both
+    /// ids must be plain identifiers: they name host directories.
+    pub fn of(id: &str, spec: &Spec) -> Result<Role, SpecError> {
+        check_identifier("container id", id)?;
         let annotations = spec.annotations().as_ref();
         let get = |key: &str| annotations.and_then(|a| a.get(key)).map(String::as_str);
-        match (get(CONTAINER_TYPE), get(SANDBOX_ID)) {
+        Ok(match (get(CONTAINER_TYPE), get(SANDBOX_ID)) {
             (Some("sandbox"), _) => Role::Sandbox,
-            (_, Some(sandbox)) if sandbox != id => Role::PodMember {
-                sandbox_id: sandbox.to_string(),
-            },
+            (_, Some(sandbox)) if sandbox != id => {
+                check_identifier(SANDBOX_ID, sandbox)?;
+                Role::PodMember {
+                    sandbox_id: sandbox.to_string(),
+                }
+            }
             (_, Some(_)) => Role::Sandbox,
             _ => Role::Standalone,
-        }
+        })
     }
 
     /// The id of the pod (and of its one shim and VM) container `id` belongs to.
@@ -490,17 +524,17 @@ mod tests {
     #[test]
     fn roles_follow_cri_annotations() {
         let mut s = spec(BASE);
-        assert_eq!(Role::of("c", &s), Role::Standalone);
+        assert_eq!(Role::of("c", &s).unwrap(), Role::Standalone);
         s.set_annotations(Some(HashMap::from([
             (CONTAINER_TYPE.to_string(), "sandbox".to_string()),
             (SANDBOX_ID.to_string(), "pod".to_string()),
         ])));
-        assert_eq!(Role::of("pod", &s), Role::Sandbox);
+        assert_eq!(Role::of("pod", &s).unwrap(), Role::Sandbox);
         s.set_annotations(Some(HashMap::from([
             (CONTAINER_TYPE.to_string(), "container".to_string()),
             (SANDBOX_ID.to_string(), "pod".to_string()),
         ])));
-        let role = Role::of("app", &s);
+        let role = Role::of("app", &s).unwrap();
         assert_eq!(
             role,
             Role::PodMember {
@@ -508,6 +542,37 @@ mod tests {
             }
         );
         assert_eq!(role.pod_id("app"), "pod");
+        for bad in ["../pod", "a/b", "..", "", "pod/"] {
+            s.set_annotations(Some(HashMap::from([(
+                SANDBOX_ID.to_string(),
+                bad.to_string(),
+            )])));
+            assert!(Role::of("app", &s).is_err(), "sandbox id {bad:?}");
+        }
+        assert!(Role::of("../app", &spec(BASE)).is_err());
+    }
+
+    #[test]
+    fn identifiers_are_containerds() {
+        for good in ["a", "k8s.io", "abc-123_x.y", &"f".repeat(64)] {
+            check_identifier("id", good).unwrap();
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "/a",
+            "a..b",
+            "-a",
+            "a-",
+            "a b",
+            "a\0",
+            "ä",
+            &"f".repeat(77),
+        ] {
+            assert!(check_identifier("id", bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -188,14 +188,21 @@ impl TaskService {
         let shape = VmShape::for_spec(spec, role)
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         let hostname = spec.hostname().clone().unwrap_or_default();
-        let dir = PodDir::new(&self.namespace, pod_id);
+        let dir = PodDir::new(&self.namespace, pod_id)
+            .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         let (nic, guest_net) = match PodNetworkMode::of(spec) {
             PodNetworkMode::Namespace(netns) => {
                 let path = netns.clone();
                 let net = tokio::task::spawn_blocking(move || network::set_up(&path))
                     .await
                     .map_err(|e| status(Code::INTERNAL, e.to_string()))?
-                    .map_err(|e| status(Code::INTERNAL, format!("pod network: {e}")))?;
+                    .map_err(|e| {
+                        let code = match e {
+                            network::NetworkError::HostNetns(_) => Code::INVALID_ARGUMENT,
+                            _ => Code::INTERNAL,
+                        };
+                        status(code, format!("pod network: {e}"))
+                    })?;
                 log::info!(
                     "pod {pod_id}: guest NIC joined to {} in {} (MAC {}, MTU {})",
                     net.interface,
@@ -354,11 +361,11 @@ impl TaskService {
             .as_ref()
             .map(|r| Path::new(&req.bundle).join(r.path()))
             .unwrap_or_else(|| PathBuf::from(&req.bundle).join("rootfs"));
-        let share_dir = vm.dir().share();
+        let pod_share = vm.dir().share();
         let binds = plan.binds.clone();
         let share_id = id.clone();
         let share = tokio::task::spawn_blocking(move || {
-            ContainerShare::create(&share_dir, &share_id, &rootfs, &bundle_rootfs, &binds)
+            pod_share.add_container(&share_id, &rootfs, &bundle_rootfs, &binds)
         })
         .await
         .map_err(|e| status(Code::INTERNAL, e.to_string()))?
@@ -628,7 +635,8 @@ impl Task for TaskService {
         }
         let begun = std::time::Instant::now();
         let spec = load_spec(&req.bundle)?;
-        let role = Role::of(&req.id, &spec);
+        let role =
+            Role::of(&req.id, &spec).map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         let mut pod = self.pod.lock().await;
         if pod.containers.contains_key(&req.id) {
             return Err(status(

@@ -25,7 +25,8 @@ use proto::client::{AgentClient, ClientError};
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use crate::spec::VmShape;
+use crate::share::PodShare;
+use crate::spec::{check_identifier, SpecError, VmShape};
 
 /// How long a VM may take to be ready: a clone takes well under a second,
 /// but the first pod of a shape creates the template (a full Linux boot,
@@ -49,6 +50,8 @@ pub enum VmError {
     Agent(#[from] ClientError),
     #[error("pod state directory {path}: {err}")]
     StateDir { path: PathBuf, err: std::io::Error },
+    #[error("the pod's share: {0}")]
+    Share(crate::share::ShareError),
 }
 
 /// The line `arrow-vmm serve` prints once the VM is up.
@@ -68,22 +71,24 @@ pub struct PodDir {
 
 impl PodDir {
     /// `/run/arrow/<namespace>/<pod id>`; `$ARROW_STATE_DIR` replaces
-    /// `/run/arrow` (tests).
-    pub fn new(namespace: &str, pod_id: &str) -> PodDir {
+    /// `/run/arrow` (tests). Both names must be plain identifiers.
+    pub fn new(namespace: &str, pod_id: &str) -> Result<PodDir, SpecError> {
+        check_identifier("namespace", namespace)?;
+        check_identifier("pod id", pod_id)?;
         let base = std::env::var_os("ARROW_STATE_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/run/arrow"));
-        PodDir {
+        Ok(PodDir {
             root: base.join(namespace).join(pod_id),
-        }
+        })
     }
 
     pub fn root(&self) -> &Path {
         &self.root
     }
-    /// The directory exported to the guest over virtio-fs.
-    pub fn share(&self) -> PathBuf {
-        self.root.join("shared")
+    /// The pod's share: what the guest sees over virtio-fs.
+    pub fn share(&self) -> PodShare {
+        PodShare::new(&self.root)
     }
     pub fn vsock(&self) -> PathBuf {
         self.root.join("vsock.sock")
@@ -156,9 +161,12 @@ impl PodVm {
         nic: Option<VmNic>,
     ) -> Result<PodVm, VmError> {
         let vmm = vmm_binary()?;
-        for d in [dir.root().to_path_buf(), dir.share()] {
-            fs::create_dir_all(&d).map_err(|err| VmError::StateDir { path: d, err })?;
-        }
+        fs::create_dir_all(dir.root()).map_err(|err| VmError::StateDir {
+            path: dir.root().to_path_buf(),
+            err,
+        })?;
+        let share = dir.share();
+        share.set_up().map_err(VmError::Share)?;
         // Subscribe before spawning: the shim's reaper may reap the VMM
         // before we would otherwise be listening.
         let mut sub = monitor_subscribe(Topic::Pid)
@@ -177,7 +185,7 @@ impl PodVm {
             .arg("--vsock-uds")
             .arg(dir.vsock())
             .arg("--shared-dir")
-            .arg(dir.share())
+            .arg(share.view())
             .arg("--console-log")
             .arg(dir.console_log())
             .arg("--exit-on-stdin-eof")
@@ -458,7 +466,7 @@ mod tests {
         let d = PodDir {
             root: PathBuf::from("/run/arrow/k8s.io/pod1"),
         };
-        assert_eq!(d.share(), PathBuf::from("/run/arrow/k8s.io/pod1/shared"));
+        assert_eq!(d.share().view(), Path::new("/run/arrow/k8s.io/pod1/shared"));
         assert_eq!(
             d.vsock(),
             PathBuf::from("/run/arrow/k8s.io/pod1/vsock.sock")
