@@ -32,12 +32,25 @@ use crate::snapshot::{
     VsockSnapshot,
 };
 use crate::vcpu::{Vcpu, VcpuControl, VcpuError, VcpuHandle};
-use crate::virtio::fs::{FsError, VirtioFs};
+use crate::virtio::fs::{FsError, VirtioFs, MAX_HANDLES, MAX_INODES};
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::net::{format_mac, NetError, NetStats, Tap, VirtioNet};
 use crate::virtio::persist::MmioTransportState;
 use crate::virtio::vsock::{VirtioVsock, VsockError};
 use crate::virtio::VirtioDevice;
+
+/// Descriptors a VMM process needs besides its virtio-fs share's: KVM
+/// (VM, vCPUs, irqfds, ioeventfds), eventfds and the epoll of the event
+/// loop, the tap, the console log, and the vsock device's sockets (at most
+/// 1024 connections and 64 pending clients).
+pub const OPEN_FILES_HEADROOM: u64 = 4096;
+
+/// The `RLIMIT_NOFILE` a VMM process sets for itself (131072 + 16384 +
+/// 4096 = 151552): one VM's worth, so that even a miscount of the
+/// virtio-fs bounds ([`MAX_INODES`], [`MAX_HANDLES`]) ends in `EMFILE` for
+/// this VM, never in the host running out of descriptors. It does not
+/// inherit containerd's (often 1048576 or more).
+pub const OPEN_FILES_LIMIT: u64 = (MAX_INODES + MAX_HANDLES) as u64 + OPEN_FILES_HEADROOM;
 
 /// The event loop's subscribers: every device with host-side I/O.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;

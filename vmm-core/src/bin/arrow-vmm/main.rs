@@ -8,6 +8,7 @@
 
 mod guest;
 mod paths;
+mod rlimit;
 mod run;
 mod serve;
 mod stdio;
@@ -93,6 +94,8 @@ fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before any VM exists: no command needs more than one VM's worth.
+    rlimit::apply();
     let result = match cli.command {
         Command::Serve(args) => serve::serve(args),
         Command::Run(args) => run::run(args),

@@ -19,9 +19,8 @@
 //! Failures before the ready line go to stderr with a non-zero exit.
 
 use std::fmt::Write as _;
-use std::fs::OpenOptions;
 use std::io::{ErrorKind, Read, Write};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -29,6 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use vmm_core::devices::console_log::ConsoleLog;
 use vmm_core::exit::VmExit;
 use vmm_core::vm::ConsoleOutput;
 
@@ -46,7 +46,8 @@ pub struct ServeArgs {
     /// Host directory shared with the guest over virtio-fs, tag "arrow".
     #[arg(long, value_name = "DIR")]
     shared_dir: Option<PathBuf>,
-    /// Append the guest console to this file (it is dropped otherwise).
+    /// Append the guest console to this file (it is dropped otherwise); the
+    /// file is kept at most 1 MiB long, holding the newest output.
     #[arg(long, value_name = "FILE")]
     console_log: Option<PathBuf>,
     /// Boot afresh instead of cloning the matching template.
@@ -147,18 +148,15 @@ fn watch_eof(mut input: impl Read + Send + 'static, cancel: Arc<Cancel>) -> anyh
     Ok(())
 }
 
-/// The guest console: appended to `path`, or dropped.
+/// The guest console: appended to `path`, kept at most
+/// [`CONSOLE_LOG_MAX_BYTES`](vmm_core::devices::console_log::CONSOLE_LOG_MAX_BYTES) long (the newest output), or dropped.
 fn console_output(path: Option<&Path>) -> anyhow::Result<ConsoleOutput> {
     let Some(path) = path else {
         return Ok(ConsoleOutput::Sink);
     };
-    let file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o640)
-        .open(path)
+    let log = ConsoleLog::open(path)
         .with_context(|| format!("opening the console log {}", path.display()))?;
-    Ok(ConsoleOutput::Writer(Box::new(file)))
+    Ok(ConsoleOutput::Writer(Box::new(log)))
 }
 
 pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -325,7 +323,7 @@ mod tests {
     }
 
     #[test]
-    fn the_console_log_is_appended_to() {
+    fn the_console_log_is_appended_to_and_capped() {
         let dir = temp("console");
         let path = dir.join("console.log");
         std::fs::write(&path, b"old\n").unwrap();
@@ -336,6 +334,22 @@ mod tests {
             }
         }
         assert_eq!(std::fs::read(&path).unwrap(), b"old\none\ntwo\n");
+        // A guest flooding its console: the file stays within the cap.
+        match console_output(Some(&path)).unwrap() {
+            ConsoleOutput::Writer(mut w) => {
+                for i in 0..(3 << 20) / 4096 {
+                    w.write_all(format!("{i:04095}\n").as_bytes()).unwrap();
+                }
+                w.write_all(b"newest\n").unwrap();
+            }
+            _ => panic!("a file writer expected"),
+        }
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert!(
+            len <= vmm_core::devices::console_log::CONSOLE_LOG_MAX_BYTES,
+            "{len}"
+        );
+        assert!(std::fs::read(&path).unwrap().ends_with(b"newest\n"));
         assert!(matches!(console_output(None).unwrap(), ConsoleOutput::Sink));
         assert!(console_output(Some(&dir.join("missing/x"))).is_err());
         std::fs::remove_dir_all(&dir).unwrap();

@@ -9,11 +9,12 @@ use std::sync::Arc;
 
 use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
-use fuse_backend_rs::passthrough::{Config, PassthroughFs};
+use fuse_backend_rs::passthrough::Config;
 use log::{debug, error};
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::bounded::{BoundedFs, FsLimits, FsUsage};
 use super::{
     FsError, CONFIG_SPACE_SIZE, NUM_QUEUES, NUM_REQUEST_QUEUES, QUEUE_SIZE, TAG_LEN, VIRTIO_ID_FS,
 };
@@ -24,8 +25,8 @@ use crate::virtio::{
 /// The device as log lines name it.
 pub(super) const LOG_NAME: &str = "virtio-fs";
 
-/// The passthrough file system as the FUSE server sees it.
-pub(super) type SharedFs = Arc<PassthroughFs>;
+/// The (bounded) passthrough file system as the FUSE server sees it.
+pub(super) type SharedFs = Arc<BoundedFs>;
 
 pub(super) struct Active {
     pub(super) mem: GuestMemory,
@@ -62,7 +63,20 @@ impl VirtioFs {
     ///
     /// Setting up the passthrough file system clears the process's umask
     /// (fuse-backend-rs does, so the guest's modes apply unchanged).
+    ///
+    /// The guest may hold at most [`MAX_INODES`](super::MAX_INODES) inodes
+    /// and [`MAX_HANDLES`](super::MAX_HANDLES) open files on it.
     pub fn new(tag: &str, shared_dir: &Path, read_only: bool) -> Result<Self, FsError> {
+        Self::with_limits(tag, shared_dir, read_only, FsLimits::default())
+    }
+
+    /// As [`VirtioFs::new`], with other bounds on what the guest may hold.
+    pub fn with_limits(
+        tag: &str,
+        shared_dir: &Path,
+        read_only: bool,
+        limits: FsLimits,
+    ) -> Result<Self, FsError> {
         if tag.is_empty() || tag.len() > TAG_LEN || tag.contains('\0') {
             return Err(FsError::InvalidTag(tag.to_owned()));
         }
@@ -83,11 +97,17 @@ impl VirtioFs {
             // sends ("..", "/"): it must stay on without a VFS layer above.
             do_import: true,
             xattr: false,
+            // Node ids from host inode numbers, so the passthrough forgets
+            // a file's mapping when the guest forgets the file: otherwise
+            // it keeps one per file ever seen, and a guest creating and
+            // deleting files grows it without bound. (Host inode numbers
+            // past 2^47, as overlayfs gives lower-layer files with `xino`,
+            // still keep theirs: bounded by the files on the host, which
+            // the guest cannot add to that way.)
+            use_host_ino: true,
             ..Config::default()
         };
-        let fs: SharedFs = Arc::new(PassthroughFs::new(cfg).map_err(passthrough_err)?);
-        // The root inode, once; FUSE_DESTROY (and our reset) re-import it.
-        fs.import().map_err(passthrough_err)?;
+        let fs: SharedFs = Arc::new(BoundedFs::new(cfg, limits).map_err(passthrough_err)?);
 
         let queue_evts = (0..NUM_QUEUES)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK).map(Arc::new))
@@ -128,6 +148,16 @@ impl VirtioFs {
     /// Whether requests that change the directory are refused.
     pub fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    /// The bounds on what the guest may hold.
+    pub fn limits(&self) -> FsLimits {
+        self.fs.limits()
+    }
+
+    /// The inodes and open files the guest holds now.
+    pub fn usage(&self) -> FsUsage {
+        self.fs.usage()
     }
 
     /// Whether the guest has a FUSE session on the device: it sent a

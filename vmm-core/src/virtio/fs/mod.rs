@@ -8,7 +8,9 @@
 //! from the host directory, so writes land on the host.
 //!
 //! Layout follows the vsock device: [`device`] is the virtio device (config
-//! space, queues, activation), [`request`] turns one descriptor chain into a
+//! space, queues, activation), [`bounded`] the file system behind it (the
+//! passthrough, with bounds on the inodes and open files the guest can
+//! make it hold), [`request`] turns one descriptor chain into a
 //! FUSE request and its reply (including the read-only policy),
 //! [`event_handler`] is what wakes the device and [`persist`] its snapshot
 //! state.
@@ -24,6 +26,7 @@
 //! thread: requests are served on the event-loop thread, so a slow host file
 //! system delays other devices.
 
+pub mod bounded;
 pub mod device;
 pub mod event_handler;
 pub mod persist;
@@ -35,6 +38,7 @@ mod tests;
 use std::io;
 use std::path::PathBuf;
 
+pub use bounded::{FsLimits, FsUsage, MAX_HANDLES, MAX_INODES};
 pub use device::VirtioFs;
 pub use persist::VirtioFsState;
 

@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, SubscriberOps};
 use fuse_backend_rs::abi::fuse_abi::{
-    AccessIn, CreateIn, EntryOut, InHeader, InitIn, InitOut, MkdirIn, Opcode, OpenIn, OpenOut,
-    OutHeader, ReadIn, KERNEL_MINOR_VERSION, KERNEL_VERSION, ROOT_ID,
+    AccessIn, BatchForgetIn, CreateIn, Dirent, EntryOut, ForgetOne, InHeader, InitIn, InitOut,
+    MkdirIn, Opcode, OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn, KERNEL_MINOR_VERSION,
+    KERNEL_VERSION, ROOT_ID,
 };
 use virtio_bindings::virtio_mmio as regs;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -229,6 +230,120 @@ impl<'a> Guest<'a> {
         args.extend_from_slice(CString::new(name).unwrap().as_bytes_with_nul());
         self.call(Opcode::Mkdir, parent, &args, 256)
     }
+
+    /// FUSE_CREATE of `name` for reading and writing.
+    fn create(&mut self, parent: u64, name: &str) -> Reply {
+        let mut args = CreateIn {
+            flags: libc::O_RDWR as u32,
+            mode: 0o644,
+            umask: 0,
+            fuse_flags: 0,
+        }
+        .as_slice()
+        .to_vec();
+        args.extend_from_slice(CString::new(name).unwrap().as_bytes_with_nul());
+        self.call(Opcode::Create, parent, &args, 512)
+    }
+
+    fn unlink(&mut self, parent: u64, name: &str) -> Reply {
+        let name = CString::new(name).unwrap();
+        self.call(Opcode::Unlink, parent, name.as_bytes_with_nul(), 256)
+    }
+
+    fn opendir(&mut self, nodeid: u64) -> Reply {
+        let open = OpenIn {
+            flags: libc::O_RDONLY as u32,
+            fuse_flags: 0,
+        };
+        self.call(Opcode::Opendir, nodeid, open.as_slice(), 256)
+    }
+
+    /// RELEASE (or RELEASEDIR) of `fh`; asserts it succeeded.
+    fn release(&mut self, opcode: Opcode, nodeid: u64, fh: u64) {
+        let release = ReleaseIn {
+            fh,
+            ..Default::default()
+        };
+        let reply = self.call(opcode, nodeid, release.as_slice(), 256);
+        assert_eq!(reply.header.error, 0, "release {fh}");
+    }
+
+    /// Sends a request without a reply (FORGET, BATCH_FORGET) on the
+    /// hiprio queue, as the guest does.
+    fn send_no_reply(&mut self, opcode: Opcode, nodeid: u64, args: &[u8]) {
+        let bytes = self.request_bytes(opcode, nodeid, args);
+        self.mem
+            .write_slice(&bytes, GuestAddress(self.in_buf))
+            .unwrap();
+        let in_buf = self.in_buf;
+        self.hiprio
+            .add_chain(&[(in_buf, bytes.len() as u32, false)]);
+        assert_eq!(self.kick_and_wait(HIPRIO_QUEUE_INDEX), 0);
+    }
+
+    fn forget(&mut self, nodeid: u64, nlookup: u64) {
+        self.send_no_reply(Opcode::Forget, nodeid, &nlookup.to_le_bytes());
+    }
+
+    fn batch_forget(&mut self, nodes: &[u64]) {
+        let mut args = BatchForgetIn {
+            count: nodes.len() as u32,
+            dummy: 0,
+        }
+        .as_slice()
+        .to_vec();
+        for &nodeid in nodes {
+            args.extend_from_slice(ForgetOne { nodeid, nlookup: 1 }.as_slice());
+        }
+        self.send_no_reply(Opcode::BatchForget, 0, &args);
+    }
+
+    /// READDIRPLUS of the open directory `fh` from `offset`: the entries'
+    /// node ids and the offset after the last one, or the FUSE error.
+    fn readdirplus(&mut self, fh: u64, offset: u64) -> Result<(Vec<u64>, u64), i32> {
+        let args = ReadIn {
+            offset,
+            ..read_in(fh, 0x8000)
+        };
+        let reply = self.call(Opcode::Readdirplus, ROOT_ID, args.as_slice(), 0x8000);
+        if reply.header.error != 0 {
+            return Err(reply.header.error);
+        }
+        let (mut nodes, mut next, mut at) = (Vec::new(), offset, 0);
+        while at < reply.body.len() {
+            let entry = EntryOut::from_slice(&reply.body[at..at + size_of::<EntryOut>()]).unwrap();
+            let dirent_at = at + size_of::<EntryOut>();
+            let dirent =
+                Dirent::from_slice(&reply.body[dirent_at..dirent_at + size_of::<Dirent>()])
+                    .unwrap();
+            nodes.push(entry.nodeid);
+            next = dirent.off;
+            let len = size_of::<EntryOut>() + size_of::<Dirent>() + dirent.namelen as usize;
+            at += len.next_multiple_of(8);
+        }
+        Ok((nodes, next))
+    }
+
+    fn usage(&self) -> FsUsage {
+        self.dev.lock().unwrap().usage()
+    }
+}
+
+/// Small bounds, so tests reach them quickly.
+const SMALL: FsLimits = FsLimits {
+    max_inodes: 64,
+    max_handles: 16,
+};
+
+/// The VMM's descriptors that point into `dir` (the passthrough's inodes
+/// and open files), from `/proc/self/fd`. Counted by target so descriptors
+/// other tests open at the same time do not blur the figure.
+fn fds_into(dir: &std::path::Path) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter(|target| target.starts_with(dir))
+        .count()
 }
 
 fn read_in(fh: u64, size: u32) -> ReadIn {
@@ -665,6 +780,210 @@ fn a_fuse_session_blocks_the_snapshot_until_destroy_or_reset() {
     g.dev.lock().unwrap().reset();
     assert!(!g.dev.lock().unwrap().has_fuse_session());
     assert!(g.dev.lock().unwrap().save().is_ok());
+    drop(g);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn creating_and_deleting_many_files_keeps_host_resources_flat() {
+    let dir = temp_dir("churn");
+    let mem = new_mem();
+    let mut g = Guest::start(
+        &mem,
+        VirtioFs::with_limits("share", &dir, false, SMALL).unwrap(),
+    );
+    g.init();
+    let baseline = fds_into(&dir);
+    let mut peak = 0;
+    // Far more files than either bound: each one created, written, closed,
+    // deleted and forgotten, as a guest does.
+    for i in 0..1000 {
+        let name = format!("f{i}");
+        let reply = g.create(ROOT_ID, &name);
+        assert_eq!(reply.header.error, 0, "create {name}");
+        let entry = EntryOut::from_slice(&reply.body[..size_of::<EntryOut>()])
+            .copied()
+            .unwrap();
+        let open =
+            OpenOut::from_slice(&reply.body[size_of::<EntryOut>()..][..size_of::<OpenOut>()])
+                .copied()
+                .unwrap();
+        if i == 0 {
+            // Node ids come from host inode numbers (`use_host_ino`), so the
+            // passthrough keeps no mapping for a forgotten file.
+            let ino =
+                std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(dir.join(&name)).unwrap());
+            assert_eq!(entry.nodeid & ((1 << 47) - 1), ino);
+        }
+        peak = peak.max(fds_into(&dir));
+        g.release(Opcode::Release, entry.nodeid, open.fh);
+        assert_eq!(g.unlink(ROOT_ID, &name).header.error, 0);
+        g.forget(entry.nodeid, 1);
+    }
+    assert_eq!(g.usage(), FsUsage::default());
+    assert!(peak <= baseline + 2, "peak {peak}, baseline {baseline}");
+    assert_eq!(fds_into(&dir), baseline);
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+    drop(g);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn lookups_past_the_inode_bound_get_enfile_without_leaking() {
+    let dir = temp_dir("inodes");
+    for i in 0..100 {
+        std::fs::write(dir.join(format!("f{i:03}")), HELLO).unwrap();
+    }
+    let mem = new_mem();
+    let mut g = Guest::start(
+        &mem,
+        VirtioFs::with_limits("share", &dir, false, SMALL).unwrap(),
+    );
+    g.init();
+    let baseline = fds_into(&dir);
+    let enfile = -libc::ENFILE;
+
+    // A guest looking everything up and never forgetting.
+    let mut held = Vec::new();
+    for i in 0..100 {
+        let reply = g.lookup(ROOT_ID, &format!("f{i:03}"));
+        if i < SMALL.max_inodes {
+            held.push(reply.obj::<EntryOut>().nodeid);
+        } else {
+            assert_eq!(reply.header.error, enfile, "f{i:03}");
+        }
+    }
+    assert_eq!(g.usage().inodes, SMALL.max_inodes);
+    // The refused lookups left nothing behind in the passthrough.
+    assert_eq!(fds_into(&dir), baseline + SMALL.max_inodes);
+    // An inode already held is no new one; the root is not counted.
+    assert_eq!(g.lookup(ROOT_ID, "f000").obj::<EntryOut>().nodeid, held[0]);
+    assert_eq!(g.lookup(ROOT_ID, "..").obj::<EntryOut>().nodeid, ROOT_ID);
+    assert_eq!(g.usage().inodes, SMALL.max_inodes);
+    // Creating is refused before it touches the host.
+    assert_eq!(g.mkdir(ROOT_ID, "d").header.error, enfile);
+    assert_eq!(g.create(ROOT_ID, "new").header.error, enfile);
+    assert!(!dir.join("d").exists() && !dir.join("new").exists());
+
+    // Forgetting ten makes room for exactly ten.
+    g.batch_forget(&held[1..11]);
+    assert_eq!(g.usage().inodes, SMALL.max_inodes - 10);
+    for i in 64..74 {
+        g.lookup(ROOT_ID, &format!("f{i:03}")).obj::<EntryOut>();
+    }
+    assert_eq!(g.lookup(ROOT_ID, "f074").header.error, enfile);
+
+    // f000 was looked up twice: one FORGET of two drops it.
+    g.forget(held[0], 2);
+    assert_eq!(g.usage().inodes, SMALL.max_inodes - 1);
+    assert_eq!(fds_into(&dir), baseline + SMALL.max_inodes - 1);
+
+    // A reset (or FUSE_DESTROY) drops everything.
+    g.dev.lock().unwrap().reset();
+    assert_eq!(g.usage(), FsUsage::default());
+    assert_eq!(fds_into(&dir), baseline);
+    drop(g);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn opens_past_the_handle_bound_get_enfile_until_a_release() {
+    let dir = temp_dir("handles");
+    std::fs::write(dir.join("hello.txt"), HELLO).unwrap();
+    let mem = new_mem();
+    let mut g = Guest::start(
+        &mem,
+        VirtioFs::with_limits("share", &dir, false, SMALL).unwrap(),
+    );
+    g.init();
+    let baseline = fds_into(&dir);
+    let enfile = -libc::ENFILE;
+    let node = g.lookup(ROOT_ID, "hello.txt").obj::<EntryOut>().nodeid;
+
+    let mut fhs: Vec<u64> = (0..SMALL.max_handles)
+        .map(|_| g.open(node, libc::O_RDONLY).obj::<OpenOut>().fh)
+        .collect();
+    for _ in 0..50 {
+        assert_eq!(g.open(node, libc::O_RDONLY).header.error, enfile);
+    }
+    assert_eq!(g.opendir(ROOT_ID).header.error, enfile);
+    assert_eq!(g.create(ROOT_ID, "new").header.error, enfile);
+    assert!(!dir.join("new").exists());
+    assert_eq!(
+        g.usage(),
+        FsUsage {
+            inodes: 1,
+            handles: SMALL.max_handles
+        }
+    );
+    assert_eq!(fds_into(&dir), baseline + 1 + SMALL.max_handles);
+
+    // A release makes room for one more.
+    let fh = fhs.pop().unwrap();
+    g.release(Opcode::Release, node, fh);
+    fhs.push(g.open(node, libc::O_RDONLY).obj::<OpenOut>().fh);
+    assert_eq!(g.open(node, libc::O_RDONLY).header.error, enfile);
+    // Releasing a handle twice, or one never opened, changes nothing.
+    let reply = g.call(
+        Opcode::Release,
+        node,
+        ReleaseIn {
+            fh: u64::MAX,
+            ..Default::default()
+        }
+        .as_slice(),
+        256,
+    );
+    assert_ne!(reply.header.error, 0);
+    assert_eq!(g.usage().handles, SMALL.max_handles);
+
+    for fh in fhs {
+        g.release(Opcode::Release, node, fh);
+    }
+    assert_eq!(g.usage().handles, 0);
+    let dir_fh = g.opendir(ROOT_ID).obj::<OpenOut>().fh;
+    assert_eq!(g.usage().handles, 1);
+    g.release(Opcode::Releasedir, ROOT_ID, dir_fh);
+    g.forget(node, 1);
+    assert_eq!(g.usage(), FsUsage::default());
+    assert_eq!(fds_into(&dir), baseline);
+    drop(g);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn readdirplus_stops_at_the_inode_bound() {
+    let dir = temp_dir("readdirplus");
+    for i in 0..100 {
+        std::fs::write(dir.join(format!("f{i:03}")), HELLO).unwrap();
+    }
+    let mem = new_mem();
+    let mut g = Guest::start(
+        &mem,
+        VirtioFs::with_limits("share", &dir, false, SMALL).unwrap(),
+    );
+    g.init();
+    let baseline = fds_into(&dir);
+    let fh = g.opendir(ROOT_ID).obj::<OpenOut>().fh;
+
+    // Every entry of a READDIRPLUS is a lookup: the listing stops at the
+    // bound, and the next call says why instead of an empty (EOF) reply.
+    let (first, offset) = g.readdirplus(fh, 0).unwrap();
+    assert_eq!(first.len(), SMALL.max_inodes);
+    assert_eq!(g.usage().inodes, SMALL.max_inodes);
+    assert_eq!(g.readdirplus(fh, offset), Err(-libc::ENFILE));
+    assert_eq!(g.usage().inodes, SMALL.max_inodes);
+    assert_eq!(fds_into(&dir), baseline + 1 + SMALL.max_inodes);
+
+    // Once the guest forgets, the listing goes on where it stopped.
+    g.batch_forget(&first);
+    let (rest, end) = g.readdirplus(fh, offset).unwrap();
+    assert_eq!(first.len() + rest.len(), 100);
+    assert_eq!(g.readdirplus(fh, end), Ok((Vec::new(), end)));
+    g.batch_forget(&rest);
+    g.release(Opcode::Releasedir, ROOT_ID, fh);
+    assert_eq!(g.usage(), FsUsage::default());
+    assert_eq!(fds_into(&dir), baseline);
     drop(g);
     std::fs::remove_dir_all(&dir).unwrap();
 }
