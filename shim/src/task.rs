@@ -38,6 +38,7 @@ use proto::client::{AgentClient, ClientError};
 use tokio::sync::Mutex;
 
 use crate::network::{self, PodNetworkMode};
+use crate::oom::{self, OomFilter, OomSink, OOM_MIN_INTERVAL};
 use crate::process::{Exit, Process, StdioPaths};
 use crate::share::{ContainerShare, RootfsMount};
 use crate::spec::{self, Role, VmShape};
@@ -59,6 +60,7 @@ fn agent_status(context: &str, err: ClientError) -> ttrpc::Error {
         ClientError::ConnectionClosed(_) | ClientError::Io(_) | ClientError::Frame(_) => {
             Code::UNAVAILABLE
         }
+        ClientError::Timeout { .. } => Code::DEADLINE_EXCEEDED,
         _ => Code::INTERNAL,
     };
     status(code, format!("{context}: {err}"))
@@ -252,9 +254,8 @@ impl TaskService {
         let this = self.clone();
         let watched = vm.clone();
         tokio::spawn(async move { this.follow_vm(watched).await });
-        let this = self.clone();
-        let agent = vm.agent();
-        tokio::spawn(async move { this.follow_ooms(agent).await });
+        let filter = OomFilter::new(OOM_MIN_INTERVAL);
+        tokio::spawn(oom::follow(vm.agent(), filter, self.clone()));
         Ok(vm)
     }
 
@@ -293,27 +294,6 @@ impl TaskService {
         for p in ended {
             if let Some(exit) = p.exit() {
                 self.events.exit(&p, exit).await;
-            }
-        }
-    }
-
-    async fn follow_ooms(&self, agent: Arc<AgentClient>) {
-        loop {
-            let agent = agent.clone();
-            match tokio::task::spawn_blocking(move || agent.wait_oom()).await {
-                Ok(Ok(container_id)) => {
-                    log::info!("OOM kill in container {container_id}");
-                    self.events
-                        .publish(
-                            topics::TASK_OOM_EVENT_TOPIC,
-                            Box::new(TaskOOM {
-                                container_id,
-                                ..Default::default()
-                            }),
-                        )
-                        .await;
-                }
-                _ => return,
             }
         }
     }
@@ -1176,6 +1156,30 @@ impl Task for TaskService {
             exec_id: req.exec_id.clone(),
             ..Default::default()
         })
+    }
+}
+
+/// OOM reports pass for the pod's app containers only (the sandbox is the
+/// VM itself: no guest container has its id).
+#[async_trait]
+impl OomSink for TaskService {
+    async fn is_ours(&self, id: &str) -> bool {
+        let pod = self.pod.lock().await;
+        pod.containers
+            .get(id)
+            .is_some_and(|c| c.role != Role::Sandbox)
+    }
+
+    async fn publish(&self, container_id: String) {
+        self.events
+            .publish(
+                topics::TASK_OOM_EVENT_TOPIC,
+                Box::new(TaskOOM {
+                    container_id,
+                    ..Default::default()
+                }),
+            )
+            .await;
     }
 }
 
