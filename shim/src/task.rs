@@ -259,11 +259,13 @@ impl TaskService {
         Ok(vm)
     }
 
-    /// When the VMM exits, every process still running in it has ended.
-    /// Its network goes first, so whoever sees the exit (containerd then
-    /// runs CNI DEL) finds the namespace as CNI left it.
+    /// When the VMM exits, every process still running in it has ended,
+    /// and the shim's connections into it end too. Its network goes first,
+    /// so whoever sees the exit (containerd then runs CNI DEL) finds the
+    /// namespace as CNI left it.
     async fn follow_vm(&self, vm: Arc<PodVm>) {
         let code = vm.wait().await;
+        vm.end_connections();
         if let Some(netns) = vm.netns() {
             tear_down_network(netns.to_path_buf()).await;
         }
