@@ -7,6 +7,9 @@
 //! containers are created in that VM through the agent. A container with no
 //! pod around it (`ctr run`) gets a VM of its own, stopped when it is
 //! deleted.
+//!
+//! Every pid reported to containerd is the VMM's host pid (as Kata does):
+//! a guest pid means nothing on the host, and the guest chooses it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -360,6 +363,7 @@ impl TaskService {
             terminal: req.terminal,
         };
         let process = Arc::new(Process::new(&id, "", &id, stdio));
+        process.set_pid(vm.pid());
         if let Err(e) = self.prepare_process(vm, &process, create_process).await {
             let rid = id.clone();
             let _ = call(vm.agent(), "undo", move |a| a.remove_container(&rid)).await;
@@ -719,21 +723,22 @@ impl Task for TaskService {
             ));
         }
         let started_at = std::time::Instant::now();
-        let pid = if role == Role::Sandbox && req.exec_id.is_empty() {
-            vm.pid()
+        let pid = vm.pid();
+        if role == Role::Sandbox && req.exec_id.is_empty() {
+            log::info!("start {}: the VM, pid {pid}", req.id);
         } else {
             let agent_id = process.agent_id.clone();
-            call(vm.agent(), "starting the process", move |a| {
+            let guest_pid = call(vm.agent(), "starting the process", move |a| {
                 a.start_process(&agent_id)
             })
-            .await?
-        };
-        log::info!(
-            "start {} {}: pid {pid} in {} ms",
-            req.id,
-            req.exec_id,
-            started_at.elapsed().as_millis()
-        );
+            .await?;
+            log::info!(
+                "start {} {}: guest pid {guest_pid} (reported as the VMM's, {pid}) in {} ms",
+                req.id,
+                req.exec_id,
+                started_at.elapsed().as_millis()
+            );
+        }
         process.set_running(pid);
         if !(role == Role::Sandbox && req.exec_id.is_empty()) {
             self.follow_process(vm, process.clone());
@@ -805,24 +810,18 @@ impl Task for TaskService {
         })
     }
 
+    /// Every container's processes run in the VM, so on the host they are
+    /// the VMM (the guest's own pids are the guest's word and mean nothing
+    /// here).
     async fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> TtrpcResult<PidsResponse> {
         let pod = self.pod.lock().await;
-        let c = pod.container(&req.id)?;
+        pod.container(&req.id)?;
         let vm = pod.vm()?;
-        let pids = if c.role == Role::Sandbox {
-            vec![vm.pid()]
-        } else {
-            let id = req.id.clone();
-            call(vm.agent(), "listing pids", move |a| a.list_pids(&id)).await?
-        };
         Ok(PidsResponse {
-            processes: pids
-                .into_iter()
-                .map(|pid| ProcessInfo {
-                    pid,
-                    ..Default::default()
-                })
-                .collect(),
+            processes: vec![ProcessInfo {
+                pid: vm.pid(),
+                ..Default::default()
+            }],
             ..Default::default()
         })
     }
