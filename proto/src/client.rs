@@ -1,15 +1,21 @@
 //! Host-side, synchronous agent client. One reader thread owns the read half
 //! of the connection and hands each `Response` to the caller waiting on its
 //! id, so a blocking `wait` on one thread never holds up calls from others.
+//!
+//! The guest is untrusted: every call but the long polls (`wait`,
+//! `wait_oom`) has a deadline, a frame the guest sends that is too large or
+//! undecodable ends the connection (failing every call in flight), and a
+//! call that gives up leaves nothing behind in the table of pending calls.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, SyncSender};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread;
+use std::time::Duration;
 
 use crate::agent::{
     error::Code, request, response, CloneInitialized, CloseStdin, ConfigureNetwork, ContainerStats,
@@ -35,6 +41,8 @@ pub enum ClientError {
     Internal(String),
     #[error("agent connection closed: {0}")]
     ConnectionClosed(String),
+    #[error("agent did not answer {call} within {after:?}")]
+    Timeout { call: &'static str, after: Duration },
     #[error("agent answered {got} to a {call} call")]
     UnexpectedResponse {
         call: &'static str,
@@ -60,6 +68,27 @@ impl ClientError {
     }
 }
 
+/// How long an ordinary call may take before it fails with
+/// [`ClientError::Timeout`]: an agent answers these in milliseconds, and a
+/// guest that goes silent must not pin the caller's thread forever.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the `StreamAttach` handshake of a stdio connection may take.
+pub const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a call may wait for its answer.
+#[derive(Clone, Copy, Debug)]
+enum Deadline {
+    /// The client's call timeout.
+    Ordinary,
+    /// Twice that: creating or removing a container mounts, unmounts and
+    /// kills, which a loaded host may make slow.
+    Slow,
+    /// None: a long poll that legitimately blocks until something happens
+    /// in the guest; it ends when the connection does.
+    LongPoll,
+}
+
 /// The exit of a process, as reported by `wait`.
 pub type ExitStatus = Exited;
 
@@ -75,11 +104,43 @@ struct Calls {
 
 struct Shared {
     calls: Mutex<Calls>,
+    /// A handle on the connection's socket (when it is one), shut down to
+    /// end the connection for both halves.
+    closer: Option<UnixStream>,
 }
 
 impl Shared {
     fn calls(&self) -> MutexGuard<'_, Calls> {
         self.calls.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Ends the connection: no call may start, every call in flight fails
+    /// (dropping its sender wakes it) and the socket is shut down, so the
+    /// reader thread sees EOF and the peer sees the close.
+    fn close(&self, reason: String) {
+        {
+            let mut calls = self.calls();
+            calls.closed.get_or_insert(reason);
+            calls.pending.clear();
+        }
+        if let Some(closer) = &self.closer {
+            let _ = closer.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// A call's entry in the pending table; dropping it (answered, failed,
+/// timed out or unwound) removes the entry, so a reply that comes late or
+/// never leaks nothing. Ids are never reused, so removing an entry the
+/// reader already took is harmless.
+struct PendingCall<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for PendingCall<'_> {
+    fn drop(&mut self) {
+        self.shared.calls().pending.remove(&self.id);
     }
 }
 
@@ -87,32 +148,44 @@ impl Shared {
 /// reference (`&AgentClient` is enough for every call).
 pub struct AgentClient {
     writer: Mutex<Box<dyn Write + Send>>,
+    /// Shut down on drop (through `shared.closer`) so the reader thread sees
+    /// EOF and exits.
     shared: Arc<Shared>,
     next_id: AtomicU64,
-    /// Shut down on drop so the reader thread sees EOF and exits.
-    closer: Option<UnixStream>,
+    /// The deadline of an ordinary call (see [`DEFAULT_CALL_TIMEOUT`]).
+    call_timeout: Duration,
 }
 
 impl AgentClient {
     /// Builds a client over a connected Unix stream (e.g. from
-    /// [`crate::hybrid::connect`]).
+    /// [`crate::hybrid::connect`]). Writes time out too, so a guest that
+    /// stops reading cannot block a caller (and every caller behind it).
     pub fn from_unix(stream: UnixStream) -> io::Result<Self> {
+        stream.set_write_timeout(Some(DEFAULT_CALL_TIMEOUT))?;
         let reader = stream.try_clone()?;
         let closer = stream.try_clone()?;
-        let mut client = Self::new(reader, stream)?;
-        client.closer = Some(closer);
-        Ok(client)
+        Self::start(reader, stream, Some(closer))
     }
 
     /// Builds a client over any stream pair. The reader thread ends when
-    /// `reader` reaches EOF or fails.
+    /// `reader` reaches EOF or fails; writes to `writer` are not bounded in
+    /// time unless it bounds them itself.
     pub fn new<R, W>(reader: R, writer: W) -> io::Result<Self>
+    where
+        R: Read + Send + 'static,
+        W: Write + Send + 'static,
+    {
+        Self::start(reader, writer, None)
+    }
+
+    fn start<R, W>(reader: R, writer: W, closer: Option<UnixStream>) -> io::Result<Self>
     where
         R: Read + Send + 'static,
         W: Write + Send + 'static,
     {
         let shared = Arc::new(Shared {
             calls: Mutex::new(Calls::default()),
+            closer,
         });
         let for_reader = Arc::clone(&shared);
         thread::Builder::new()
@@ -122,13 +195,31 @@ impl AgentClient {
             writer: Mutex::new(Box::new(writer)),
             shared,
             next_id: AtomicU64::new(1),
-            closer: None,
+            call_timeout: DEFAULT_CALL_TIMEOUT,
         })
+    }
+
+    /// Replaces [`DEFAULT_CALL_TIMEOUT`] as the deadline of ordinary calls
+    /// (container creation and removal get twice it; `wait` and `wait_oom`
+    /// none) and of each write to a Unix stream.
+    pub fn with_call_timeout(mut self, timeout: Duration) -> io::Result<Self> {
+        if let Some(closer) = &self.shared.closer {
+            closer.set_write_timeout(Some(timeout))?;
+        }
+        self.call_timeout = timeout;
+        Ok(self)
+    }
+
+    /// Ends the connection: calls in flight (long polls included) fail with
+    /// `ConnectionClosed`, as does every later call. For when the VM is
+    /// gone, whatever the guest's end of the connection still does.
+    pub fn close(&self) {
+        self.shared.close("closed by the host".into());
     }
 
     /// Checks the agent is alive and returns its version and uptime.
     pub fn ping(&self) -> Result<Pong> {
-        match self.call("ping", request::Body::Ping(Ping {}))? {
+        match self.call("ping", Deadline::Ordinary, request::Body::Ping(Ping {}))? {
             response::Result::Pong(pong) => Ok(pong),
             other => Err(unexpected("ping", &other)),
         }
@@ -150,7 +241,7 @@ impl AgentClient {
             entropy: entropy.to_vec(),
             hostname: hostname.into(),
         });
-        match self.call("init_clone", body)? {
+        match self.call("init_clone", Deadline::Ordinary, body)? {
             response::Result::CloneInitialized(done) => Ok(done),
             other => Err(unexpected("init_clone", &other)),
         }
@@ -158,7 +249,11 @@ impl AgentClient {
 
     /// Prepares a process (see `CreateProcess` in agent.proto).
     pub fn create_process(&self, req: CreateProcess) -> Result<()> {
-        match self.call("create_process", request::Body::CreateProcess(req))? {
+        match self.call(
+            "create_process",
+            Deadline::Ordinary,
+            request::Body::CreateProcess(req),
+        )? {
             response::Result::ProcessCreated(_) => Ok(()),
             other => Err(unexpected("create_process", &other)),
         }
@@ -167,7 +262,7 @@ impl AgentClient {
     /// Executes a created process and returns its guest pid.
     pub fn start_process(&self, id: &str) -> Result<u32> {
         let body = request::Body::StartProcess(StartProcess { id: id.into() });
-        match self.call("start_process", body)? {
+        match self.call("start_process", Deadline::Ordinary, body)? {
             response::Result::Started(started) => Ok(started.pid),
             other => Err(unexpected("start_process", &other)),
         }
@@ -180,16 +275,18 @@ impl AgentClient {
             signal,
             all,
         });
-        match self.call("signal_process", body)? {
+        match self.call("signal_process", Deadline::Ordinary, body)? {
             response::Result::Signalled(_) => Ok(()),
             other => Err(unexpected("signal_process", &other)),
         }
     }
 
     /// Blocks until the process exited and its output streams were flushed.
+    /// A long poll: no deadline, it ends with `ConnectionClosed` when the
+    /// connection does (see [`AgentClient::close`]).
     pub fn wait(&self, id: &str) -> Result<ExitStatus> {
         let body = request::Body::WaitProcess(WaitProcess { id: id.into() });
-        match self.call("wait_process", body)? {
+        match self.call("wait_process", Deadline::LongPoll, body)? {
             response::Result::Exited(exited) => Ok(exited),
             other => Err(unexpected("wait_process", &other)),
         }
@@ -202,7 +299,7 @@ impl AgentClient {
             rows,
             cols,
         });
-        match self.call("resize_tty", body)? {
+        match self.call("resize_tty", Deadline::Ordinary, body)? {
             response::Result::TtyResized(_) => Ok(()),
             other => Err(unexpected("resize_tty", &other)),
         }
@@ -211,7 +308,7 @@ impl AgentClient {
     /// Gives the process EOF on stdin.
     pub fn close_stdin(&self, id: &str) -> Result<()> {
         let body = request::Body::CloseStdin(CloseStdin { id: id.into() });
-        match self.call("close_stdin", body)? {
+        match self.call("close_stdin", Deadline::Ordinary, body)? {
             response::Result::StdinClosed(_) => Ok(()),
             other => Err(unexpected("close_stdin", &other)),
         }
@@ -220,7 +317,7 @@ impl AgentClient {
     /// Forgets a created or exited process.
     pub fn delete_process(&self, id: &str) -> Result<()> {
         let body = request::Body::DeleteProcess(DeleteProcess { id: id.into() });
-        match self.call("delete_process", body)? {
+        match self.call("delete_process", Deadline::Ordinary, body)? {
             response::Result::ProcessDeleted(_) => Ok(()),
             other => Err(unexpected("delete_process", &other)),
         }
@@ -231,7 +328,11 @@ impl AgentClient {
     /// agent.proto). Runs nothing; its processes are created with
     /// `CreateProcess.container_id`.
     pub fn create_container(&self, req: CreateContainer) -> Result<()> {
-        match self.call("create_container", request::Body::CreateContainer(req))? {
+        match self.call(
+            "create_container",
+            Deadline::Slow,
+            request::Body::CreateContainer(req),
+        )? {
             response::Result::ContainerCreated(_) => Ok(()),
             other => Err(unexpected("create_container", &other)),
         }
@@ -241,7 +342,7 @@ impl AgentClient {
     /// removes its cgroup and forgets its processes.
     pub fn remove_container(&self, id: &str) -> Result<()> {
         let body = request::Body::RemoveContainer(RemoveContainer { id: id.into() });
-        match self.call("remove_container", body)? {
+        match self.call("remove_container", Deadline::Slow, body)? {
             response::Result::ContainerRemoved(_) => Ok(()),
             other => Err(unexpected("remove_container", &other)),
         }
@@ -253,7 +354,7 @@ impl AgentClient {
             id: id.into(),
             resources: Some(resources),
         });
-        match self.call("update_container", body)? {
+        match self.call("update_container", Deadline::Ordinary, body)? {
             response::Result::ContainerUpdated(_) => Ok(()),
             other => Err(unexpected("update_container", &other)),
         }
@@ -266,7 +367,7 @@ impl AgentClient {
             id: id.into(),
             frozen,
         });
-        match self.call("freeze_container", body)? {
+        match self.call("freeze_container", Deadline::Ordinary, body)? {
             response::Result::ContainerFrozen(_) => Ok(()),
             other => Err(unexpected("freeze_container", &other)),
         }
@@ -275,7 +376,7 @@ impl AgentClient {
     /// Reads the container's cgroup statistics.
     pub fn container_stats(&self, id: &str) -> Result<Stats> {
         let body = request::Body::ContainerStats(ContainerStats { id: id.into() });
-        match self.call("container_stats", body)? {
+        match self.call("container_stats", Deadline::Ordinary, body)? {
             response::Result::Stats(stats) => Ok(stats),
             other => Err(unexpected("container_stats", &other)),
         }
@@ -284,7 +385,7 @@ impl AgentClient {
     /// The guest pids of the container's processes.
     pub fn list_pids(&self, id: &str) -> Result<Vec<u32>> {
         let body = request::Body::ListPids(ListPids { id: id.into() });
-        match self.call("list_pids", body)? {
+        match self.call("list_pids", Deadline::Ordinary, body)? {
             response::Result::Pids(pids) => Ok(pids.pids),
             other => Err(unexpected("list_pids", &other)),
         }
@@ -292,10 +393,15 @@ impl AgentClient {
 
     /// Blocks until a container records an OOM kill not reported before and
     /// returns its id (oldest first). Keep one such call in flight, on a
-    /// thread of its own; it ends with `ConnectionClosed` when the
-    /// connection does.
+    /// thread of its own; a long poll with no deadline, it ends with
+    /// `ConnectionClosed` when the connection does. The id is the guest's
+    /// word: check it names a container of this pod before acting on it.
     pub fn wait_oom(&self) -> Result<String> {
-        match self.call("wait_oom", request::Body::WaitOom(WaitOom {}))? {
+        match self.call(
+            "wait_oom",
+            Deadline::LongPoll,
+            request::Body::WaitOom(WaitOom {}),
+        )? {
             response::Result::OomEvent(event) => Ok(event.container_id),
             other => Err(unexpected("wait_oom", &other)),
         }
@@ -305,7 +411,11 @@ impl AgentClient {
     /// (see `ConfigureNetwork` in agent.proto). The shim sends it once,
     /// right after the VM is ready, for a pod that has a network namespace.
     pub fn configure_network(&self, req: ConfigureNetwork) -> Result<()> {
-        match self.call("configure_network", request::Body::ConfigureNetwork(req))? {
+        match self.call(
+            "configure_network",
+            Deadline::Ordinary,
+            request::Body::ConfigureNetwork(req),
+        )? {
             response::Result::NetworkConfigured(_) => Ok(()),
             other => Err(unexpected("configure_network", &other)),
         }
@@ -315,7 +425,11 @@ impl AgentClient {
     /// arrives, so a connection closing after the request went out counts as
     /// success.
     pub fn shutdown(&self) -> Result<()> {
-        match self.call("shutdown", request::Body::Shutdown(Shutdown {})) {
+        match self.call(
+            "shutdown",
+            Deadline::Ordinary,
+            request::Body::Shutdown(Shutdown {}),
+        ) {
             Ok(response::Result::ShutdownStarted(_)) | Err(ClientError::ConnectionClosed(_)) => {
                 Ok(())
             }
@@ -334,7 +448,12 @@ impl AgentClient {
         attach_stream(stream, process_id, kind)
     }
 
-    fn call(&self, call: &'static str, body: request::Body) -> Result<response::Result> {
+    fn call(
+        &self,
+        call: &'static str,
+        deadline: Deadline,
+        body: request::Body,
+    ) -> Result<response::Result> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::sync_channel(1);
         {
@@ -344,6 +463,10 @@ impl AgentClient {
             }
             calls.pending.insert(id, tx);
         }
+        let _pending = PendingCall {
+            shared: &self.shared,
+            id,
+        };
         let req = Request {
             id,
             body: Some(body),
@@ -353,13 +476,40 @@ impl AgentClient {
             write_frame(&mut **writer, &req).and_then(|()| writer.flush().map_err(Into::into))
         };
         if let Err(e) = written {
-            self.shared.calls().pending.remove(&id);
-            return Err(e.into());
+            // Part of the frame may be out: the stream is no longer framed.
+            self.shared.close(format!("writing a {call} request: {e}"));
+            return Err(match e {
+                FrameError::Io(io) if is_timeout(&io) => ClientError::Timeout {
+                    call,
+                    after: self.call_timeout,
+                },
+                other => other.into(),
+            });
         }
-        let resp = rx.recv().map_err(|_| {
-            let reason = self.shared.calls().closed.clone();
+        let closed = |shared: &Shared| {
+            let reason = shared.calls().closed.clone();
             ClientError::ConnectionClosed(reason.unwrap_or_else(|| "reader stopped".into()))
-        })?;
+        };
+        let after = match deadline {
+            Deadline::Ordinary => Some(self.call_timeout),
+            Deadline::Slow => Some(self.call_timeout.saturating_mul(2)),
+            Deadline::LongPoll => None,
+        };
+        let resp = match after {
+            None => rx.recv().map_err(|_| closed(&self.shared))?,
+            Some(after) => match rx.recv_timeout(after) {
+                Ok(resp) => resp,
+                Err(RecvTimeoutError::Disconnected) => return Err(closed(&self.shared)),
+                Err(RecvTimeoutError::Timeout) => {
+                    if self.shared.calls().pending.remove(&id).is_some() {
+                        return Err(ClientError::Timeout { call, after });
+                    }
+                    // The reader took the entry just now and is handing the
+                    // reply over (without blocking: the channel has room).
+                    rx.recv().map_err(|_| closed(&self.shared))?
+                }
+            },
+        };
         match resp.result {
             Some(response::Result::Error(err)) => Err(ClientError::from_wire(err)),
             Some(result) => Ok(result),
@@ -373,10 +523,45 @@ impl AgentClient {
 
 impl Drop for AgentClient {
     fn drop(&mut self) {
-        if let Some(closer) = &self.closer {
+        if let Some(closer) = &self.shared.closer {
             let _ = closer.shutdown(std::net::Shutdown::Both);
         }
     }
+}
+
+/// Whether an I/O error is a socket timeout (`SO_RCVTIMEO`/`SO_SNDTIMEO`
+/// report `EAGAIN`).
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// [`attach_stream`] on a Unix stream (a fresh hybrid-vsock connection),
+/// bounded by `timeout`: a guest that never answers the handshake fails it
+/// with [`ClientError::Timeout`] rather than pinning the caller. The stream
+/// comes back with no timeouts set.
+pub fn attach_unix_stream(
+    stream: UnixStream,
+    process_id: &str,
+    kind: StreamKind,
+    timeout: Duration,
+) -> Result<UnixStream> {
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let stream = attach_stream(stream, process_id, kind).map_err(|e| match e {
+        ClientError::Frame(FrameError::Io(io)) | ClientError::Io(io) if is_timeout(&io) => {
+            ClientError::Timeout {
+                call: "stream_attach",
+                after: timeout,
+            }
+        }
+        other => other,
+    })?;
+    stream.set_read_timeout(None)?;
+    stream.set_write_timeout(None)?;
+    Ok(stream)
 }
 
 /// Performs the `StreamAttach` handshake on a fresh stdio connection.
@@ -412,12 +597,15 @@ pub fn fresh_entropy(len: usize) -> io::Result<Vec<u8>> {
 }
 
 /// The reader thread: routes every response to its caller until the
-/// connection ends, then fails every call still waiting.
+/// connection ends or the guest sends a frame that is too large (refused
+/// before anything is allocated) or undecodable, then fails every call still
+/// waiting and shuts the connection down.
 fn dispatch_responses<R: Read>(mut reader: R, shared: &Shared) {
     let reason = loop {
         match read_frame::<Response, _>(&mut reader) {
             Ok(Some(resp)) => {
-                // A response nobody waits for (unknown id) is dropped.
+                // A response nobody waits for (unknown id, or a call that
+                // timed out) is dropped.
                 if let Some(tx) = shared.calls().pending.remove(&resp.id) {
                     let _ = tx.send(resp);
                 }
@@ -426,10 +614,7 @@ fn dispatch_responses<R: Read>(mut reader: R, shared: &Shared) {
             Err(e) => break e.to_string(),
         }
     };
-    let mut calls = shared.calls();
-    calls.closed = Some(reason);
-    // Dropping the senders wakes every waiting caller with an error.
-    calls.pending.clear();
+    shared.close(reason);
 }
 
 fn unexpected(call: &'static str, got: &response::Result) -> ClientError {
@@ -896,6 +1081,146 @@ mod tests {
                 ClientError::ConnectionClosed(_)
             ));
         });
+    }
+
+    fn pending_calls(client: &AgentClient) -> usize {
+        client.shared.calls().pending.len()
+    }
+
+    #[test]
+    fn silent_agent_times_out_and_frees_the_slot() {
+        let (client, agent) = pair();
+        let client = client
+            .with_call_timeout(Duration::from_millis(100))
+            .unwrap();
+        thread::scope(|s| {
+            let call = s.spawn(|| client.ping());
+            let req = agent.next();
+            let err = call.join().unwrap().unwrap_err();
+            assert!(
+                matches!(err, ClientError::Timeout { call: "ping", after } if after == Duration::from_millis(100)),
+                "{err:?}"
+            );
+            assert_eq!(pending_calls(&client), 0);
+            // The reply coming late is dropped; the connection still works.
+            agent.answer(req.id, response::Result::Pong(Pong::default()));
+            let call = s.spawn(|| client.ping());
+            let req = agent.next();
+            agent.answer(req.id, response::Result::Pong(Pong::default()));
+            call.join().unwrap().unwrap();
+            assert_eq!(pending_calls(&client), 0);
+        });
+    }
+
+    #[test]
+    fn container_creation_gets_twice_the_deadline() {
+        let (client, agent) = pair();
+        let client = client.with_call_timeout(Duration::from_millis(50)).unwrap();
+        thread::scope(|s| {
+            let call = s.spawn(|| client.create_container(CreateContainer::default()));
+            agent.next();
+            assert!(matches!(
+                call.join().unwrap().unwrap_err(),
+                ClientError::Timeout { call: "create_container", after } if after == Duration::from_millis(100)
+            ));
+            assert_eq!(pending_calls(&client), 0);
+        });
+    }
+
+    #[test]
+    fn long_polls_have_no_deadline_but_end_on_close() {
+        let (client, agent) = pair();
+        let client = client.with_call_timeout(Duration::from_millis(20)).unwrap();
+        thread::scope(|s| {
+            let waiter = s.spawn(|| client.wait("p"));
+            let oom = s.spawn(|| client.wait_oom());
+            agent.next();
+            agent.next();
+            thread::sleep(Duration::from_millis(200));
+            assert!(!waiter.is_finished() && !oom.is_finished());
+            assert_eq!(pending_calls(&client), 2);
+            client.close();
+            for call in [
+                waiter.join().unwrap().map(drop),
+                oom.join().unwrap().map(drop),
+            ] {
+                assert!(
+                    matches!(call, Err(ClientError::ConnectionClosed(ref m)) if m.contains("host"))
+                );
+            }
+        });
+        assert_eq!(pending_calls(&client), 0);
+        assert!(matches!(
+            client.ping().unwrap_err(),
+            ClientError::ConnectionClosed(_)
+        ));
+    }
+
+    /// The frame reader refuses the length before allocating anything; the
+    /// client ends the connection and fails what was in flight.
+    #[test]
+    fn oversized_reply_ends_the_connection() {
+        let (client, agent) = pair();
+        thread::scope(|s| {
+            let waiter = s.spawn(|| client.wait("p"));
+            let pinger = s.spawn(|| client.ping());
+            agent.next();
+            agent.next();
+            (&agent.conn).write_all(&u32::MAX.to_be_bytes()).unwrap();
+            for call in [
+                waiter.join().unwrap().map(drop),
+                pinger.join().unwrap().map(drop),
+            ] {
+                assert!(
+                    matches!(call, Err(ClientError::ConnectionClosed(ref m)) if m.contains("exceeds")),
+                    "{call:?}"
+                );
+            }
+        });
+        assert_eq!(pending_calls(&client), 0);
+        assert!(matches!(
+            client.ping().unwrap_err(),
+            ClientError::ConnectionClosed(_)
+        ));
+        // The client shut the socket down: the agent's reader saw EOF.
+        assert!(matches!(
+            agent.requests.recv_timeout(Duration::from_secs(5)),
+            Err(mpsc::RecvTimeoutError::Disconnected)
+        ));
+    }
+
+    #[test]
+    fn undecodable_reply_ends_the_connection() {
+        let (client, agent) = pair();
+        thread::scope(|s| {
+            let call = s.spawn(|| client.list_pids("c"));
+            agent.next();
+            (&agent.conn)
+                .write_all(&[0, 0, 0, 3, 0xff, 0xff, 0xff])
+                .unwrap();
+            assert!(matches!(
+                call.join().unwrap().unwrap_err(),
+                ClientError::ConnectionClosed(m) if m.contains("undecodable")
+            ));
+        });
+        assert_eq!(pending_calls(&client), 0);
+    }
+
+    #[test]
+    fn attach_times_out_on_a_silent_guest() {
+        let (host, _guest) = UnixStream::pair().unwrap();
+        let err = attach_unix_stream(host, "p", StreamKind::Stdout, Duration::from_millis(100))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ClientError::Timeout {
+                    call: "stream_attach",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
     }
 
     #[test]

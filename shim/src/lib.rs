@@ -5,6 +5,7 @@
 //! virtio-fs.
 
 pub mod network;
+pub mod oom;
 pub mod process;
 pub mod service;
 pub mod share;

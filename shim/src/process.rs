@@ -45,6 +45,8 @@ impl Exit {
 
 struct State {
     status: Status,
+    /// The pid containerd is told: the VMM's host pid, never a guest pid
+    /// (0 until the process has one).
     pid: u32,
 }
 

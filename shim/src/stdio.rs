@@ -5,7 +5,12 @@
 //! stream down; `WaitProcess` answers only after that, and the shim joins
 //! these threads before it reports the exit, so nothing written just before
 //! an exit is lost.
+//!
+//! Every stream is tracked by its VM's [`GuestStreams`], which shuts them
+//! all down when the VM ends: a guest that goes silent (or a VMM that is
+//! gone) must not leave a copy thread blocked forever.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
@@ -14,7 +19,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -85,8 +90,104 @@ impl Sink {
     }
 }
 
-/// Copies a guest output stream into `sink` until the guest ends it.
-pub fn copy_output(mut stream: UnixStream, mut sink: File, name: String) -> JoinHandle<()> {
+/// The stdio streams open into one VM.
+#[derive(Debug, Default)]
+pub struct GuestStreams {
+    inner: Mutex<Tracked>,
+}
+
+#[derive(Debug, Default)]
+struct Tracked {
+    next_id: u64,
+    /// A second handle on each open stream, to shut it down by.
+    open: HashMap<u64, UnixStream>,
+    /// Set once the VM ended: streams tracked later are shut down at once.
+    ended: bool,
+}
+
+impl GuestStreams {
+    fn tracked(&self) -> MutexGuard<'_, Tracked> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Tracks `stream` until the returned [`GuestStream`] is dropped.
+    pub fn track(self: &Arc<Self>, stream: UnixStream) -> io::Result<GuestStream> {
+        let handle = stream.try_clone()?;
+        let mut tracked = self.tracked();
+        if tracked.ended {
+            let _ = handle.shutdown(Shutdown::Both);
+        }
+        let id = tracked.next_id;
+        tracked.next_id += 1;
+        tracked.open.insert(id, handle);
+        Ok(GuestStream {
+            stream,
+            streams: Arc::clone(self),
+            id,
+        })
+    }
+
+    /// Shuts every stream down (reads see EOF, writes fail), now and for
+    /// streams tracked later: the VM ended.
+    pub fn end_all(&self) {
+        let mut tracked = self.tracked();
+        tracked.ended = true;
+        for handle in tracked.open.values() {
+            let _ = handle.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// How many streams are open.
+    pub fn open(&self) -> usize {
+        self.tracked().open.len()
+    }
+}
+
+/// A guest stdio stream, shut down with its VM (see [`GuestStreams`]).
+#[derive(Debug)]
+pub struct GuestStream {
+    stream: UnixStream,
+    streams: Arc<GuestStreams>,
+    id: u64,
+}
+
+impl GuestStream {
+    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        self.stream.shutdown(how)
+    }
+
+    /// Whether the VM ended (the stream is shut down).
+    fn vm_ended(&self) -> bool {
+        self.streams.tracked().ended
+    }
+}
+
+impl Read for GuestStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.stream.read(buf)
+    }
+}
+
+impl Write for GuestStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.stream.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
+    }
+}
+
+impl Drop for GuestStream {
+    /// Closes the tracking handle too, so the connection closes with the
+    /// stream.
+    fn drop(&mut self) {
+        self.streams.tracked().open.remove(&self.id);
+    }
+}
+
+/// Copies a guest output stream into `sink` until the guest ends it or its
+/// VM ends.
+pub fn copy_output(mut stream: GuestStream, mut sink: File, name: String) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let mut buf = [0u8; 32 * 1024];
         loop {
@@ -125,8 +226,9 @@ impl StdinClose {
 /// Copies the stdin FIFO at `path` into the guest stream. The FIFO is
 /// opened read-write and non-blocking so that no writer (or a writer coming
 /// later) never blocks us; the stream's write side is shut down (EOF for
-/// the process) once a close was requested and the FIFO is drained.
-pub fn copy_stdin(path: PathBuf, mut stream: UnixStream, close: StdinClose) -> JoinHandle<()> {
+/// the process) once a close was requested and the FIFO is drained. The
+/// copy also ends when the VM does.
+pub fn copy_stdin(path: PathBuf, mut stream: GuestStream, close: StdinClose) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let fifo = OpenOptions::new()
             .read(true)
@@ -161,6 +263,9 @@ pub fn copy_stdin(path: PathBuf, mut stream: UnixStream, close: StdinClose) -> J
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(_) => break,
                 }
+            }
+            if stream.vm_ended() {
+                break;
             }
             if close.requested() {
                 // Give bytes a writer put in just before closing a moment
@@ -204,7 +309,8 @@ mod tests {
         let out = tmp.path().join("out");
         let sink = Sink::File(out.clone()).open().unwrap().unwrap();
         let (mut guest, host) = UnixStream::pair().unwrap();
-        let t = copy_output(host, sink, "test".into());
+        let streams = Arc::new(GuestStreams::default());
+        let t = copy_output(streams.track(host).unwrap(), sink, "test".into());
         guest.write_all(b"hello ").unwrap();
         guest.write_all(b"world\n").unwrap();
         drop(guest);
@@ -219,7 +325,8 @@ mod tests {
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
         let (host, mut guest) = UnixStream::pair().unwrap();
         let close = StdinClose::default();
-        let t = copy_stdin(fifo.clone(), host, close.clone());
+        let streams = Arc::new(GuestStreams::default());
+        let t = copy_stdin(fifo.clone(), streams.track(host).unwrap(), close.clone());
         let mut w = OpenOptions::new().write(true).open(&fifo).unwrap();
         w.write_all(b"input\n").unwrap();
         drop(w);
@@ -228,5 +335,35 @@ mod tests {
         let mut got = String::new();
         guest.read_to_string(&mut got).unwrap();
         assert_eq!(got, "input\n");
+    }
+
+    /// A guest that goes silent, never ending its streams: ending the VM's
+    /// streams ends both copies (and frees their tracking handles).
+    #[test]
+    fn streams_end_with_the_vm() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sink = Sink::File(tmp.path().join("out")).open().unwrap().unwrap();
+        let fifo = tmp.path().join("stdin");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let streams = Arc::new(GuestStreams::default());
+        let (out_host, _out_guest) = UnixStream::pair().unwrap();
+        let (in_host, mut in_guest) = UnixStream::pair().unwrap();
+        let out = copy_output(streams.track(out_host).unwrap(), sink, "test".into());
+        let input = copy_stdin(fifo, streams.track(in_host).unwrap(), StdinClose::default());
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!out.is_finished() && !input.is_finished());
+        assert_eq!(streams.open(), 2);
+
+        streams.end_all();
+        out.join().unwrap();
+        input.join().unwrap();
+        assert_eq!(streams.open(), 0);
+        let mut rest = Vec::new();
+        in_guest.read_to_end(&mut rest).unwrap();
+
+        // A stream opened after the VM ended is shut down at once.
+        let (late, _guest) = UnixStream::pair().unwrap();
+        let mut late = streams.track(late).unwrap();
+        assert_eq!(late.read(&mut [0u8; 1]).unwrap(), 0);
     }
 }

@@ -7,6 +7,9 @@
 //! containers are created in that VM through the agent. A container with no
 //! pod around it (`ctr run`) gets a VM of its own, stopped when it is
 //! deleted.
+//!
+//! Every pid reported to containerd is the VMM's host pid (as Kata does):
+//! a guest pid means nothing on the host, and the guest chooses it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -38,6 +41,7 @@ use proto::client::{AgentClient, ClientError};
 use tokio::sync::Mutex;
 
 use crate::network::{self, PodNetworkMode};
+use crate::oom::{self, OomFilter, OomSink, OOM_MIN_INTERVAL};
 use crate::process::{Exit, Process, StdioPaths};
 use crate::share::{ContainerShare, RootfsMount};
 use crate::spec::{self, Role, VmShape};
@@ -59,6 +63,7 @@ fn agent_status(context: &str, err: ClientError) -> ttrpc::Error {
         ClientError::ConnectionClosed(_) | ClientError::Io(_) | ClientError::Frame(_) => {
             Code::UNAVAILABLE
         }
+        ClientError::Timeout { .. } => Code::DEADLINE_EXCEEDED,
         _ => Code::INTERNAL,
     };
     status(code, format!("{context}: {err}"))
@@ -259,17 +264,18 @@ impl TaskService {
         let this = self.clone();
         let watched = vm.clone();
         tokio::spawn(async move { this.follow_vm(watched).await });
-        let this = self.clone();
-        let agent = vm.agent();
-        tokio::spawn(async move { this.follow_ooms(agent).await });
+        let filter = OomFilter::new(OOM_MIN_INTERVAL);
+        tokio::spawn(oom::follow(vm.agent(), filter, self.clone()));
         Ok(vm)
     }
 
-    /// When the VMM exits, every process still running in it has ended.
-    /// Its network goes first, so whoever sees the exit (containerd then
-    /// runs CNI DEL) finds the namespace as CNI left it.
+    /// When the VMM exits, every process still running in it has ended,
+    /// and the shim's connections into it end too. Its network goes first,
+    /// so whoever sees the exit (containerd then runs CNI DEL) finds the
+    /// namespace as CNI left it.
     async fn follow_vm(&self, vm: Arc<PodVm>) {
         let code = vm.wait().await;
+        vm.end_connections();
         if let Some(netns) = vm.netns() {
             tear_down_network(netns.to_path_buf()).await;
         }
@@ -300,27 +306,6 @@ impl TaskService {
         for p in ended {
             if let Some(exit) = p.exit() {
                 self.events.exit(&p, exit).await;
-            }
-        }
-    }
-
-    async fn follow_ooms(&self, agent: Arc<AgentClient>) {
-        loop {
-            let agent = agent.clone();
-            match tokio::task::spawn_blocking(move || agent.wait_oom()).await {
-                Ok(Ok(container_id)) => {
-                    log::info!("OOM kill in container {container_id}");
-                    self.events
-                        .publish(
-                            topics::TASK_OOM_EVENT_TOPIC,
-                            Box::new(TaskOOM {
-                                container_id,
-                                ..Default::default()
-                            }),
-                        )
-                        .await;
-                }
-                _ => return,
             }
         }
     }
@@ -385,6 +370,7 @@ impl TaskService {
             terminal: req.terminal,
         };
         let process = Arc::new(Process::new(&id, "", &id, stdio));
+        process.set_pid(vm.pid());
         if let Err(e) = self.prepare_process(vm, &process, create_process).await {
             let rid = id.clone();
             let _ = call(vm.agent(), "undo", move |a| a.remove_container(&rid)).await;
@@ -745,21 +731,22 @@ impl Task for TaskService {
             ));
         }
         let started_at = std::time::Instant::now();
-        let pid = if role == Role::Sandbox && req.exec_id.is_empty() {
-            vm.pid()
+        let pid = vm.pid();
+        if role == Role::Sandbox && req.exec_id.is_empty() {
+            log::info!("start {}: the VM, pid {pid}", req.id);
         } else {
             let agent_id = process.agent_id.clone();
-            call(vm.agent(), "starting the process", move |a| {
+            let guest_pid = call(vm.agent(), "starting the process", move |a| {
                 a.start_process(&agent_id)
             })
-            .await?
-        };
-        log::info!(
-            "start {} {}: pid {pid} in {} ms",
-            req.id,
-            req.exec_id,
-            started_at.elapsed().as_millis()
-        );
+            .await?;
+            log::info!(
+                "start {} {}: guest pid {guest_pid} (reported as the VMM's, {pid}) in {} ms",
+                req.id,
+                req.exec_id,
+                started_at.elapsed().as_millis()
+            );
+        }
         process.set_running(pid);
         if !(role == Role::Sandbox && req.exec_id.is_empty()) {
             self.follow_process(vm, process.clone());
@@ -831,24 +818,18 @@ impl Task for TaskService {
         })
     }
 
+    /// Every container's processes run in the VM, so on the host they are
+    /// the VMM (the guest's own pids are the guest's word and mean nothing
+    /// here).
     async fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> TtrpcResult<PidsResponse> {
         let pod = self.pod.lock().await;
-        let c = pod.container(&req.id)?;
+        pod.container(&req.id)?;
         let vm = pod.vm()?;
-        let pids = if c.role == Role::Sandbox {
-            vec![vm.pid()]
-        } else {
-            let id = req.id.clone();
-            call(vm.agent(), "listing pids", move |a| a.list_pids(&id)).await?
-        };
         Ok(PidsResponse {
-            processes: pids
-                .into_iter()
-                .map(|pid| ProcessInfo {
-                    pid,
-                    ..Default::default()
-                })
-                .collect(),
+            processes: vec![ProcessInfo {
+                pid: vm.pid(),
+                ..Default::default()
+            }],
             ..Default::default()
         })
     }
@@ -1184,6 +1165,30 @@ impl Task for TaskService {
             exec_id: req.exec_id.clone(),
             ..Default::default()
         })
+    }
+}
+
+/// OOM reports pass for the pod's app containers only (the sandbox is the
+/// VM itself: no guest container has its id).
+#[async_trait]
+impl OomSink for TaskService {
+    async fn is_ours(&self, id: &str) -> bool {
+        let pod = self.pod.lock().await;
+        pod.containers
+            .get(id)
+            .is_some_and(|c| c.role != Role::Sandbox)
+    }
+
+    async fn publish(&self, container_id: String) {
+        self.events
+            .publish(
+                topics::TASK_OOM_EVENT_TOPIC,
+                Box::new(TaskOOM {
+                    container_id,
+                    ..Default::default()
+                }),
+            )
+            .await;
     }
 }
 

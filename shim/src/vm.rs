@@ -27,6 +27,7 @@ use tokio::sync::watch;
 
 use crate::share::PodShare;
 use crate::spec::{check_identifier, SpecError, VmShape};
+use crate::stdio::{GuestStream, GuestStreams};
 
 /// How long a VM may take to be ready: a clone takes well under a second,
 /// but the first pod of a shape creates the template (a full Linux boot,
@@ -146,6 +147,8 @@ pub struct PodVm {
     /// Closing this makes the VMM stop the VM (`--exit-on-stdin-eof`).
     lifeline: Mutex<Option<ChildStdin>>,
     exit: watch::Receiver<Option<i32>>,
+    /// The stdio streams attached to the guest's processes.
+    streams: Arc<GuestStreams>,
 }
 
 impl PodVm {
@@ -243,6 +246,7 @@ impl PodVm {
             netns,
             lifeline: Mutex::new(lifeline),
             exit: exit_rx,
+            streams: Arc::default(),
         };
         let ready = tokio::task::spawn_blocking(move || read_ready_line(stdout));
         let ready = match tokio::time::timeout(READY_TIMEOUT, ready).await {
@@ -323,15 +327,31 @@ impl PodVm {
         self.agent.clone()
     }
 
-    /// Opens a stdio stream of guest process `process_id`.
-    pub fn attach(&self, process_id: &str, kind: StreamKind) -> Result<UnixStream, VmError> {
+    /// Opens a stdio stream of guest process `process_id`; it is shut down
+    /// by [`PodVm::end_connections`].
+    pub fn attach(&self, process_id: &str, kind: StreamKind) -> Result<GuestStream, VmError> {
         let stream = proto::hybrid::connect(
             &self.dir.vsock(),
             proto::STDIO_PORT,
             Duration::from_secs(10),
         )
         .map_err(VmError::Connect)?;
-        Ok(proto::client::attach_stream(stream, process_id, kind)?)
+        let stream = proto::client::attach_unix_stream(
+            stream,
+            process_id,
+            kind,
+            proto::client::ATTACH_TIMEOUT,
+        )?;
+        self.streams.track(stream).map_err(VmError::Connect)
+    }
+
+    /// Once the VMM exited: fails the agent calls still waiting (long polls
+    /// included) and shuts down every stdio stream, whatever the other end
+    /// of those connections still does, so nothing the shim runs stays
+    /// blocked on a VM that is gone.
+    pub fn end_connections(&self) {
+        self.agent.close();
+        self.streams.end_all();
     }
 
     /// A receiver that holds the VMM's exit code once it exited.
