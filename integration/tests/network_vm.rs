@@ -66,12 +66,15 @@ async fn round(fx: &VethPair, round: u32) -> bool {
     assert!(left_out.is_empty(), "{left_out:?}");
     let mac = network::format_mac(&net.guest.mac);
 
-    let dir = PodDir::new("network-vm", &format!("pod-{round}"));
-    std::fs::create_dir_all(dir.share().join("c1")).unwrap();
+    let dir = PodDir::new("network-vm", &format!("pod-{round}")).unwrap();
+    // The container's rootfs, straight into the share's skeleton (the VMM
+    // exports a read-only view of it).
+    let skeleton = dir.share().skeleton().to_path_buf();
+    std::fs::create_dir_all(skeleton.join("c1")).unwrap();
     let cp = Command::new("cp")
         .arg("-a")
         .arg(busybox_rootfs())
-        .arg(dir.share().join("c1/rootfs"))
+        .arg(skeleton.join("c1/rootfs"))
         .status()
         .unwrap();
     assert!(cp.success());
