@@ -94,8 +94,13 @@ fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Before any VM exists: no command needs more than one VM's worth.
-    rlimit::apply();
+    // Before any VM exists: no command needs more than one VM's worth. Only
+    // `serve` (the shim's, whose stderr is the pod's vmm.log) says when the
+    // limit could not be set; `run`'s stderr is the guest program's.
+    let limit_warning = rlimit::apply();
+    if let (Command::Serve(_), Some(warning)) = (&cli.command, limit_warning) {
+        eprintln!("{warning}");
+    }
     let result = match cli.command {
         Command::Serve(args) => serve::serve(args),
         Command::Run(args) => run::run(args),

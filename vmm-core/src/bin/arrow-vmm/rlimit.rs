@@ -46,16 +46,18 @@ pub fn limit_open_files(limit: u64) -> io::Result<u64> {
     Ok(current.rlim_max)
 }
 
-/// Applies [`OPEN_FILES_LIMIT`]; a failure is reported and not fatal (the
-/// virtio-fs bounds still hold).
-pub fn apply() {
+/// Applies [`OPEN_FILES_LIMIT`]; a failure is not fatal (the virtio-fs
+/// bounds still hold), and is returned as a line for the caller's log.
+pub fn apply() -> Option<String> {
     match limit_open_files(OPEN_FILES_LIMIT) {
-        Ok(n) if n < OPEN_FILES_LIMIT => eprintln!(
+        Ok(n) if n < OPEN_FILES_LIMIT => Some(format!(
             "arrow-vmm: RLIMIT_NOFILE is {n}, below the {OPEN_FILES_LIMIT} one VM may need: \
-             the guest may see EMFILE early"
-        ),
-        Ok(_) => {}
-        Err(e) => eprintln!("arrow-vmm: cannot set RLIMIT_NOFILE to {OPEN_FILES_LIMIT}: {e}"),
+             the guest may see ENFILE/EMFILE early"
+        )),
+        Ok(_) => None,
+        Err(e) => Some(format!(
+            "arrow-vmm: cannot set RLIMIT_NOFILE to {OPEN_FILES_LIMIT}: {e}"
+        )),
     }
 }
 
