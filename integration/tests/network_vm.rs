@@ -67,14 +67,14 @@ async fn round(fx: &VethPair, round: u32) -> bool {
     let mac = network::format_mac(&net.guest.mac);
 
     let dir = PodDir::new("network-vm", &format!("pod-{round}")).unwrap();
-    // The container's rootfs, straight into the share's skeleton (the VMM
-    // exports a read-only view of it).
-    let skeleton = dir.share().skeleton().to_path_buf();
-    std::fs::create_dir_all(skeleton.join("c1")).unwrap();
+    // The container's rootfs, a copy of the busybox tree, shared as the
+    // shim shares a bundle's rootfs.
+    let bundle_rootfs = dir.root().join("bundle-rootfs");
+    std::fs::create_dir_all(dir.root()).unwrap();
     let cp = Command::new("cp")
         .arg("-a")
         .arg(busybox_rootfs())
-        .arg(skeleton.join("c1/rootfs"))
+        .arg(&bundle_rootfs)
         .status()
         .unwrap();
     assert!(cp.success());
@@ -96,6 +96,10 @@ async fn round(fx: &VethPair, round: u32) -> bool {
             panic!("PodVm::start: {e}\n{log}")
         });
     reap_into_monitor(vm.pid(), tokio::runtime::Handle::current());
+    let _share = dir
+        .share()
+        .add_container("c1", &[], &bundle_rootfs, &[])
+        .unwrap();
     eprintln!(
         "round {round}: VM ready in {:?} ({})",
         started.elapsed(),

@@ -18,6 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{symlink, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -78,15 +79,39 @@ fn mount_points() -> Vec<String> {
         .collect()
 }
 
+fn is_mounted(path: &Path) -> bool {
+    let path = path.to_string_lossy();
+    mount_points().iter().any(|m| *m == path)
+}
+
 /// One round of the host-side attacker over every pod's exported share:
 /// every operation must fail (read-only); returns how many were tried.
+///
+/// The attacker works through a descriptor of the exported view taken while
+/// it is mounted (as the VMM's own descriptors are), through
+/// `/proc/self/fd/N`: that stays on the view's mount even once the shim
+/// detaches it, so the attacker never writes into the pod's plain state
+/// directory, which no guest can reach (before the view is mounted no VM
+/// exists; after it is unmounted the VM is gone).
 fn plant_once(canary: &Path, succeeded: &AtomicUsize) -> usize {
     let mut tried = 0;
     let Ok(pods) = fs::read_dir(STATE) else {
         return 0;
     };
     for pod in pods.flatten() {
-        let share = pod.path().join("shared");
+        let view = pod.path().join("shared");
+        if !is_mounted(&view) {
+            continue;
+        }
+        let Ok(handle) = fs::File::open(&view) else {
+            continue;
+        };
+        // Mounted before and after the open: the descriptor is the view's
+        // (a pod's view is mounted once in its life).
+        if !is_mounted(&view) {
+            continue;
+        }
+        let share = PathBuf::from(format!("/proc/self/fd/{}", handle.as_raw_fd()));
         let Ok(entries) = fs::read_dir(&share) else {
             continue;
         };
@@ -121,11 +146,17 @@ fn plant_once(canary: &Path, succeeded: &AtomicUsize) -> usize {
             let d = dir.clone();
             attempts.push(Box::new(move || fs::write(d.join("mounts/0.swap"), "x")));
         }
+        let mut planted = 0;
         for attempt in attempts {
             tried += 1;
             if attempt().is_ok() {
-                succeeded.fetch_add(1, Ordering::Relaxed);
+                planted += 1;
             }
+        }
+        drop(handle);
+        if planted > 0 {
+            eprintln!("planted {planted} in {}", view.display());
+            succeeded.fetch_add(planted, Ordering::Relaxed);
         }
     }
     tried

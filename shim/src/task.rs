@@ -369,8 +369,9 @@ impl TaskService {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
+        // No pid until started: containerd's client deletes a created
+        // task only when its pid is 0 (a start that failed leaves one).
         let process = Arc::new(Process::new(&id, "", &id, stdio));
-        process.set_pid(vm.pid());
         if let Err(e) = self.prepare_process(vm, &process, create_process).await {
             let rid = id.clone();
             let _ = call(vm.agent(), "undo", move |a| a.remove_container(&rid)).await;
