@@ -311,6 +311,7 @@ async fn pod_through_cri() {
         .filter(|c| c.contains("arrow-vmm serve") && c.contains(&pod.id))
         .collect();
     assert_eq!(vmms.len(), 1, "one VM for the pod: {vmms:#?}");
+    assert_vmm_confined(&pod.id);
 
     let exec = cri
         .exec_sync(&app, &["sh", "-c", "echo out; echo err >&2; exit 3"], 60)
@@ -364,6 +365,56 @@ async fn pod_through_cri() {
     tokio::task::spawn_blocking(settle_then_assert_nothing_left)
         .await
         .unwrap();
+}
+
+/// The pod's `arrow-vmm` keeps only the documented privileges (see
+/// `vmm-core/src/bin/arrow-vmm/confine.rs`) and none of the shim's
+/// descriptors.
+fn assert_vmm_confined(pod_id: &str) {
+    let pid = fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .find(|e| {
+            let cmdline = fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            cmdline.contains("arrow-vmm serve") && cmdline.contains(pod_id)
+        })
+        .map(|e| e.path())
+        .expect("the pod's arrow-vmm");
+    let status = fs::read_to_string(pid.join("status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(field("NoNewPrivs"), "1", "{status}");
+    // CHOWN, DAC_OVERRIDE, FOWNER, FSETID, SETGID, SETUID.
+    for set in ["CapEff", "CapPrm", "CapBnd"] {
+        assert_eq!(field(set), "00000000000000db", "{set}: {status}");
+    }
+    for set in ["CapInh", "CapAmb"] {
+        assert_eq!(field(set), "0000000000000000", "{set}: {status}");
+    }
+    let leaked: Vec<String> = fs::read_dir(pid.join("fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| fs::read_link(e.path()).ok())
+        .map(|t| t.display().to_string())
+        .filter(|t| t.contains("containerd") && !t.contains("/snapshots/"))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "the shim's descriptors in the VMM: {leaked:#?}"
+    );
+    let environ = fs::read(pid.join("environ")).unwrap();
+    let foreign: Vec<String> = String::from_utf8_lossy(&environ)
+        .split('\0')
+        .filter(|v| !v.is_empty() && !v.starts_with("ARROW_"))
+        .map(str::to_string)
+        .collect();
+    assert!(foreign.is_empty(), "environment kept: {foreign:?}");
 }
 
 #[test]

@@ -180,6 +180,10 @@ impl PodVm {
             err,
         })?;
         let mut cmd = Command::new(&vmm);
+        // A clean environment: only where the kernel, arrow-init and the
+        // templates are (`ARROW_*`), none of containerd's.
+        cmd.env_clear()
+            .envs(std::env::vars_os().filter(|(k, _)| k.to_string_lossy().starts_with("ARROW_")));
         cmd.arg("serve")
             .arg("--vcpus")
             .arg(shape.vcpus.to_string())

@@ -29,6 +29,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use vmm_core::devices::console_log::ConsoleLog;
+
+use crate::confine;
 use vmm_core::exit::VmExit;
 use vmm_core::vm::ConsoleOutput;
 
@@ -56,6 +58,10 @@ pub struct ServeArgs {
     /// Stop the VM and exit when stdin reaches EOF.
     #[arg(long)]
     exit_on_stdin_eof: bool,
+    /// Debugging only: keep every privilege, descriptor and variable the
+    /// caller gave (see `confine.rs` for what is dropped otherwise).
+    #[arg(long)]
+    no_confine: bool,
 }
 
 /// The line printed once the guest is ready, as JSON.
@@ -160,6 +166,16 @@ fn console_output(path: Option<&Path>) -> anyhow::Result<ConsoleOutput> {
 }
 
 pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    // First, while this is the only thread.
+    if args.no_confine {
+        eprintln!(
+            "arrow-vmm: WARNING: --no-confine: the VMM keeps every privilege it was given; \
+             for debugging only"
+        );
+    } else {
+        let keep: Vec<i32> = args.machine.net_tap_fd.into_iter().collect();
+        confine::confine(&keep).context("confining the VMM")?;
+    }
     let timings = Timings::new(Instant::now(), args.machine.timings);
     let cancel = Arc::new(Cancel::default());
     watch_signals(cancel.clone())?;
