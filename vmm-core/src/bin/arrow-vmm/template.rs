@@ -5,8 +5,8 @@
 //! corrupt) is removed and rebuilt, never used.
 
 use std::fs::{DirBuilder, File, OpenOptions};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::PathBuf;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -80,6 +80,25 @@ impl TemplateCache {
     pub fn clone_vm(&self, key: &str, config: RestoreConfig) -> anyhow::Result<Option<Vm>> {
         let dir = self.dir(key);
         if !dir.join(vmm_core::snapshot::VMSTATE_FILE).is_file() {
+            return Ok(None);
+        }
+        trusted(&self.root, true)
+            .map_err(|why| anyhow::anyhow!("template cache {}: {why}", self.root.display()))?;
+        let files = [
+            vmm_core::snapshot::VMSTATE_FILE,
+            vmm_core::snapshot::MEMORY_FILE,
+        ];
+        let untrusted = trusted(&dir, true).err().or_else(|| {
+            files
+                .iter()
+                .find_map(|f| trusted(&dir.join(f), false).err())
+        });
+        if let Some(why) = untrusted {
+            eprintln!(
+                "arrow-vmm: template {} is not trusted ({why}); removing it, it will be rebuilt",
+                dir.display()
+            );
+            let _ = std::fs::remove_dir_all(&dir);
             return Ok(None);
         }
         match Vm::restore(&dir, config) {
@@ -159,6 +178,38 @@ impl TemplateCache {
     }
 }
 
+/// Whether `path` may be trusted as (part of) a template: a real directory
+/// (`dir`) or regular file, not a symlink, owned by this process's user
+/// (root for the shim's VMMs) and writable by nobody else. Anyone else who
+/// could write a template could run code in every clone.
+fn trusted(path: &Path, dir: bool) -> Result<(), String> {
+    let meta = std::fs::symlink_metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let kind_ok = if dir { meta.is_dir() } else { meta.is_file() };
+    if !kind_ok {
+        return Err(format!(
+            "{} is not a {}",
+            path.display(),
+            if dir { "directory" } else { "regular file" }
+        ));
+    }
+    let euid = nix::unistd::geteuid().as_raw();
+    if meta.uid() != euid {
+        return Err(format!(
+            "{} is owned by uid {}, not {euid}",
+            path.display(),
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "{} is writable by group or others (mode {:o})",
+            path.display(),
+            meta.mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
 /// The creation lock of one template; released when dropped.
 pub struct TemplateLock {
     _flock: Flock<File>,
@@ -227,6 +278,43 @@ mod tests {
             .clone_vm("absent", RestoreConfig::default())
             .unwrap()
             .is_none());
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_template_others_could_write_is_not_used() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = std::env::temp_dir().join(format!("arrow-tpl-trust-{}", std::process::id()));
+        let cache = TemplateCache::new(root.clone());
+        let dir = cache.dir("k");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::write(dir.join("vmstate"), b"state").unwrap();
+        std::fs::write(dir.join("memory"), b"memory").unwrap();
+        let mode = |p: &Path, m| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m));
+        mode(&dir.join("vmstate"), 0o600).unwrap();
+        mode(&dir.join("memory"), 0o666).unwrap();
+        assert!(trusted(&dir.join("vmstate"), false).is_ok());
+        assert!(trusted(&dir.join("memory"), false)
+            .unwrap_err()
+            .contains("writable"));
+        assert!(trusted(&dir, false).unwrap_err().contains("regular file"));
+        // A clone refuses it and removes it, to be rebuilt.
+        assert!(cache
+            .clone_vm("k", RestoreConfig::default())
+            .unwrap()
+            .is_none());
+        assert!(!dir.exists());
+        // A symlink is never a template file.
+        std::fs::create_dir_all(&dir).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", dir.join("memory")).unwrap();
+        assert!(trusted(&dir.join("memory"), false).is_err());
+        // A cache others can write is an error, not a rebuild.
+        std::fs::write(dir.join("vmstate"), b"state").unwrap();
+        mode(&root, 0o777).unwrap();
+        assert!(cache.clone_vm("k", RestoreConfig::default()).is_err());
+        assert!(dir.exists());
         std::fs::remove_dir_all(root).unwrap();
     }
 
