@@ -166,7 +166,8 @@ fn console_output(path: Option<&Path>) -> anyhow::Result<ConsoleOutput> {
 }
 
 pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    // First, while this is the only thread.
+    let timings = Timings::new(Instant::now(), args.machine.timings);
+    // First, while this is the only thread (the timings count it).
     if args.no_confine {
         eprintln!(
             "arrow-vmm: WARNING: --no-confine: the VMM keeps every privilege it was given; \
@@ -176,7 +177,6 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let keep: Vec<i32> = args.machine.net_tap_fd.into_iter().collect();
         confine::confine(&keep).context("confining the VMM")?;
     }
-    let timings = Timings::new(Instant::now(), args.machine.timings);
     let cancel = Arc::new(Cancel::default());
     watch_signals(cancel.clone())?;
     if args.exit_on_stdin_eof {
