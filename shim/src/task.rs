@@ -1260,3 +1260,33 @@ impl TaskService {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec_with(linux: serde_json::Value) -> Spec {
+        serde_json::from_value(serde_json::json!({ "ociVersion": "1.0.2", "linux": linux }))
+            .unwrap()
+    }
+
+    #[test]
+    fn the_pod_cgroup_is_the_specs_cgroups_path() {
+        let spec = spec_with(serde_json::json!({
+            "cgroupsPath": "kubepods-burstable-pod1.slice:cri-containerd:abc"
+        }));
+        assert_eq!(
+            pod_cgroup("p", &spec).unwrap(),
+            Some(CgroupPath::Absolute(PathBuf::from(
+                "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice/cri-containerd-abc.scope"
+            )))
+        );
+        assert_eq!(
+            pod_cgroup("p", &spec_with(serde_json::json!({}))).unwrap(),
+            None
+        );
+        let bad = spec_with(serde_json::json!({ "cgroupsPath": "/kubepods/../x" }));
+        let err = pod_cgroup("p", &bad).unwrap_err();
+        assert!(err.to_string().contains("INVALID_ARGUMENT"), "{err}");
+    }
+}
