@@ -89,7 +89,7 @@ async fn round(fx: &VethPair, round: u32) -> bool {
         vcpus: 1,
     };
     let started = Instant::now();
-    let vm = PodVm::start(dir.clone(), shape, "netpod", Some(nic))
+    let vm = PodVm::start(dir.clone(), shape, "netpod", Some(nic), None)
         .await
         .unwrap_or_else(|e| {
             let log = std::fs::read_to_string(dir.vmm_log()).unwrap_or_default();

@@ -4,6 +4,7 @@
 //! are created in it through the agent (`proto`), their files shared over
 //! virtio-fs.
 
+pub mod cgroup;
 pub mod network;
 pub mod oom;
 pub mod process;

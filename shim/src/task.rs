@@ -40,6 +40,7 @@ use proto::agent::StreamKind;
 use proto::client::{AgentClient, ClientError};
 use tokio::sync::Mutex;
 
+use crate::cgroup::CgroupPath;
 use crate::network::{self, PodNetworkMode};
 use crate::oom::{self, OomFilter, OomSink, OOM_MIN_INTERVAL};
 use crate::process::{Exit, Process, StdioPaths};
@@ -195,6 +196,7 @@ impl TaskService {
         let hostname = spec.hostname().clone().unwrap_or_default();
         let dir = PodDir::new(&self.namespace, pod_id)
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let cgroup = pod_cgroup(pod_id, spec)?;
         let (nic, guest_net) = match PodNetworkMode::of(spec) {
             PodNetworkMode::Namespace(netns) => {
                 let path = netns.clone();
@@ -231,7 +233,7 @@ impl TaskService {
             }
         };
         let netns = nic.as_ref().map(|n| n.netns.clone());
-        let started = PodVm::start(dir.clone(), shape, &hostname, nic).await;
+        let started = PodVm::start(dir.clone(), shape, &hostname, nic, cgroup.as_ref()).await;
         let vm = match started {
             Ok(vm) => Arc::new(vm),
             Err(e) => {
@@ -578,6 +580,30 @@ async fn tear_down_network(netns: PathBuf) {
         Ok(Err(e)) => log::warn!("tearing down the network in {}: {e}", netns.display()),
         Err(e) => log::warn!("tearing down the network in {}: {e}", netns.display()),
     }
+}
+
+/// The cgroup the pod's VMM runs in: the spec's `linux.cgroupsPath`.
+fn pod_cgroup(pod_id: &str, spec: &Spec) -> TtrpcResult<Option<CgroupPath>> {
+    let path = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.cgroups_path().as_ref());
+    let Some(path) = path.filter(|p| !p.as_os_str().is_empty()) else {
+        log::warn!(
+            "pod {pod_id}: the spec has no linux.cgroupsPath: arrow-vmm stays in the shim's \
+             cgroup, outside the pod's limits and accounting"
+        );
+        return Ok(None);
+    };
+    let text = path.to_str().ok_or_else(|| {
+        status(
+            Code::INVALID_ARGUMENT,
+            format!("cgroupsPath {path:?} is not UTF-8"),
+        )
+    })?;
+    CgroupPath::parse(text)
+        .map(Some)
+        .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))
 }
 
 /// Stops a VM that failed to become a pod and removes what it had.
@@ -1232,5 +1258,35 @@ impl TaskService {
                 .await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec_with(linux: serde_json::Value) -> Spec {
+        serde_json::from_value(serde_json::json!({ "ociVersion": "1.0.2", "linux": linux }))
+            .unwrap()
+    }
+
+    #[test]
+    fn the_pod_cgroup_is_the_specs_cgroups_path() {
+        let spec = spec_with(serde_json::json!({
+            "cgroupsPath": "kubepods-burstable-pod1.slice:cri-containerd:abc"
+        }));
+        assert_eq!(
+            pod_cgroup("p", &spec).unwrap(),
+            Some(CgroupPath::Absolute(PathBuf::from(
+                "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice/cri-containerd-abc.scope"
+            )))
+        );
+        assert_eq!(
+            pod_cgroup("p", &spec_with(serde_json::json!({}))).unwrap(),
+            None
+        );
+        let bad = spec_with(serde_json::json!({ "cgroupsPath": "/kubepods/../x" }));
+        let err = pod_cgroup("p", &bad).unwrap_err();
+        assert!(err.to_string().contains("INVALID_ARGUMENT"), "{err}");
     }
 }

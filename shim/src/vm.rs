@@ -25,6 +25,7 @@ use proto::client::{AgentClient, ClientError};
 use serde::Deserialize;
 use tokio::sync::watch;
 
+use crate::cgroup::{self, CgroupError, CgroupPath, PodCgroup};
 use crate::share::PodShare;
 use crate::spec::{check_identifier, SpecError, VmShape};
 use crate::stdio::{GuestStream, GuestStreams};
@@ -53,6 +54,19 @@ pub enum VmError {
     StateDir { path: PathBuf, err: std::io::Error },
     #[error("the pod's share: {0}")]
     Share(crate::share::ShareError),
+    #[error("the pod's cgroup: {0}")]
+    Cgroup(CgroupError),
+}
+
+impl From<CgroupError> for VmError {
+    /// A spawn that failed for another reason than the cgroup is a spawn
+    /// error.
+    fn from(e: CgroupError) -> VmError {
+        match e {
+            CgroupError::Spawn(err) => VmError::Spawn(err),
+            e => VmError::Cgroup(e),
+        }
+    }
 }
 
 /// The line `arrow-vmm serve` prints once the VM is up.
@@ -103,10 +117,15 @@ impl PodDir {
     pub fn console_log(&self) -> PathBuf {
         self.root.join("console.log")
     }
+    /// The cgroup directories the shim created for the VMM, one a line.
+    pub fn cgroup_record(&self) -> PathBuf {
+        self.root.join("cgroups")
+    }
 
     /// Kills a VMM a dead shim left (by its pid file, if it is still an
-    /// arrow-vmm), unmounts everything in the share and removes the
-    /// directory.
+    /// arrow-vmm), removes the cgroups the shim created for it (see
+    /// [`cgroup::remove_recorded`]), unmounts everything in the share and
+    /// removes the directory.
     pub fn clean_up(&self) -> Result<(), crate::share::ShareError> {
         if let Ok(text) = fs::read_to_string(self.vmm_pid()) {
             if let Ok(pid) = text.trim().parse::<i32>() {
@@ -115,6 +134,9 @@ impl PodDir {
                     let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
                 }
             }
+        }
+        if let Err(e) = cgroup::remove_recorded(&self.cgroup_record()) {
+            log::warn!("{e}");
         }
         crate::share::remove_tree(&self.root)
     }
@@ -157,11 +179,15 @@ impl PodVm {
     /// makes it unique with `InitClone`. With `nic`, the guest gets a
     /// virtio-net NIC over that tap; the shim's copy of the descriptor is
     /// closed once the VMM has its own, so the tap lives as long as the VMM.
+    /// With `cgroup`, the VMM runs in that cgroup from before its exec (the
+    /// directories the shim creates for it are recorded in the pod's
+    /// directory, for [`PodDir::clean_up`]).
     pub async fn start(
         dir: PodDir,
         shape: VmShape,
         hostname: &str,
         nic: Option<VmNic>,
+        cgroup: Option<&CgroupPath>,
     ) -> Result<PodVm, VmError> {
         let vmm = vmm_binary()?;
         fs::create_dir_all(dir.root()).map_err(|err| VmError::StateDir {
@@ -221,10 +247,15 @@ impl PodVm {
                 });
             }
         }
-        let spawned = cmd.spawn();
+        let spawned = match cgroup {
+            Some(path) => PodCgroup::prepare(path, &dir.cgroup_record())
+                .and_then(|cgroup| cgroup.spawn(&mut cmd))
+                .map_err(VmError::from),
+            None => cmd.spawn().map_err(VmError::Spawn),
+        };
         // The VMM has its copy now (or failed): ours would keep the tap.
         let netns = nic.map(|nic| nic.netns);
-        let mut child: Child = spawned.map_err(VmError::Spawn)?;
+        let mut child: Child = spawned?;
         let pid = child.id();
         let _ = fs::write(dir.vmm_pid(), pid.to_string());
         let (exit_tx, exit_rx) = watch::channel(None);
