@@ -311,7 +311,13 @@ async fn pod_through_cri() {
         .filter(|c| c.contains("arrow-vmm serve") && c.contains(&pod.id))
         .collect();
     assert_eq!(vmms.len(), 1, "one VM for the pod: {vmms:#?}");
-    assert_vmm_confined(&pod.id);
+    let cgroup_parent = pod
+        .config
+        .linux
+        .as_ref()
+        .map(|l| l.cgroup_parent.clone())
+        .unwrap_or_default();
+    assert_vmm_confined(&pod.id, &format!("{cgroup_parent}/{}", pod.id));
 
     let exec = cri
         .exec_sync(&app, &["sh", "-c", "echo out; echo err >&2; exit 3"], 60)
@@ -368,9 +374,10 @@ async fn pod_through_cri() {
 }
 
 /// The pod's `arrow-vmm` keeps only the documented privileges (see
-/// `vmm-core/src/bin/arrow-vmm/confine.rs`) and none of the shim's
-/// descriptors.
-fn assert_vmm_confined(pod_id: &str) {
+/// `vmm-core/src/bin/arrow-vmm/confine.rs`), none of the shim's
+/// descriptors, and runs in the pod's cgroup (`cgroup`, the sandbox's
+/// cgroupsPath under containerd's cgroupfs driver).
+fn assert_vmm_confined(pod_id: &str, cgroup: &str) {
     let pid = fs::read_dir("/proc")
         .unwrap()
         .flatten()
@@ -415,6 +422,18 @@ fn assert_vmm_confined(pod_id: &str) {
         .map(str::to_string)
         .collect();
     assert!(foreign.is_empty(), "environment kept: {foreign:?}");
+    let cgroups = fs::read_to_string(pid.join("cgroup")).unwrap();
+    for controller in ["memory", "cpu"] {
+        let joined = cgroups.lines().any(|l| {
+            let mut fields = l.splitn(3, ':').skip(1);
+            let controllers = fields.next().unwrap_or_default();
+            controllers.split(',').any(|c| c == controller) && fields.next() == Some(cgroup)
+        });
+        assert!(
+            joined,
+            "{controller} cgroup of the VMM is not {cgroup}: {cgroups}"
+        );
+    }
 }
 
 #[test]
