@@ -82,6 +82,10 @@ pub enum NetworkError {
          an Arrow pod needs a namespace of its own (hostNetwork pods cannot run in a microVM)"
     )]
     HostNetns(PathBuf),
+    #[error(
+        "network namespace {0}: not a namespace file (a /proc/<pid>/ns/net or a bind mount of one)"
+    )]
+    NotNetns(PathBuf),
 }
 
 /// Refuses a namespace that is the host's (PID 1's) or the shim's own: the
@@ -90,6 +94,15 @@ pub enum NetworkError {
 fn check_pod_netns(ns: &File, path: &Path) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     let id = |m: &std::fs::Metadata| (m.dev(), m.ino());
+    /// `NSFS_MAGIC`: namespace files live on nsfs.
+    const NSFS_MAGIC: i64 = 0x6e73_6673;
+    let fs = nix::sys::statfs::fstatfs(ns).map_err(|e| NetworkError::Netns {
+        path: path.to_path_buf(),
+        source: e.into(),
+    })?;
+    if fs.filesystem_type().0 as i64 != NSFS_MAGIC {
+        return Err(NetworkError::NotNetns(path.to_path_buf()));
+    }
     let opened = ns.metadata().map_err(|source| NetworkError::Netns {
         path: path.to_path_buf(),
         source,
@@ -1032,6 +1045,9 @@ mod tests {
             let err = tear_down(Path::new(path)).unwrap_err();
             assert!(matches!(err, NetworkError::HostNetns(_)), "{path}: {err}");
         }
+        let not_ns = tempfile::NamedTempFile::new().unwrap();
+        let err = set_up(not_ns.path()).unwrap_err();
+        assert!(matches!(err, NetworkError::NotNetns(_)), "{err}");
     }
 
     #[test]

@@ -205,7 +205,8 @@ impl TaskService {
                     .map_err(|e| status(Code::INTERNAL, e.to_string()))?
                     .map_err(|e| {
                         let code = match e {
-                            network::NetworkError::HostNetns(_) => Code::INVALID_ARGUMENT,
+                            network::NetworkError::HostNetns(_)
+                            | network::NetworkError::NotNetns(_) => Code::INVALID_ARGUMENT,
                             _ => Code::INTERNAL,
                         };
                         status(code, format!("pod network: {e}"))
