@@ -141,11 +141,6 @@ impl PodShare {
         &self.view
     }
 
-    /// The shim's side of the share, which the guest sees read-only.
-    pub fn skeleton(&self) -> &Path {
-        &self.skeleton
-    }
-
     /// Creates the skeleton and mounts the read-only view of it. Runs
     /// before the VM exists, so the guest never sees the view writable.
     pub fn set_up(&self) -> Result<(), ShareError> {
