@@ -293,11 +293,8 @@ impl ContainerShare {
 
 impl Drop for ContainerShare {
     fn drop(&mut self) {
-        let dirs = [
-            self.share.view.join(&self.id),
-            self.share.skeleton.join(&self.id),
-        ];
-        if dirs.iter().any(|d| d.exists()) {
+        // The view's directory is the skeleton's, seen read-only.
+        if self.share.skeleton.join(&self.id).exists() {
             if let Err(e) = self.unmount() {
                 log::warn!("cleaning container {} of the share: {e}", self.id);
             }
