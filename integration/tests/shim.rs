@@ -8,7 +8,7 @@
 //! time (a pod VM per test) and check behaviour, never timing.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -310,7 +310,8 @@ async fn pod_through_cri() {
         .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
         .filter(|c| c.contains("arrow-vmm serve") && c.contains(&pod.id))
         .collect();
-    assert_eq!(vmms.len(), 1, "one VM for the pod: {vmms:#?}");
+    // The VMM and its keeper (see `assert_vmm_confined`).
+    assert_eq!(vmms.len(), 2, "one VM for the pod: {vmms:#?}");
     let cgroup_parent = pod
         .config
         .linux
@@ -373,21 +374,77 @@ async fn pod_through_cri() {
         .unwrap();
 }
 
-/// The pod's `arrow-vmm` keeps only the documented privileges (see
-/// `vmm-core/src/bin/arrow-vmm/confine.rs`), none of the shim's
-/// descriptors, and runs in the pod's cgroup (`cgroup`, the sandbox's
-/// cgroupsPath under containerd's cgroupfs driver).
+/// The pod's `arrow-vmm` is jailed (see `vmm-core/src/bin/arrow-vmm/jail.rs`):
+/// its keeper (the process the shim started) holds no privilege, the VMM
+/// (the keeper's child, PID 1 of its own PID namespace) keeps only the
+/// documented privileges (`confine.rs`), has namespaces of its own, a mount
+/// table with only its jail, none of the shim's descriptors, and both run
+/// in the pod's cgroup (`cgroup`, the sandbox's cgroupsPath under
+/// containerd's cgroupfs driver).
 fn assert_vmm_confined(pod_id: &str, cgroup: &str) {
-    let pid = fs::read_dir("/proc")
+    let serves: Vec<PathBuf> = fs::read_dir("/proc")
         .unwrap()
         .flatten()
-        .find(|e| {
+        .filter(|e| {
             let cmdline = fs::read(e.path().join("cmdline")).unwrap_or_default();
             let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
             cmdline.contains("arrow-vmm serve") && cmdline.contains(pod_id)
         })
         .map(|e| e.path())
-        .expect("the pod's arrow-vmm");
+        .collect();
+    let status_field = |proc_dir: &Path, name: &str| {
+        fs::read_to_string(proc_dir.join("status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!("{name}:"))
+                    .map(|v| v.trim().to_string())
+            })
+            .unwrap_or_default()
+    };
+    // The VMM sees itself as PID 1: NSpid has its host and its own pid.
+    let (jailed, keepers): (Vec<PathBuf>, Vec<PathBuf>) = serves
+        .into_iter()
+        .partition(|p| status_field(p, "NSpid").split_whitespace().count() == 2);
+    assert_eq!(
+        (jailed.len(), keepers.len()),
+        (1, 1),
+        "{jailed:?} {keepers:?}"
+    );
+    let (pid, keeper) = (&jailed[0], &keepers[0]);
+    assert_eq!(status_field(keeper, "NoNewPrivs"), "1");
+    for set in ["CapEff", "CapPrm", "CapBnd"] {
+        assert_eq!(
+            status_field(keeper, set),
+            "0000000000000000",
+            "keeper {set}"
+        );
+    }
+    for ns in ["mnt", "pid", "ipc", "uts", "net"] {
+        let vmm = fs::read_link(pid.join("ns").join(ns)).unwrap();
+        let host = fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(vmm, host, "the VMM's {ns} namespace is the host's");
+    }
+    // Only the jail: its tmpfs root, KVM, the kernel, the template (cache),
+    // the VMM's own directory, the share with the containers' mounts, /proc.
+    let mountinfo = fs::read_to_string(pid.join("mountinfo")).unwrap();
+    let points: Vec<&str> = mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .collect();
+    let allowed = |p: &str| {
+        p == "/"
+            || p == "/dev/kvm"
+            || p == "/proc"
+            || p.starts_with("/var/cache/arrow/")
+            || (p.starts_with("/run/arrow/") && (p.contains("/vmm") || p.contains("/shared")))
+    };
+    let foreign: Vec<&&str> = points.iter().filter(|p| !allowed(p)).collect();
+    assert!(
+        foreign.is_empty(),
+        "mounts outside the jail: {foreign:?}\n{mountinfo}"
+    );
+    assert!(points.contains(&"/dev/kvm"), "{mountinfo}");
     let status = fs::read_to_string(pid.join("status")).unwrap();
     let field = |name: &str| {
         status

@@ -178,12 +178,21 @@ impl PodShare {
         )
         .and_then(|()| {
             // Container mounts on the view stay out of the host's other
-            // mount namespaces.
+            // mount namespaces (private), but reach the VMM's jail, whose
+            // copy of the view is a slave of this one (shared, in a peer
+            // group of its own).
             mount(
                 None::<&str>,
                 &self.view,
                 None::<&str>,
                 MsFlags::MS_PRIVATE,
+                None::<&str>,
+            )?;
+            mount(
+                None::<&str>,
+                &self.view,
+                None::<&str>,
+                MsFlags::MS_SHARED,
                 None::<&str>,
             )
         });

@@ -105,8 +105,17 @@ impl PodDir {
     pub fn share(&self) -> PodShare {
         PodShare::new(&self.root)
     }
+    /// The only directory of the pod the VMM can write: its sockets and
+    /// the guest's console log (bound into its jail).
+    pub fn vmm_dir(&self) -> PathBuf {
+        self.root.join("vmm")
+    }
+    /// The empty directory the VMM builds its jail on.
+    pub fn jail(&self) -> PathBuf {
+        self.root.join("jail")
+    }
     pub fn vsock(&self) -> PathBuf {
-        self.root.join("vsock.sock")
+        self.vmm_dir().join("vsock.sock")
     }
     pub fn vmm_pid(&self) -> PathBuf {
         self.root.join("vmm.pid")
@@ -115,7 +124,7 @@ impl PodDir {
         self.root.join("vmm.log")
     }
     pub fn console_log(&self) -> PathBuf {
-        self.root.join("console.log")
+        self.vmm_dir().join("console.log")
     }
     /// The cgroup directories the shim created for the VMM, one a line.
     pub fn cgroup_record(&self) -> PathBuf {
@@ -190,8 +199,8 @@ impl PodVm {
         cgroup: Option<&CgroupPath>,
     ) -> Result<PodVm, VmError> {
         let vmm = vmm_binary()?;
-        fs::create_dir_all(dir.root()).map_err(|err| VmError::StateDir {
-            path: dir.root().to_path_buf(),
+        fs::create_dir_all(dir.vmm_dir()).map_err(|err| VmError::StateDir {
+            path: dir.vmm_dir(),
             err,
         })?;
         let share = dir.share();
@@ -221,6 +230,8 @@ impl PodVm {
             .arg(share.view())
             .arg("--console-log")
             .arg(dir.console_log())
+            .arg("--jail")
+            .arg(dir.jail())
             .arg("--exit-on-stdin-eof")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

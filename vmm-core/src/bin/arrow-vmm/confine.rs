@@ -39,17 +39,35 @@ pub const KEPT_CAPABILITIES: [Capability; 6] = [
     Capability::CAP_SETGID,
 ];
 
-/// Confines the calling process; call it before any other thread exists.
-/// `keep_fds` are the inherited descriptors to keep besides stdio.
-pub fn confine(keep_fds: &[RawFd]) -> anyhow::Result<()> {
+/// The first step, before the jail: only the descriptors and variables
+/// the VMM was given on purpose. `keep_fds` are the inherited descriptors
+/// to keep besides stdio. Call it before any other thread exists.
+pub fn shed_inheritance(keep_fds: &[RawFd]) -> anyhow::Result<()> {
     close_inherited_fds(keep_fds)?;
     clean_environment();
+    Ok(())
+}
+
+/// The last step, in the jail: `no_new_privs` and only
+/// [`KEPT_CAPABILITIES`]. Call it before any other thread exists.
+pub fn drop_privileges() -> anyhow::Result<()> {
+    set_no_new_privs()?;
+    drop_capabilities(&KEPT_CAPABILITIES)
+}
+
+/// For the jail's keeper, which only waits and forwards signals.
+pub fn drop_all_privileges() -> anyhow::Result<()> {
+    set_no_new_privs()?;
+    drop_capabilities(&[])
+}
+
+fn set_no_new_privs() -> anyhow::Result<()> {
     // SAFETY: prctl(PR_SET_NO_NEW_PRIVS) takes integer arguments only and
     // changes no memory.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(std::io::Error::last_os_error()).context("setting no_new_privs");
     }
-    drop_capabilities()
+    Ok(())
 }
 
 /// Closes every descriptor above stderr that is not in `keep`.
@@ -83,13 +101,13 @@ fn clean_environment() {
     }
 }
 
-fn drop_capabilities() -> anyhow::Result<()> {
+fn drop_capabilities(keep: &[Capability]) -> anyhow::Result<()> {
     let permitted = caps::read(None, CapSet::Permitted).context("reading capabilities")?;
     if permitted.is_empty() {
         // Not root: nothing to drop.
         return Ok(());
     }
-    let kept: CapsHashSet = KEPT_CAPABILITIES
+    let kept: CapsHashSet = keep
         .iter()
         .copied()
         .filter(|c| permitted.contains(c))

@@ -177,7 +177,7 @@ pub fn vm_config(
 }
 
 /// The template key of a guest built from `config`.
-fn template_key(config: &VmConfig) -> anyhow::Result<String> {
+pub fn template_key(config: &VmConfig) -> anyhow::Result<String> {
     let kernel = std::fs::read(&config.kernel)
         .with_context(|| format!("reading {}", config.kernel.display()))?;
     let flavour = config.flavour.unwrap_or_else(KvmFlavour::detect);
@@ -359,6 +359,8 @@ pub struct Launch<'a> {
     pub cancel: &'a Cancel,
     /// Print the KVM flavour and kernel command line on stderr.
     pub show_cmdline: bool,
+    /// The config's [`template_key`], if the caller has it already.
+    pub template_key: Option<String>,
 }
 
 impl Launch<'_> {
@@ -381,7 +383,10 @@ impl Launch<'_> {
             .map(|v| v.uds_path.clone())
             .context("an Arrow guest needs its vsock device")?;
         let cache = TemplateCache::new(paths::cache_dir().join("templates"));
-        let key = template_key(&config)?;
+        let key = match &self.template_key {
+            Some(key) => key.clone(),
+            None => template_key(&config)?,
+        };
         let mut lock = None;
         if self.origin != Origin::Boot {
             if self.origin == Origin::CloneOrBoot {

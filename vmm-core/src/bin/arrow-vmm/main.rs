@@ -8,6 +8,7 @@
 
 mod confine;
 mod guest;
+mod jail;
 mod paths;
 mod rlimit;
 mod run;

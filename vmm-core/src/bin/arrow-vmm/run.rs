@@ -204,6 +204,7 @@ fn start_guest(
         timings,
         cancel: &cancel,
         show_cmdline: args.console,
+        template_key: None,
     };
     let launched = launch.start(config, &mut console)?;
     let client = match launched.client {

@@ -31,8 +31,12 @@ use anyhow::{bail, Context};
 use vmm_core::devices::console_log::ConsoleLog;
 
 use crate::confine;
+use crate::jail::{Access, Jail, JailPath};
+use crate::paths;
+use crate::template::TemplateCache;
 use vmm_core::exit::VmExit;
 use vmm_core::vm::ConsoleOutput;
+use vmm_core::vm::VmConfig;
 
 use crate::guest::{self, explain_exit, Cancel, Interrupted, Launch, MachineArgs, Origin, Timings};
 
@@ -58,8 +62,12 @@ pub struct ServeArgs {
     /// Stop the VM and exit when stdin reaches EOF.
     #[arg(long)]
     exit_on_stdin_eof: bool,
-    /// Debugging only: keep every privilege, descriptor and variable the
-    /// caller gave (see `confine.rs` for what is dropped otherwise).
+    /// An empty directory to build the VMM's jail on (see `jail.rs`);
+    /// default: `<socket path>.jail` beside the vsock socket.
+    #[arg(long, value_name = "DIR")]
+    jail: Option<PathBuf>,
+    /// Debugging only: no jail, and keep every privilege, descriptor and
+    /// variable the caller gave (see `confine.rs` and `jail.rs`).
     #[arg(long)]
     no_confine: bool,
 }
@@ -165,22 +173,114 @@ fn console_output(path: Option<&Path>) -> anyhow::Result<ConsoleOutput> {
     Ok(ConsoleOutput::Writer(Box::new(log)))
 }
 
-pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+/// `path` absolute and without symlinks.
+fn canonical(path: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::canonicalize(path).with_context(|| format!("resolving {}", path.display()))
+}
+
+/// The vsock socket's path with its directory resolved (the socket itself
+/// may not exist yet).
+fn absolute_socket_path(path: &Path) -> anyhow::Result<PathBuf> {
+    let name = path
+        .file_name()
+        .with_context(|| format!("--vsock-uds {}: no file name", path.display()))?;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    Ok(canonical(dir)?.join(name))
+}
+
+/// What the VMM of `config` needs in its jail: KVM, the kernel (arrow-init
+/// is in the initramfs, in memory already), the template to clone (or the
+/// cache, to create it), the share, its sockets' directory and console log.
+fn jail_plan(args: &ServeArgs, config: &VmConfig, key: &str) -> anyhow::Result<Jail> {
+    let socket_dir = args
+        .vsock_uds
+        .parent()
+        .context("the vsock socket has no directory")?
+        .to_path_buf();
+    let mut entries = vec![
+        JailPath::new("/dev/kvm", Access::Device),
+        JailPath::new(&config.kernel, Access::ReadOnly),
+        JailPath::new(&socket_dir, Access::ReadWrite),
+    ];
+    if !args.no_template {
+        let cache = TemplateCache::new(paths::cache_dir().join("templates"));
+        let template = cache.dir(key);
+        if template.join(vmm_core::snapshot::VMSTATE_FILE).is_file() {
+            // Cloned, never written.
+            entries.push(JailPath::new(template, Access::ReadOnly));
+        } else {
+            // Created here (or by a concurrent launch this one waits for).
+            entries.push(JailPath::new(
+                paths::cache_dir().join("templates"),
+                Access::ReadWrite,
+            ));
+        }
+    }
+    if let Some(share) = &args.shared_dir {
+        // With the containers' mounts, now and later; the read-only top
+        // of the shim's view stays read-only.
+        entries.push(JailPath::new(canonical(share)?, Access::ReadWrite).recursive());
+    }
+    if let Some(log) = &args.console_log {
+        if log.parent() != Some(socket_dir.as_path()) {
+            entries.push(JailPath::new(log, Access::ReadWrite));
+        }
+    }
+    let root = match &args.jail {
+        Some(dir) => dir.clone(),
+        None => {
+            let mut name = args.vsock_uds.as_os_str().to_owned();
+            name.push(".jail");
+            PathBuf::from(name)
+        }
+    };
+    Ok(Jail {
+        root,
+        paths: entries,
+    })
+}
+
+pub fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
     let timings = Timings::new(Instant::now(), args.machine.timings);
+    // The process the caller started: the one to signal, jailed or not.
+    let pid = std::process::id();
     // First, while this is the only thread (the timings count it).
     if args.no_confine {
         eprintln!(
-            "arrow-vmm: WARNING: --no-confine: the VMM keeps every privilege it was given; \
-             for debugging only"
+            "arrow-vmm: WARNING: --no-confine: no jail, and the VMM keeps every privilege \
+             it was given; for debugging only"
         );
     } else {
         let keep: Vec<i32> = args.machine.net_tap_fd.into_iter().collect();
-        confine::confine(&keep).context("confining the VMM")?;
-    }
-    let cancel = Arc::new(Cancel::default());
-    watch_signals(cancel.clone())?;
-    if args.exit_on_stdin_eof {
-        watch_eof(std::io::stdin(), cancel.clone())?;
+        confine::shed_inheritance(&keep).context("confining the VMM")?;
+        // The jail holds these at their host paths: make them absolute
+        // and free of symlinks first.
+        args.vsock_uds = absolute_socket_path(&args.vsock_uds)?;
+        if let Some(kernel) = &args.machine.kernel {
+            args.machine.kernel = Some(canonical(kernel)?);
+        }
+        if let Some(share) = &args.shared_dir {
+            args.shared_dir = Some(canonical(share)?);
+        }
+        if let Some(log) = &args.console_log {
+            // Bound into the jail, so it must exist.
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(log)
+                .with_context(|| format!("creating the console log {}", log.display()))?;
+            args.console_log = Some(canonical(log)?);
+        }
+        let cache = canonical(&paths::cache_dir().join("templates")).or_else(|_| {
+            let cache = TemplateCache::new(paths::cache_dir().join("templates"));
+            cache.create_root()?;
+            canonical(&paths::cache_dir().join("templates"))
+        })?;
+        // Single-threaded still: the template cache is found by this name.
+        std::env::set_var("ARROW_CACHE", cache.parent().unwrap_or(&cache));
     }
     let uds = args
         .vsock_uds
@@ -188,13 +288,27 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("--vsock-uds {}: not UTF-8", args.vsock_uds.display()))?
         .to_owned();
     prepare_socket_path(&args.vsock_uds)?;
-    let config = guest::vm_config(
+    let mut config = guest::vm_config(
         &args.machine,
         None,
         false,
         &args.vsock_uds,
         args.shared_dir.as_deref(),
     )?;
+    config.kernel = canonical(&config.kernel)?;
+    let key = guest::template_key(&config)?;
+    if !args.no_confine {
+        jail_plan(&args, &config, &key)?
+            .enter()
+            .context("jailing the VMM")?;
+        confine::drop_privileges().context("confining the VMM")?;
+        timings.mark("jailed");
+    }
+    let cancel = Arc::new(Cancel::default());
+    watch_signals(cancel.clone())?;
+    if args.exit_on_stdin_eof {
+        watch_eof(std::io::stdin(), cancel.clone())?;
+    }
     let console_log = args.console_log.clone();
     let mut console = || console_output(console_log.as_deref());
     let launch = Launch {
@@ -207,6 +321,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         timings: &timings,
         cancel: &cancel,
         show_cmdline: false,
+        template_key: Some(key),
     };
     let launched = match launch.start(config, &mut console) {
         Ok(launched) => launched,
@@ -222,7 +337,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     // The shim makes its own connections to the agent.
     drop(launched.client);
 
-    let line = ready_line(launched.cloned, std::process::id(), &uds, timings.elapsed());
+    let line = ready_line(launched.cloned, pid, &uds, timings.elapsed());
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{line}")
         .and_then(|()| stdout.flush())

@@ -117,7 +117,7 @@ impl TemplateCache {
 
     /// Creates the cache directory if missing. Modes are explicit: the
     /// process umask is cleared once a virtio-fs device is set up.
-    fn create_root(&self) -> anyhow::Result<()> {
+    pub fn create_root(&self) -> anyhow::Result<()> {
         DirBuilder::new()
             .recursive(true)
             .mode(0o755)
