@@ -533,9 +533,15 @@ mod tests {
             root: PathBuf::from("/run/arrow/k8s.io/pod1"),
         };
         assert_eq!(d.share().view(), Path::new("/run/arrow/k8s.io/pod1/shared"));
+        // The VMM writes only in vmm/ (bound into its jail).
         assert_eq!(
             d.vsock(),
-            PathBuf::from("/run/arrow/k8s.io/pod1/vsock.sock")
+            PathBuf::from("/run/arrow/k8s.io/pod1/vmm/vsock.sock")
         );
+        assert_eq!(
+            d.console_log(),
+            PathBuf::from("/run/arrow/k8s.io/pod1/vmm/console.log")
+        );
+        assert_eq!(d.jail(), PathBuf::from("/run/arrow/k8s.io/pod1/jail"));
     }
 }
