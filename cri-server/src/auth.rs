@@ -106,7 +106,9 @@ pub fn from_docker_config(path: &Path, host: &str, registry: &str) -> Option<Reg
             if !entry.auth.is_empty() {
                 match decode_basic(&entry.auth) {
                     Ok(a) => return Some(a),
-                    Err(e) => tracing::warn!(key = %key, error = %e, "docker config.json entry ignored"),
+                    Err(e) => {
+                        tracing::warn!(key = %key, error = %e, "docker config.json entry ignored")
+                    }
                 }
             }
         }

@@ -150,7 +150,8 @@ pub fn endpoints(config_path: &Path, registry: &str) -> Result<Vec<Endpoint>> {
             return Ok(vec![default_server(registry)]);
         }
     }
-    let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
     parse_hosts(&text, registry).with_context(|| format!("in {}", file.display()))
 }
 
@@ -158,9 +159,7 @@ fn parse_hosts(text: &str, registry: &str) -> Result<Vec<Endpoint>> {
     let parsed: HostsFile = toml::from_str(text)?;
     let mut out = Vec::new();
     for (url, value) in parsed.host {
-        let entry: HostEntry = value
-            .try_into()
-            .with_context(|| format!("host {url:?}"))?;
+        let entry: HostEntry = value.try_into().with_context(|| format!("host {url:?}"))?;
         let caps = entry
             .capabilities
             .unwrap_or_else(|| vec!["pull".into(), "resolve".into()]);
@@ -168,7 +167,8 @@ fn parse_hosts(text: &str, registry: &str) -> Result<Vec<Endpoint>> {
             continue;
         }
         let (host, plain_http) = parse_url(&url)?;
-        let mirror = !(host == registry || (registry == DOCKER_HUB && host == "registry-1.docker.io"));
+        let mirror =
+            !(host == registry || (registry == DOCKER_HUB && host == "registry-1.docker.io"));
         out.push(Endpoint {
             host,
             plain_http,

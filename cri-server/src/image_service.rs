@@ -60,7 +60,9 @@ pub fn user_of(user: &str) -> (Option<i64>, String) {
 fn spec_image(spec: &Option<ImageSpec>) -> Result<&str, Status> {
     match spec {
         Some(s) if !s.image.trim().is_empty() => Ok(s.image.trim()),
-        _ => Err(Status::invalid_argument("no image given (ImageSpec.image is empty)")),
+        _ => Err(Status::invalid_argument(
+            "no image given (ImageSpec.image is empty)",
+        )),
     }
 }
 
@@ -143,7 +145,9 @@ impl ImageService for Images {
         };
         tracing::info!(image = %reference, with_credentials = auth.is_some(), "PullImage");
         match self.puller.pull(&reference, auth).await {
-            Ok(image) => Ok(Response::new(PullImageResponse { image_ref: image.id })),
+            Ok(image) => Ok(Response::new(PullImageResponse {
+                image_ref: image.id,
+            })),
             Err(e) => {
                 tracing::warn!(image = %reference, error = %e, "PullImage failed");
                 Err(e.into())
@@ -189,7 +193,9 @@ impl ImageService for Images {
                     mountpoint: self.store.root().display().to_string(),
                 }),
                 used_bytes: Some(UInt64Value { value: usage.bytes }),
-                inodes_used: Some(UInt64Value { value: usage.inodes }),
+                inodes_used: Some(UInt64Value {
+                    value: usage.inodes,
+                }),
             }],
             container_filesystems: Vec::new(),
         }))

@@ -137,19 +137,27 @@ impl Puller {
         Ok(record)
     }
 
-    async fn pull_locked(&self, image: &ImageRef, auth: Option<RegistryAuth>) -> Result<ImageRecord> {
-        let endpoints = hosts::endpoints(&self.config.config_path, &image.registry).map_err(|e| {
-            Error::InvalidArgument(format!(
-                "registry configuration for {}: {e:#}",
-                image.registry
-            ))
-        })?;
+    async fn pull_locked(
+        &self,
+        image: &ImageRef,
+        auth: Option<RegistryAuth>,
+    ) -> Result<ImageRecord> {
+        let endpoints =
+            hosts::endpoints(&self.config.config_path, &image.registry).map_err(|e| {
+                Error::InvalidArgument(format!(
+                    "registry configuration for {}: {e:#}",
+                    image.registry
+                ))
+            })?;
         // Resolve on the first endpoint that answers.
         let mut last_err = None;
         let mut resolved = None;
         for endpoint in endpoints {
             let session = self.session(image, &endpoint, auth.clone())?;
-            match self.fetch_manifest(&session, image, &session.reference).await {
+            match self
+                .fetch_manifest(&session, image, &session.reference)
+                .await
+            {
                 Ok(m) => {
                     resolved = Some((session, m));
                     break;
@@ -162,7 +170,11 @@ impl Puller {
         }
         let (session, (top_body, top_digest)) = match resolved {
             Some(r) => r,
-            None => return Err(last_err.unwrap_or_else(|| Error::Internal("no registry endpoint".into()))),
+            None => {
+                return Err(
+                    last_err.unwrap_or_else(|| Error::Internal("no registry endpoint".into()))
+                )
+            }
         };
         let top: ManifestOrIndex = parse_json(&top_body, image, "manifest")?;
         let top_type = media_type(&top);
@@ -212,9 +224,14 @@ impl Puller {
         for (desc, diff_id) in layer_descs.iter().zip(&config.rootfs.diff_ids) {
             check_descriptor(desc, image)?;
             if !is_digest(diff_id) {
-                return Err(Error::InvalidArgument(format!("{image}: diff_id {diff_id:?} is not a sha256 digest")));
+                return Err(Error::InvalidArgument(format!(
+                    "{image}: diff_id {diff_id:?} is not a sha256 digest"
+                )));
             }
-            if desc.urls.as_ref().is_some_and(|u| !u.is_empty()) || desc.media_type.contains("nondistributable") || desc.media_type.contains("foreign") {
+            if desc.urls.as_ref().is_some_and(|u| !u.is_empty())
+                || desc.media_type.contains("nondistributable")
+                || desc.media_type.contains("foreign")
+            {
                 return Err(Error::InvalidArgument(format!(
                     "{image}: layer {} is a foreign (non-distributable) layer, which arrow-cri does not fetch",
                     desc.digest
@@ -266,17 +283,30 @@ impl Puller {
             user: config.config.and_then(|c| c.user).unwrap_or_default(),
             pulled_at: 0,
         };
-        let tag = if image.digest.is_none() { image.tagged() } else { None };
+        let tag = if image.digest.is_none() {
+            image.tagged()
+        } else {
+            None
+        };
         let repo_digest = image.with_digest(&top_digest);
         tracing::debug!(image = %image, top_type, "committing");
         self.store.commit_image(record, tag, repo_digest)
     }
 
-    fn session(&self, image: &ImageRef, endpoint: &Endpoint, auth: Option<RegistryAuth>) -> Result<Session> {
+    fn session(
+        &self,
+        image: &ImageRef,
+        endpoint: &Endpoint,
+        auth: Option<RegistryAuth>,
+    ) -> Result<Session> {
         let mut extra = Vec::new();
         for ca in &endpoint.ca {
             let data = std::fs::read(ca).map_err(|e| {
-                Error::InvalidArgument(format!("CA file {} for {}: {e}", ca.display(), endpoint.host))
+                Error::InvalidArgument(format!(
+                    "CA file {} for {}: {e}",
+                    ca.display(),
+                    endpoint.host
+                ))
             })?;
             extra.push(Certificate {
                 encoding: CertificateEncoding::Pem,
@@ -299,11 +329,16 @@ impl Puller {
             ..ClientConfig::default()
         };
         let mut reference = image.oci();
-        if endpoint.mirror || (image.registry != endpoint.host && !(image.registry == "docker.io" && endpoint.host == "registry-1.docker.io")) {
+        if endpoint.mirror
+            || (image.registry != endpoint.host
+                && !(image.registry == "docker.io" && endpoint.host == "registry-1.docker.io"))
+        {
             reference.set_mirror_registry(endpoint.host.clone());
         }
         let auth = auth
-            .or_else(|| auth_from_docker_config(&self.config.docker_config, &endpoint.host, &image.registry))
+            .or_else(|| {
+                auth_from_docker_config(&self.config.docker_config, &endpoint.host, &image.registry)
+            })
             .unwrap_or(RegistryAuth::Anonymous);
         Ok(Session {
             client: Client::new(config),
@@ -327,7 +362,9 @@ impl Puller {
             .await
             .map_err(|e| registry_error(e, image, &session.endpoint))?;
         if body.len() > MAX_JSON {
-            return Err(Error::InvalidArgument(format!("{image}: manifest larger than {MAX_JSON} bytes")));
+            return Err(Error::InvalidArgument(format!(
+                "{image}: manifest larger than {MAX_JSON} bytes"
+            )));
         }
         let digest = sha256(&body);
         if let Some(want) = reference.digest() {
@@ -341,7 +378,12 @@ impl Puller {
         Ok((body, digest))
     }
 
-    async fn fetch_small_blob(&self, session: &Session, image: &ImageRef, desc: &Descriptor) -> Result<Vec<u8>> {
+    async fn fetch_small_blob(
+        &self,
+        session: &Session,
+        image: &ImageRef,
+        desc: &Descriptor,
+    ) -> Result<Vec<u8>> {
         if desc.size < 0 || desc.size as usize > MAX_JSON {
             return Err(Error::InvalidArgument(format!(
                 "{image}: config {} of {} bytes is out of bounds",
@@ -358,9 +400,15 @@ impl Puller {
             .await
             .map_err(|e| registry_error(e, image, &session.endpoint))?;
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| blob_stream_error(e, image, &session.endpoint, &desc.digest))?;
+            let chunk =
+                chunk.map_err(|e| blob_stream_error(e, image, &session.endpoint, &desc.digest))?;
             if out.len() + chunk.len() > desc.size as usize {
-                return Err(size_error(image, &session.endpoint, &desc.digest, desc.size as u64));
+                return Err(size_error(
+                    image,
+                    &session.endpoint,
+                    &desc.digest,
+                    desc.size as u64,
+                ));
             }
             out.extend_from_slice(&chunk);
         }
@@ -372,7 +420,12 @@ impl Puller {
 
     /// The layer unpacked in the store: downloaded and unpacked unless it
     /// is there already (from any image).
-    async fn ensure_layer(&self, session: &Session, image: &ImageRef, layer: &LayerDesc) -> Result<()> {
+    async fn ensure_layer(
+        &self,
+        session: &Session,
+        image: &ImageRef,
+        layer: &LayerDesc,
+    ) -> Result<()> {
         if self.store.layer(&layer.diff_id).is_some() {
             return Ok(());
         }
@@ -406,7 +459,13 @@ impl Puller {
         }
     }
 
-    async fn download_to(&self, session: &Session, image: &ImageRef, layer: &LayerDesc, tmp: &PathBuf) -> Result<()> {
+    async fn download_to(
+        &self,
+        session: &Session,
+        image: &ImageRef,
+        layer: &LayerDesc,
+        tmp: &PathBuf,
+    ) -> Result<()> {
         let root = self.store.root().to_path_buf();
         let file = tokio::fs::File::create(tmp)
             .await
@@ -420,17 +479,28 @@ impl Puller {
         let mut got = 0u64;
         // oci-client's stream checks the digest at its end (an error item).
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| blob_stream_error(e, image, &session.endpoint, &layer.digest))?;
+            let chunk =
+                chunk.map_err(|e| blob_stream_error(e, image, &session.endpoint, &layer.digest))?;
             got += chunk.len() as u64;
             if got > layer.size {
-                return Err(size_error(image, &session.endpoint, &layer.digest, layer.size));
+                return Err(size_error(
+                    image,
+                    &session.endpoint,
+                    &layer.digest,
+                    layer.size,
+                ));
             }
             out.write_all(&chunk)
                 .await
                 .map_err(|e| Error::io(format!("writing layer {}", layer.digest), &root, &e))?;
         }
         if got != layer.size {
-            return Err(size_error(image, &session.endpoint, &layer.digest, layer.size));
+            return Err(size_error(
+                image,
+                &session.endpoint,
+                &layer.digest,
+                layer.size,
+            ));
         }
         out.flush()
             .await
@@ -496,7 +566,11 @@ fn unpack_into_store(store: &Store, image: &str, layer: &LayerDesc) -> Result<()
     Ok(())
 }
 
-fn auth_from_docker_config(path: &std::path::Path, host: &str, registry: &str) -> Option<RegistryAuth> {
+fn auth_from_docker_config(
+    path: &std::path::Path,
+    host: &str,
+    registry: &str,
+) -> Option<RegistryAuth> {
     crate::auth::from_docker_config(path, host, registry)
 }
 
@@ -531,12 +605,19 @@ fn check_descriptor(d: &Descriptor, image: &ImageRef) -> Result<()> {
         )));
     }
     if d.size < 0 {
-        return Err(Error::InvalidArgument(format!("{image}: descriptor {} has a negative size", d.digest)));
+        return Err(Error::InvalidArgument(format!(
+            "{image}: descriptor {} has a negative size",
+            d.digest
+        )));
     }
     Ok(())
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8], image: &ImageRef, what: &str) -> Result<T> {
+fn parse_json<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    image: &ImageRef,
+    what: &str,
+) -> Result<T> {
     serde_json::from_slice(body)
         .map_err(|e| Error::InvalidArgument(format!("{image}: the {what} is not valid: {e}")))
 }
@@ -548,7 +629,10 @@ fn choose_platform(index: &ManifestOrIndex, image: &ImageRef) -> Result<String> 
     for d in entries {
         let Some(p) = &d.platform else { continue };
         if p.os == "linux" && p.architecture == "amd64" {
-            let plain = p.variant.as_deref().is_none_or(|v| v == "v1" || v.is_empty());
+            let plain = p
+                .variant
+                .as_deref()
+                .is_none_or(|v| v == "v1" || v.is_empty());
             if best.is_none() || plain {
                 best = Some(d);
                 if plain {
@@ -560,7 +644,10 @@ fn choose_platform(index: &ManifestOrIndex, image: &ImageRef) -> Result<String> 
     match best {
         Some(d) => {
             if !is_digest(&d.digest) {
-                return Err(Error::InvalidArgument(format!("{image}: index entry digest {:?} is not sha256", d.digest)));
+                return Err(Error::InvalidArgument(format!(
+                    "{image}: index entry digest {:?} is not sha256",
+                    d.digest
+                )));
             }
             Ok(d.digest.clone())
         }

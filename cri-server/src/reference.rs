@@ -131,8 +131,11 @@ impl fmt::Display for ImageRef {
 }
 
 pub fn is_digest(s: &str) -> bool {
-    s.strip_prefix("sha256:")
-        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    s.strip_prefix("sha256:").is_some_and(|h| {
+        h.len() == 64
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
 }
 
 fn is_tag(s: &str) -> bool {
@@ -148,10 +151,20 @@ fn is_repository(s: &str) -> bool {
         && s.split('/').all(|part| {
             !part.is_empty()
                 && part.bytes().all(|b| {
-                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'_' || b == b'-'
+                    b.is_ascii_lowercase()
+                        || b.is_ascii_digit()
+                        || b == b'.'
+                        || b == b'_'
+                        || b == b'-'
                 })
-                && part.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
-                && part.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
+                && part
+                    .bytes()
+                    .next()
+                    .is_some_and(|b| b.is_ascii_alphanumeric())
+                && part
+                    .bytes()
+                    .last()
+                    .is_some_and(|b| b.is_ascii_alphanumeric())
         })
 }
 
@@ -168,13 +181,22 @@ mod tests {
         assert_eq!(norm("busybox"), "docker.io/library/busybox:latest");
         assert_eq!(norm("busybox:1.36"), "docker.io/library/busybox:1.36");
         assert_eq!(norm("foo/bar"), "docker.io/foo/bar:latest");
-        assert_eq!(norm("docker.io/busybox"), "docker.io/library/busybox:latest");
-        assert_eq!(norm("index.docker.io/library/busybox"), "docker.io/library/busybox:latest");
+        assert_eq!(
+            norm("docker.io/busybox"),
+            "docker.io/library/busybox:latest"
+        );
+        assert_eq!(
+            norm("index.docker.io/library/busybox"),
+            "docker.io/library/busybox:latest"
+        );
     }
 
     #[test]
     fn registries_tags_digests() {
-        assert_eq!(norm("registry.k8s.io/pause:3.10"), "registry.k8s.io/pause:3.10");
+        assert_eq!(
+            norm("registry.k8s.io/pause:3.10"),
+            "registry.k8s.io/pause:3.10"
+        );
         assert_eq!(norm("127.0.0.1:5000/a/b"), "127.0.0.1:5000/a/b:latest");
         assert_eq!(norm("localhost/arrow/x"), "localhost/arrow/x:latest");
         let d = format!("sha256:{}", "a".repeat(64));

@@ -34,7 +34,8 @@ async fn bind(path: &Path) -> Result<UnixListener> {
         }
         std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
     Ok(listener)
 }
@@ -45,10 +46,12 @@ pub async fn run(config: Config) -> Result<()> {
         .with_context(|| format!("creating the state directory {}", config.state.display()))?;
     let root = config.root.clone();
     let pinned = config.image.pinned_images.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&root, &pinned))
-        .await??;
+    let store = tokio::task::spawn_blocking(move || Store::open(&root, &pinned)).await??;
     let store = Arc::new(store);
-    let images = Images::new(store.clone(), Puller::new(store.clone(), config.registry.clone()));
+    let images = Images::new(
+        store.clone(),
+        Puller::new(store.clone(), config.registry.clone()),
+    );
     let listener = bind(&config.listen).await?;
     tracing::info!(
         listen = %config.listen.display(),

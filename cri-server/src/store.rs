@@ -124,7 +124,10 @@ pub struct FsUsage {
     pub inodes: u64,
 }
 
-fn io_err<'a, D: std::fmt::Display + 'a>(root: &'a Path, what: D) -> impl Fn(io::Error) -> Error + 'a {
+fn io_err<'a, D: std::fmt::Display + 'a>(
+    root: &'a Path,
+    what: D,
+) -> impl Fn(io::Error) -> Error + 'a {
     move |e| Error::io(&what, root, &e)
 }
 
@@ -163,7 +166,9 @@ impl Store {
             .truncate(false)
             .write(true)
             .open(root.join("lock"))?;
-        if let Err(e) = rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        if let Err(e) =
+            rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+        {
             anyhow::bail!(
                 "{} is in use by another arrow-cri ({e}): give this one its own --root",
                 root.display()
@@ -211,7 +216,10 @@ impl Store {
         };
         let removed = store.gc_locked().map_err(|e| anyhow::anyhow!("{e}"))?;
         if removed > 0 {
-            tracing::info!(removed, "removed unreferenced blobs and layers left from before");
+            tracing::info!(
+                removed,
+                "removed unreferenced blobs and layers left from before"
+            );
         }
         Ok(store)
     }
@@ -247,20 +255,26 @@ impl Store {
 
     pub fn read_blob(&self, digest: &str) -> Result<Vec<u8>> {
         if !is_digest(digest) {
-            return Err(Error::InvalidArgument(format!("{digest:?} is not a sha256 digest")));
+            return Err(Error::InvalidArgument(format!(
+                "{digest:?} is not a sha256 digest"
+            )));
         }
-        fs::read(self.blob_path(digest)).map_err(io_err(&self.root, format!("reading blob {digest}")))
+        fs::read(self.blob_path(digest))
+            .map_err(io_err(&self.root, format!("reading blob {digest}")))
     }
 
     /// A fresh path under `tmp/`.
     pub fn tmp_path(&self, what: &str) -> PathBuf {
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
-        self.root.join("tmp").join(format!("{what}-{}-{n}", std::process::id()))
+        self.root
+            .join("tmp")
+            .join(format!("{what}-{}-{n}", std::process::id()))
     }
 
     /// Moves a verified file into the blob store.
     pub fn commit_blob(&self, tmp: &Path, digest: &str) -> Result<()> {
-        fs::rename(tmp, self.blob_path(digest)).map_err(io_err(&self.root, format!("storing blob {digest}")))
+        fs::rename(tmp, self.blob_path(digest))
+            .map_err(io_err(&self.root, format!("storing blob {digest}")))
     }
 
     /// Writes a verified in-memory blob (manifests, configs).
@@ -289,7 +303,12 @@ impl Store {
     }
 
     /// Moves an unpacked, verified layer into place and records it.
-    pub fn commit_layer(&self, tmp_dir: &Path, diff_id: &str, unpacked_bytes: u64) -> Result<LayerRecord> {
+    pub fn commit_layer(
+        &self,
+        tmp_dir: &Path,
+        diff_id: &str,
+        unpacked_bytes: u64,
+    ) -> Result<LayerRecord> {
         let mut meta = self.meta.lock().unwrap();
         if let Some(existing) = meta.layers.get(diff_id) {
             return Ok(existing.clone());
@@ -297,9 +316,11 @@ impl Store {
         let id = meta.next_layer;
         let dir = self.layer_dir(id);
         if dir.exists() {
-            unpack::remove_tree(&dir).map_err(io_err(&self.root, "removing a stale layer directory"))?;
+            unpack::remove_tree(&dir)
+                .map_err(io_err(&self.root, "removing a stale layer directory"))?;
         }
-        fs::rename(tmp_dir, &dir).map_err(io_err(&self.root, format!("storing layer {diff_id}")))?;
+        fs::rename(tmp_dir, &dir)
+            .map_err(io_err(&self.root, format!("storing layer {diff_id}")))?;
         meta.next_layer += 1;
         let record = LayerRecord { id, unpacked_bytes };
         meta.layers.insert(diff_id.to_string(), record.clone());
@@ -309,7 +330,12 @@ impl Store {
 
     /// Records a pulled image (its files all in place) under `tag` (if any)
     /// and `repo_digest`; the tag leaves any other image that had it.
-    pub fn commit_image(&self, mut record: ImageRecord, tag: Option<String>, repo_digest: String) -> Result<ImageRecord> {
+    pub fn commit_image(
+        &self,
+        mut record: ImageRecord,
+        tag: Option<String>,
+        repo_digest: String,
+    ) -> Result<ImageRecord> {
         let mut meta = self.meta.lock().unwrap();
         for layer in &record.layers {
             if !meta.layers.contains_key(&layer.diff_id) {
@@ -433,10 +459,15 @@ impl Store {
                     blobs.insert(l.digest.clone());
                 }
             }
-            let rootfs_layers: BTreeSet<u64> = meta.rootfs.values().flat_map(|r| r.layers.iter().copied()).collect();
+            let rootfs_layers: BTreeSet<u64> = meta
+                .rootfs
+                .values()
+                .flat_map(|r| r.layers.iter().copied())
+                .collect();
             let before = meta.layers.len();
-            meta.layers
-                .retain(|diff_id, l| used_diff_ids.contains(diff_id) || rootfs_layers.contains(&l.id));
+            meta.layers.retain(|diff_id, l| {
+                used_diff_ids.contains(diff_id) || rootfs_layers.contains(&l.id)
+            });
             if meta.layers.len() != before {
                 self.save(&meta)?;
             }
@@ -453,7 +484,8 @@ impl Store {
             let name = entry.file_name().to_string_lossy().into_owned();
             if !keep_layers.contains(&name) {
                 tracing::debug!(layer = %name, "removing unused layer");
-                unpack::remove_tree(&entry.path()).map_err(io_err(&self.root, format!("removing layer {name}")))?;
+                unpack::remove_tree(&entry.path())
+                    .map_err(io_err(&self.root, format!("removing layer {name}")))?;
                 removed += 1;
             }
         }
@@ -463,7 +495,8 @@ impl Store {
             let name = entry.file_name().to_string_lossy().into_owned();
             if !keep_blobs.contains(&name) {
                 tracing::debug!(blob = %name, "removing unused blob");
-                fs::remove_file(entry.path()).map_err(io_err(&self.root, format!("removing blob {name}")))?;
+                fs::remove_file(entry.path())
+                    .map_err(io_err(&self.root, format!("removing blob {name}")))?;
                 removed += 1;
             }
         }
@@ -508,13 +541,16 @@ impl Store {
                 "container {container_id} already has a root filesystem"
             )));
         }
-        let image = find_in(&meta, image)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(format!("image {image} is not in the store: pull it first")))?;
+        let image = find_in(&meta, image).cloned().ok_or_else(|| {
+            Error::NotFound(format!("image {image} is not in the store: pull it first"))
+        })?;
         let mut layers = Vec::new();
         for l in &image.layers {
             let rec = meta.layers.get(&l.diff_id).ok_or_else(|| {
-                Error::Internal(format!("layer {} of image {} is missing", l.diff_id, image.id))
+                Error::Internal(format!(
+                    "layer {} of image {} is missing",
+                    l.diff_id, image.id
+                ))
             })?;
             layers.push(rec.id);
         }
@@ -532,7 +568,11 @@ impl Store {
         };
         if let Err(e) = make() {
             let _ = unpack::remove_tree(&dir);
-            return Err(Error::io(format!("creating the root of container {container_id}"), &self.root, &e));
+            return Err(Error::io(
+                format!("creating the root of container {container_id}"),
+                &self.root,
+                &e,
+            ));
         }
         meta.rootfs.insert(
             container_id.to_string(),
@@ -555,7 +595,11 @@ impl Store {
             vec![dir.join("empty").display().to_string()]
         } else {
             // overlayfs: the topmost layer first.
-            rec.layers.iter().rev().map(|id| self.layer_dir(*id).display().to_string()).collect()
+            rec.layers
+                .iter()
+                .rev()
+                .map(|id| self.layer_dir(*id).display().to_string())
+                .collect()
         };
         vec![Mount {
             kind: "overlay".into(),
@@ -572,14 +616,18 @@ impl Store {
     /// The mounts of an existing container root.
     pub fn rootfs_mounts(&self, container_id: &str) -> Option<Vec<Mount>> {
         let meta = self.meta.lock().unwrap();
-        meta.rootfs.get(container_id).map(|r| self.mounts_of(container_id, r))
+        meta.rootfs
+            .get(container_id)
+            .map(|r| self.mounts_of(container_id, r))
     }
 
     /// Removes a container's root (it must not be mounted any more) and its
     /// hold on the image. Unknown containers are no error.
     pub fn remove_rootfs(&self, container_id: &str) -> Result<()> {
         if !valid_id(container_id) {
-            return Err(Error::InvalidArgument(format!("container id {container_id:?} is not valid")));
+            return Err(Error::InvalidArgument(format!(
+                "container id {container_id:?} is not valid"
+            )));
         }
         let dir = self.rootfs_dir(container_id);
         unpack::remove_tree(&dir).map_err(|e| {
@@ -588,7 +636,11 @@ impl Store {
                     "the root of container {container_id} is still mounted: unmount it first"
                 ))
             } else {
-                Error::io(format!("removing the root of container {container_id}"), &self.root, &e)
+                Error::io(
+                    format!("removing the root of container {container_id}"),
+                    &self.root,
+                    &e,
+                )
             }
         })?;
         let mut meta = self.meta.lock().unwrap();
@@ -630,10 +682,10 @@ fn find_in<'m>(meta: &'m Meta, reference: &str) -> Option<&'m ImageRecord> {
     // By id: sha256:<hex>, <hex>, or a unique hex prefix (at least 12).
     let hex = r.strip_prefix("sha256:").unwrap_or(r);
     if hex.len() >= 12 && hex.len() <= 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        let mut found = meta
-            .images
-            .values()
-            .filter(|i| i.id.strip_prefix("sha256:").is_some_and(|h| h.starts_with(hex)));
+        let mut found = meta.images.values().filter(|i| {
+            i.id.strip_prefix("sha256:")
+                .is_some_and(|h| h.starts_with(hex))
+        });
         if let (Some(one), None) = (found.next(), found.next()) {
             return Some(one);
         }

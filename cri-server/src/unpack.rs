@@ -263,7 +263,7 @@ impl<'a> Unpacker<'a> {
             let pfd = self.open_parent(&parent, true).map_err(wrap)?;
             if name_bytes == OPAQUE_MARKER.as_bytes() {
                 let dir = rustix::fs::openat(
-                    &pfd,
+                    pfd,
                     ".",
                     OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
                     Mode::empty(),
@@ -275,13 +275,16 @@ impl<'a> Unpacker<'a> {
                 // aufs metadata (.wh..wh.plnk, .wh..wh.aufs): not content.
             } else {
                 let target = OsStr::from_bytes(&name_bytes[WHITEOUT_PREFIX.len()..]);
-                if target.is_empty() || target == "." || target == ".." || target.as_bytes().contains(&b'/')
+                if target.is_empty()
+                    || target == "."
+                    || target == ".."
+                    || target.as_bytes().contains(&b'/')
                 {
                     return Err(refuse("whiteout of an invalid name".into()));
                 }
-                remove_existing(&pfd, target, false).map_err(wrap)?;
+                remove_existing(pfd, target, false).map_err(wrap)?;
                 rustix::fs::mknodat(
-                    &pfd,
+                    pfd,
                     target,
                     FileType::CharacterDevice,
                     Mode::empty(),
@@ -300,17 +303,18 @@ impl<'a> Unpacker<'a> {
                 // An existing directory is kept (its content too: a later
                 // entry for the same directory only changes its metadata);
                 // anything else there is replaced.
-                let existing = stat_at(&pfd, name).map_err(wrap)?;
-                if existing.is_some_and(|st| FileType::from_raw_mode(st.st_mode) != FileType::Directory)
+                let existing = stat_at(pfd, name).map_err(wrap)?;
+                if existing
+                    .is_some_and(|st| FileType::from_raw_mode(st.st_mode) != FileType::Directory)
                 {
-                    remove_existing(&pfd, name, false).map_err(wrap)?;
+                    remove_existing(pfd, name, false).map_err(wrap)?;
                 }
-                match rustix::fs::mkdirat(&pfd, name, Mode::from_raw_mode(0o700)) {
+                match rustix::fs::mkdirat(pfd, name, Mode::from_raw_mode(0o700)) {
                     Ok(()) | Err(Errno::EXIST) => {}
                     Err(e) => return Err(wrap(e.into())),
                 }
                 let fd = rustix::fs::openat(
-                    &pfd,
+                    pfd,
                     name,
                     OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                     Mode::empty(),
@@ -328,7 +332,11 @@ impl<'a> Unpacker<'a> {
                 let fd = rustix::fs::openat(
                     pfd,
                     name,
-                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
                     Mode::from_raw_mode(0o600),
                 )
                 .map_err(|e| wrap(e.into()))?;
@@ -344,10 +352,10 @@ impl<'a> Unpacker<'a> {
                     .ok_or_else(|| refuse("symbolic link without a target".into()))?
                     .into_owned();
                 let pfd = self.open_parent(&parent, true).map_err(wrap)?;
-                remove_existing(&pfd, name, false).map_err(wrap)?;
-                rustix::fs::symlinkat(target.as_os_str(), &pfd, name).map_err(|e| wrap(e.into()))?;
+                remove_existing(pfd, name, false).map_err(wrap)?;
+                rustix::fs::symlinkat(target.as_os_str(), pfd, name).map_err(|e| wrap(e.into()))?;
                 rustix::fs::chownat(
-                    &pfd,
+                    pfd,
                     name,
                     Some(Uid::from_raw(meta.uid)),
                     Some(Gid::from_raw(meta.gid)),
@@ -355,7 +363,7 @@ impl<'a> Unpacker<'a> {
                 )
                 .map_err(|e| wrap(e.into()))?;
                 let times = timestamps(meta.mtime);
-                rustix::fs::utimensat(&pfd, name, &times, AtFlags::SYMLINK_NOFOLLOW)
+                rustix::fs::utimensat(pfd, name, &times, AtFlags::SYMLINK_NOFOLLOW)
                     .map_err(|e| wrap(e.into()))?;
             }
             tar::EntryType::Link => {
@@ -364,7 +372,8 @@ impl<'a> Unpacker<'a> {
                     .link_name()?
                     .ok_or_else(|| refuse("hard link without a target".into()))?
                     .into_owned();
-                let tparts = clean_path(&target).map_err(|r| refuse(format!("hard link target: {r}")))?;
+                let tparts =
+                    clean_path(&target).map_err(|r| refuse(format!("hard link target: {r}")))?;
                 if tparts.is_empty() {
                     return Err(refuse("hard link to the layer's root".into()));
                 }
@@ -378,10 +387,10 @@ impl<'a> Unpacker<'a> {
                 })?;
                 let pfd = self.open_parent(&parent, true).map_err(wrap)?;
                 if join(&tparts) != join(&parts) {
-                    remove_existing(&pfd, name, false).map_err(wrap)?;
+                    remove_existing(pfd, name, false).map_err(wrap)?;
                     // Without AT_SYMLINK_FOLLOW: a link to a symbolic link
                     // is a link to the symbolic link itself.
-                    rustix::fs::linkat(&tfd, tname, &pfd, name, AtFlags::empty()).map_err(|e| {
+                    rustix::fs::linkat(&tfd, tname, pfd, name, AtFlags::empty()).map_err(|e| {
                         wrap(io::Error::new(
                             io::Error::from(e).kind(),
                             format!("hard link to {}: {e}", target.display()),
@@ -392,11 +401,11 @@ impl<'a> Unpacker<'a> {
             tar::EntryType::Fifo => {
                 self.parent_cache = None;
                 let pfd = self.open_parent(&parent, true).map_err(wrap)?;
-                remove_existing(&pfd, name, false).map_err(wrap)?;
-                rustix::fs::mknodat(&pfd, name, FileType::Fifo, Mode::from_raw_mode(0o600), 0)
+                remove_existing(pfd, name, false).map_err(wrap)?;
+                rustix::fs::mknodat(pfd, name, FileType::Fifo, Mode::from_raw_mode(0o600), 0)
                     .map_err(|e| wrap(e.into()))?;
                 let fd = rustix::fs::openat(
-                    &pfd,
+                    pfd,
                     name,
                     OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                     Mode::empty(),
@@ -408,7 +417,9 @@ impl<'a> Unpacker<'a> {
                 stats.skipped_devices += 1;
                 tracing::info!(entry = %shown, "device node in a layer skipped (devices come from the runtime, not the image)");
             }
-            tar::EntryType::XGlobalHeader | tar::EntryType::XHeader | tar::EntryType::GNULongName
+            tar::EntryType::XGlobalHeader
+            | tar::EntryType::XHeader
+            | tar::EntryType::GNULongName
             | tar::EntryType::GNULongLink => {}
             other => {
                 tracing::info!(entry = %shown, kind = ?other, "tar entry of an unknown kind skipped");
@@ -456,7 +467,11 @@ impl<'a> Unpacker<'a> {
 /// Opens the directory `rel` under `root`, every symbolic link on the way
 /// resolved as if `root` were `/`.
 pub fn open_in_root(root: BorrowedFd<'_>, rel: &Path) -> io::Result<OwnedFd> {
-    let path: &Path = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
+    let path: &Path = if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    };
     rustix::fs::openat2(
         root,
         path,
@@ -551,8 +566,8 @@ pub fn remove_tree_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
     };
     let mut names = Vec::new();
     {
-        let mut iter = rustix::fs::Dir::read_from(&fd)?;
-        while let Some(entry) = iter.next() {
+        let iter = rustix::fs::Dir::read_from(&fd)?;
+        for entry in iter {
             let entry = entry?;
             let n = entry.file_name().to_bytes();
             if n == b"." || n == b".." {
@@ -623,7 +638,11 @@ fn entry_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<Meta> {
             let ext = ext?;
             let Ok(key) = ext.key() else { continue };
             let value = ext.value_bytes();
-            let number = || std::str::from_utf8(value).ok().and_then(|v| v.parse::<u64>().ok());
+            let number = || {
+                std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok())
+            };
             match key {
                 "uid" => {
                     if let Some(n) = number() {
@@ -670,7 +689,11 @@ fn entry_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<Meta> {
 /// times, on an open descriptor.
 fn set_fd_meta(fd: impl AsFd, meta: &Meta, times: bool) -> io::Result<()> {
     let fd = fd.as_fd();
-    rustix::fs::fchown(fd, Some(Uid::from_raw(meta.uid)), Some(Gid::from_raw(meta.gid)))?;
+    rustix::fs::fchown(
+        fd,
+        Some(Uid::from_raw(meta.uid)),
+        Some(Gid::from_raw(meta.gid)),
+    )?;
     rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.mode))?;
     for (name, value) in &meta.xattrs {
         match rustix::fs::fsetxattr(fd, name.as_str(), value, XattrFlags::empty()) {
@@ -756,7 +779,10 @@ mod tests {
     #[test]
     fn compression_magic() {
         assert_eq!(Compression::detect(&[0x1f, 0x8b, 8]), Compression::Gzip);
-        assert_eq!(Compression::detect(&[0x28, 0xb5, 0x2f, 0xfd, 0]), Compression::Zstd);
+        assert_eq!(
+            Compression::detect(&[0x28, 0xb5, 0x2f, 0xfd, 0]),
+            Compression::Zstd
+        );
         assert_eq!(Compression::detect(b"etc/\0\0"), Compression::None);
         assert_eq!(Compression::detect(&[]), Compression::None);
     }

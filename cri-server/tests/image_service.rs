@@ -11,7 +11,9 @@ use support::*;
 use tonic::Code;
 
 fn content(n: usize, seed: u8) -> Vec<u8> {
-    (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 fn base_layer(comp: Comp) -> Layer {
@@ -31,7 +33,13 @@ async fn pull_by_tag_and_digest_list_status_remove() {
     require_root();
     let reg = Registry::start(None);
     let base = base_layer(Comp::Gzip);
-    let app = layer(&[E::Dir("app", 0o755), E::File("app/main", content(5000, 7), 0o755)], Comp::Gzip);
+    let app = layer(
+        &[
+            E::Dir("app", 0o755),
+            E::File("app/main", content(5000, 7), 0o755),
+        ],
+        Comp::Gzip,
+    );
     let img = image(&[&base, &app], "1000:1000", "amd64");
     reg.push("test/app", "v1", &img).await;
 
@@ -56,12 +64,21 @@ async fn pull_by_tag_and_digest_list_status_remove() {
     assert_eq!(i.repo_tags, vec![tagged.clone()]);
     assert_eq!(i.repo_digests, vec![by_digest.clone()]);
     assert_eq!(i.uid.as_ref().map(|u| u.value), Some(1000));
-    let expected_size: usize = img.blobs.iter().map(|(_, b)| b.len()).sum::<usize>() + img.top().2.len();
-    assert_eq!(i.size, expected_size as u64, "manifest + config + compressed layers");
+    let expected_size: usize =
+        img.blobs.iter().map(|(_, b)| b.len()).sum::<usize>() + img.top().2.len();
+    assert_eq!(
+        i.size, expected_size as u64,
+        "manifest + config + compressed layers"
+    );
     assert!(!i.pinned);
 
     // Status by tag, digest, id and id prefix; verbose info.
-    for r in [tagged.as_str(), by_digest.as_str(), id.as_str(), &id["sha256:".len()..][..12]] {
+    for r in [
+        tagged.as_str(),
+        by_digest.as_str(),
+        id.as_str(),
+        &id["sha256:".len()..][..12],
+    ] {
         let s = status(&mut c, r, false).await;
         assert_eq!(s.image.map(|i| i.id), Some(id.clone()), "{r}");
     }
@@ -73,7 +90,9 @@ async fn pull_by_tag_and_digest_list_status_remove() {
     // Filtered list.
     let filtered = c
         .list_images(k8s_cri::v1::ListImagesRequest {
-            filter: Some(k8s_cri::v1::ImageFilter { image: spec(&tagged) }),
+            filter: Some(k8s_cri::v1::ImageFilter {
+                image: spec(&tagged),
+            }),
         })
         .await
         .unwrap()
@@ -82,7 +101,9 @@ async fn pull_by_tag_and_digest_list_status_remove() {
     assert_eq!(filtered.len(), 1);
     let none = c
         .list_images(k8s_cri::v1::ListImagesRequest {
-            filter: Some(k8s_cri::v1::ImageFilter { image: spec("nothing/here:v9") }),
+            filter: Some(k8s_cri::v1::ImageFilter {
+                image: spec("nothing/here:v9"),
+            }),
         })
         .await
         .unwrap()
@@ -97,12 +118,17 @@ async fn pull_by_tag_and_digest_list_status_remove() {
         .unwrap()
         .into_inner();
     let usage = &fs.image_filesystems[0];
-    assert!(usage.used_bytes.as_ref().unwrap().value > 300_000, "the unpacked tool counts");
+    assert!(
+        usage.used_bytes.as_ref().unwrap().value > 300_000,
+        "the unpacked tool counts"
+    );
     assert!(usage.inodes_used.as_ref().unwrap().value > 5);
     assert_eq!(layer_dirs(dir.path()), 2);
 
     // Unknown tag on the registry: NotFound, saying so.
-    let err = pull(&mut c, &format!("{}/test/app:nope", reg.host()), None).await.unwrap_err();
+    let err = pull(&mut c, &format!("{}/test/app:nope", reg.host()), None)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
     assert!(err.message().contains("not found"), "{}", err.message());
 
@@ -126,7 +152,10 @@ async fn index_compressions_and_shared_layers() {
     let reg = Registry::start(None);
     let base_gz = base_layer(Comp::Gzip);
     let base_zstd = base_layer(Comp::Zstd);
-    let top_raw = layer(&[E::File("raw.txt", b"uncompressed layer\n".to_vec(), 0o644)], Comp::None);
+    let top_raw = layer(
+        &[E::File("raw.txt", b"uncompressed layer\n".to_vec(), 0o644)],
+        Comp::None,
+    );
     let arm = layer(&[E::File("arch", b"arm64\n".to_vec(), 0o644)], Comp::Gzip);
     let amd_img = image(&[&base_zstd, &top_raw], "", "amd64");
     let arm_img = image(&[&arm], "", "arm64");
@@ -143,21 +172,40 @@ async fn index_compressions_and_shared_layers() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(dir.path());
     let mut c = daemon.images().await;
-    let id = pull(&mut c, &format!("{}/multi/plat", reg.host()), None).await.unwrap();
+    let id = pull(&mut c, &format!("{}/multi/plat", reg.host()), None)
+        .await
+        .unwrap();
     assert_eq!(id, configs[1], "linux/amd64 chosen from the index");
     let s = status(&mut c, &id, false).await.image.unwrap();
-    assert_eq!(s.repo_tags, vec![format!("{}/multi/plat:latest", reg.host())]);
-    assert_eq!(s.repo_digests, vec![format!("{}/multi/plat@{}", reg.host(), idx.digest())]);
+    assert_eq!(
+        s.repo_tags,
+        vec![format!("{}/multi/plat:latest", reg.host())]
+    );
+    assert_eq!(
+        s.repo_digests,
+        vec![format!("{}/multi/plat@{}", reg.host(), idx.digest())]
+    );
     assert_eq!(layer_dirs(dir.path()), 2);
 
-    let id2 = pull(&mut c, &format!("{}/other/img:1", reg.host()), None).await.unwrap();
+    let id2 = pull(&mut c, &format!("{}/other/img:1", reg.host()), None)
+        .await
+        .unwrap();
     assert_eq!(id2, other.config_digest);
-    assert_eq!(status(&mut c, &id2, false).await.image.unwrap().username, "nobody");
+    assert_eq!(
+        status(&mut c, &id2, false).await.image.unwrap().username,
+        "nobody"
+    );
     // base (once), top_raw, other_top.
     assert_eq!(layer_dirs(dir.path()), 3, "the shared layer is stored once");
 
-    let err = pull(&mut c, &format!("{}/arm/only:1", reg.host()), None).await.unwrap_err();
-    assert!(err.message().contains("linux/amd64") && err.message().contains("linux/arm64"), "{}", err.message());
+    let err = pull(&mut c, &format!("{}/arm/only:1", reg.host()), None)
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("linux/amd64") && err.message().contains("linux/arm64"),
+        "{}",
+        err.message()
+    );
 
     // Removing one image keeps the shared layer for the other.
     remove(&mut c, &id).await.unwrap();
@@ -192,7 +240,14 @@ async fn whiteouts_opaque_dirs_metadata_restart_and_rootfs() {
             E::File("opaque/new", b"new".to_vec(), 0o644),
             // Parent directories the tar never names.
             E::File("deep/er/file", b"deep".to_vec(), 0o600),
-            E::FileFull("suid", b"#!".to_vec(), 0o4755, 1234, 5678, vec![("user.arrow", b"yes")]),
+            E::FileFull(
+                "suid",
+                b"#!".to_vec(),
+                0o4755,
+                1234,
+                5678,
+                vec![("user.arrow", b"yes")],
+            ),
             E::File("hl-a", b"linked".to_vec(), 0o644),
             E::Hardlink("hl-b", "hl-a"),
             E::Symlink("abs-link", "/etc/kept".into()),
@@ -208,7 +263,9 @@ async fn whiteouts_opaque_dirs_metadata_restart_and_rootfs() {
     let dir = tempfile::tempdir().unwrap();
     let mut daemon = Daemon::start(dir.path());
     let mut c = daemon.images().await;
-    let id = pull(&mut c, &format!("{}/tree/test:v1", reg.host()), None).await.unwrap();
+    let id = pull(&mut c, &format!("{}/tree/test:v1", reg.host()), None)
+        .await
+        .unwrap();
     drop(c);
 
     // SIGTERM: a clean exit, the socket gone.
@@ -222,7 +279,10 @@ async fn whiteouts_opaque_dirs_metadata_restart_and_rootfs() {
     let images = list(&mut c).await;
     assert_eq!(images.len(), 1);
     assert_eq!(images[0].id, id);
-    assert_eq!(images[0].repo_tags, vec![format!("{}/tree/test:v1", reg.host())]);
+    assert_eq!(
+        images[0].repo_tags,
+        vec![format!("{}/tree/test:v1", reg.host())]
+    );
     drop(c);
     assert!(daemon.stop().success());
 
@@ -242,8 +302,15 @@ async fn whiteouts_opaque_dirs_metadata_restart_and_rootfs() {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         names.sort();
-        assert_eq!(names, vec!["new"], "the opaque directory hides the lower entries");
-        assert_eq!(std::fs::metadata(t("opaque")).unwrap().permissions().mode() & 0o7777, 0o750);
+        assert_eq!(
+            names,
+            vec!["new"],
+            "the opaque directory hides the lower entries"
+        );
+        assert_eq!(
+            std::fs::metadata(t("opaque")).unwrap().permissions().mode() & 0o7777,
+            0o750
+        );
         assert_eq!(std::fs::read(t("deep/er/file")).unwrap(), b"deep");
         let m = std::fs::metadata(t("suid")).unwrap();
         assert_eq!(m.mode() & 0o7777, 0o4755);
@@ -254,10 +321,19 @@ async fn whiteouts_opaque_dirs_metadata_restart_and_rootfs() {
         let a = std::fs::metadata(t("hl-a")).unwrap();
         let b = std::fs::metadata(t("hl-b")).unwrap();
         assert_eq!(a.ino(), b.ino(), "hard link kept");
-        assert_eq!(std::fs::read_link(t("abs-link")).unwrap(), Path::new("/etc/kept"));
-        assert_eq!(std::fs::read_link(t("rel-link")).unwrap(), Path::new("../../etc/kept"));
+        assert_eq!(
+            std::fs::read_link(t("abs-link")).unwrap(),
+            Path::new("/etc/kept")
+        );
+        assert_eq!(
+            std::fs::read_link(t("rel-link")).unwrap(),
+            Path::new("../../etc/kept")
+        );
         assert!(!t("dev-null").exists(), "device nodes are skipped");
-        assert!(std::fs::symlink_metadata(t("fifo")).unwrap().file_type().is_fifo_like());
+        assert!(std::fs::symlink_metadata(t("fifo"))
+            .unwrap()
+            .file_type()
+            .is_fifo_like());
         assert_eq!(m.mtime(), 1_000_000);
         // The container writes to its own upper directory only.
         std::fs::write(t("etc/kept"), b"changed").unwrap();
@@ -269,7 +345,11 @@ async fn whiteouts_opaque_dirs_metadata_restart_and_rootfs() {
         .map(|e| e.unwrap().path().join("etc/kept"))
         .find(|p| p.exists())
         .unwrap();
-    assert_eq!(std::fs::read(lower_kept).unwrap(), b"kept", "layers stay read-only");
+    assert_eq!(
+        std::fs::read(lower_kept).unwrap(),
+        b"kept",
+        "layers stay read-only"
+    );
 
     // In use: not removable; then released.
     let err = store.remove_image(&id).unwrap_err();
@@ -295,31 +375,54 @@ async fn hostile_layers_and_corrupted_blobs_are_refused() {
     require_root();
     let reg = Registry::start(None);
     let outside = tempfile::tempdir().unwrap();
-    let outside_path: &'static str = Box::leak(outside.path().display().to_string().into_boxed_str());
-    let escape_name: &'static str = Box::leak(format!("../../../../../../..{outside_path}/dotdot").into_boxed_str());
+    let outside_path: &'static str =
+        Box::leak(outside.path().display().to_string().into_boxed_str());
+    let escape_name: &'static str =
+        Box::leak(format!("../../../../../../..{outside_path}/dotdot").into_boxed_str());
     let hostile: Vec<(&str, Vec<E>)> = vec![
-        ("dotdot", vec![E::File(escape_name, b"pwned".to_vec(), 0o644)]),
-        ("dotdot2", vec![E::Dir("a", 0o755), E::File("a/../../escape", b"pwned".to_vec(), 0o644)]),
+        (
+            "dotdot",
+            vec![E::File(escape_name, b"pwned".to_vec(), 0o644)],
+        ),
+        (
+            "dotdot2",
+            vec![
+                E::Dir("a", 0o755),
+                E::File("a/../../escape", b"pwned".to_vec(), 0o644),
+            ],
+        ),
         (
             "symlink-parent",
             vec![
                 E::Symlink("evil", outside_path.to_string()),
-                E::File(Box::leak(format!("evil/{}", "via-symlink").into_boxed_str()), b"pwned".to_vec(), 0o644),
+                E::File(
+                    Box::leak(format!("evil/{}", "via-symlink").into_boxed_str()),
+                    b"pwned".to_vec(),
+                    0o644,
+                ),
             ],
         ),
         (
             "symlink-dotdot",
             vec![
                 E::Symlink("up", "../../../../../../../../..".into()),
-                E::File(Box::leak(format!("up{outside_path}/via-up").into_boxed_str()), b"pwned".to_vec(), 0o644),
+                E::File(
+                    Box::leak(format!("up{outside_path}/via-up").into_boxed_str()),
+                    b"pwned".to_vec(),
+                    0o644,
+                ),
             ],
         ),
-        ("hardlink-out", vec![E::Hardlink("hl", "../../../../../../../etc/passwd")]),
+        (
+            "hardlink-out",
+            vec![E::Hardlink("hl", "../../../../../../../etc/passwd")],
+        ),
         ("hardlink-abs", vec![E::Hardlink("hl", "/etc/passwd")]),
     ];
     for (name, entries) in &hostile {
         let l = layer(entries, Comp::Gzip);
-        reg.push(&format!("hostile/{name}"), "1", &image(&[&l], "", "amd64")).await;
+        reg.push(&format!("hostile/{name}"), "1", &image(&[&l], "", "amd64"))
+            .await;
     }
     // A good image whose layer blob the test then corrupts in the registry.
     let good = layer(&[E::File("data", content(100_000, 3), 0o644)], Comp::Gzip);
@@ -337,7 +440,11 @@ async fn hostile_layers_and_corrupted_blobs_are_refused() {
             let id = r.unwrap();
             let inside = std::fs::read_dir(Daemon::root(dir.path()).join("layers"))
                 .unwrap()
-                .map(|e| e.unwrap().path().join(format!("{}/via-up", &outside_path[1..])))
+                .map(|e| {
+                    e.unwrap()
+                        .path()
+                        .join(format!("{}/via-up", &outside_path[1..]))
+                })
                 .find(|p| p.exists());
             assert!(inside.is_some(), "written inside the layer");
             remove(&mut c, &id).await.unwrap();
@@ -348,12 +455,22 @@ async fn hostile_layers_and_corrupted_blobs_are_refused() {
             assert_eq!(err.code(), Code::InvalidArgument, "{name}: {err:?}");
         }
     }
-    assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0, "nothing written outside");
+    assert_eq!(
+        std::fs::read_dir(outside.path()).unwrap().count(),
+        0,
+        "nothing written outside"
+    );
     assert!(!Path::new("/escape").exists());
     assert!(list(&mut c).await.is_empty());
-    assert_eq!(layer_dirs(dir.path()), 0, "no layer of a refused image is kept");
     assert_eq!(
-        std::fs::read_dir(Daemon::root(dir.path()).join("tmp")).unwrap().count(),
+        layer_dirs(dir.path()),
+        0,
+        "no layer of a refused image is kept"
+    );
+    assert_eq!(
+        std::fs::read_dir(Daemon::root(dir.path()).join("tmp"))
+            .unwrap()
+            .count(),
         0,
         "no partial unpack left"
     );
@@ -373,7 +490,10 @@ async fn hostile_layers_and_corrupted_blobs_are_refused() {
     assert_eq!(layer_dirs(dir.path()), 0);
     // Repaired: the retry works.
     std::fs::write(&blob_file, &original).unwrap();
-    assert_eq!(pull(&mut c, &name, None).await.unwrap(), good_img.config_digest);
+    assert_eq!(
+        pull(&mut c, &name, None).await.unwrap(),
+        good_img.config_digest
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -391,7 +511,11 @@ async fn auth_with_and_without_credentials() {
 
     let err = pull(&mut c, &name, None).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
-    assert!(err.message().contains(&reg.host()) && err.message().contains("credentials"), "{}", err.message());
+    assert!(
+        err.message().contains(&reg.host()) && err.message().contains("credentials"),
+        "{}",
+        err.message()
+    );
 
     let wrong = k8s_cri::v1::AuthConfig {
         username: "arrow".into(),
@@ -406,7 +530,10 @@ async fn auth_with_and_without_credentials() {
         password: "s3cret".into(),
         ..Default::default()
     };
-    assert_eq!(pull(&mut c, &name, Some(right)).await.unwrap(), img.config_digest);
+    assert_eq!(
+        pull(&mut c, &name, Some(right)).await.unwrap(),
+        img.config_digest
+    );
     remove(&mut c, &name).await.unwrap();
 
     // From the docker config.json arrow-cri reads, as `auth` (base64).
@@ -443,11 +570,17 @@ async fn short_name_through_a_mirror_and_concurrent_pulls() {
     let mut c1 = daemon.images().await;
     let mut c2 = daemon.images().await;
     // Two at once: both succeed, one download.
-    let (a, b) = tokio::join!(pull(&mut c1, "arrowtest", None), pull(&mut c2, "docker.io/library/arrowtest:latest", None));
+    let (a, b) = tokio::join!(
+        pull(&mut c1, "arrowtest", None),
+        pull(&mut c2, "docker.io/library/arrowtest:latest", None)
+    );
     assert_eq!(a.unwrap(), img.config_digest);
     assert_eq!(b.unwrap(), img.config_digest);
     let s = status(&mut c1, "arrowtest", false).await.image.unwrap();
-    assert_eq!(s.repo_tags, vec!["docker.io/library/arrowtest:latest".to_string()]);
+    assert_eq!(
+        s.repo_tags,
+        vec!["docker.io/library/arrowtest:latest".to_string()]
+    );
     assert_eq!(
         s.repo_digests,
         vec![format!("docker.io/library/arrowtest@{}", img.digest())]
@@ -475,7 +608,13 @@ async fn runtime_service_answers_unimplemented_until_part_2() {
     assert_eq!(err.code(), Code::Unimplemented);
     // Unreachable registry: Unavailable, naming it.
     let mut c = daemon.images().await;
-    let err = pull(&mut c, "127.0.0.1:1/nothing/here:1", None).await.unwrap_err();
+    let err = pull(&mut c, "127.0.0.1:1/nothing/here:1", None)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert!(err.message().contains("127.0.0.1:1") && err.message().contains("unreachable"), "{}", err.message());
+    assert!(
+        err.message().contains("127.0.0.1:1") && err.message().contains("unreachable"),
+        "{}",
+        err.message()
+    );
 }

@@ -42,7 +42,11 @@ pub fn sha256(data: &[u8]) -> String {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 // ---------------------------------------------------------------- registry
@@ -151,10 +155,14 @@ impl Registry {
             .await
             .unwrap();
         for (digest, data) in &image.blobs {
-            client.push_blob(&reference, data.clone(), digest).await.unwrap();
+            client
+                .push_blob(&reference, data.clone(), digest)
+                .await
+                .unwrap();
         }
         for (digest, media_type, body) in &image.manifests {
-            let by_digest = Reference::with_digest(self.host(), repository.to_string(), digest.clone());
+            let by_digest =
+                Reference::with_digest(self.host(), repository.to_string(), digest.clone());
             client
                 .push_manifest_raw(&by_digest, body.clone(), media_type.parse().unwrap())
                 .await
@@ -184,14 +192,29 @@ pub enum E {
     Dir(&'static str, u32),
     File(&'static str, Vec<u8>, u32),
     /// path, content, mode, uid, gid, xattrs
-    FileFull(&'static str, Vec<u8>, u32, u64, u64, Vec<(&'static str, &'static [u8])>),
+    FileFull(
+        &'static str,
+        Vec<u8>,
+        u32,
+        u64,
+        u64,
+        Vec<(&'static str, &'static [u8])>,
+    ),
     Symlink(&'static str, String),
     Hardlink(&'static str, &'static str),
     CharDev(&'static str),
     Fifo(&'static str),
 }
 
-fn header(kind: tar::EntryType, name: &str, link: &str, mode: u32, uid: u64, gid: u64, size: u64) -> tar::Header {
+fn header(
+    kind: tar::EntryType,
+    name: &str,
+    link: &str,
+    mode: u32,
+    uid: u64,
+    gid: u64,
+    size: u64,
+) -> tar::Header {
     let mut h = tar::Header::new_ustar();
     h.set_entry_type(kind);
     {
@@ -224,7 +247,15 @@ fn pax(builder: &mut tar::Builder<Vec<u8>>, records: &[(String, Vec<u8>)]) {
         data.extend_from_slice(v);
         data.push(b'\n');
     }
-    let h = header(tar::EntryType::XHeader, "PaxHeaders/x", "", 0o644, 0, 0, data.len() as u64);
+    let h = header(
+        tar::EntryType::XHeader,
+        "PaxHeaders/x",
+        "",
+        0o644,
+        0,
+        0,
+        data.len() as u64,
+    );
     builder.append(&h, &data[..]).unwrap();
 }
 
@@ -232,9 +263,25 @@ pub fn layer_tar(entries: &[E]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     for e in entries {
         match e {
-            E::Dir(p, mode) => b.append(&header(tar::EntryType::Directory, p, "", *mode, 0, 0, 0), &[][..]).unwrap(),
+            E::Dir(p, mode) => b
+                .append(
+                    &header(tar::EntryType::Directory, p, "", *mode, 0, 0, 0),
+                    &[][..],
+                )
+                .unwrap(),
             E::File(p, data, mode) => b
-                .append(&header(tar::EntryType::Regular, p, "", *mode, 0, 0, data.len() as u64), &data[..])
+                .append(
+                    &header(
+                        tar::EntryType::Regular,
+                        p,
+                        "",
+                        *mode,
+                        0,
+                        0,
+                        data.len() as u64,
+                    ),
+                    &data[..],
+                )
                 .unwrap(),
             E::FileFull(p, data, mode, uid, gid, xattrs) => {
                 if !xattrs.is_empty() {
@@ -244,17 +291,44 @@ pub fn layer_tar(entries: &[E]) -> Vec<u8> {
                         .collect();
                     pax(&mut b, &recs);
                 }
-                b.append(&header(tar::EntryType::Regular, p, "", *mode, *uid, *gid, data.len() as u64), &data[..])
-                    .unwrap()
+                b.append(
+                    &header(
+                        tar::EntryType::Regular,
+                        p,
+                        "",
+                        *mode,
+                        *uid,
+                        *gid,
+                        data.len() as u64,
+                    ),
+                    &data[..],
+                )
+                .unwrap()
             }
             E::Symlink(p, target) => b
-                .append(&header(tar::EntryType::Symlink, p, target, 0o777, 0, 0, 0), &[][..])
+                .append(
+                    &header(tar::EntryType::Symlink, p, target, 0o777, 0, 0, 0),
+                    &[][..],
+                )
                 .unwrap(),
             E::Hardlink(p, target) => b
-                .append(&header(tar::EntryType::Link, p, target, 0o644, 0, 0, 0), &[][..])
+                .append(
+                    &header(tar::EntryType::Link, p, target, 0o644, 0, 0, 0),
+                    &[][..],
+                )
                 .unwrap(),
-            E::CharDev(p) => b.append(&header(tar::EntryType::Char, p, "", 0o666, 0, 0, 0), &[][..]).unwrap(),
-            E::Fifo(p) => b.append(&header(tar::EntryType::Fifo, p, "", 0o640, 0, 0, 0), &[][..]).unwrap(),
+            E::CharDev(p) => b
+                .append(
+                    &header(tar::EntryType::Char, p, "", 0o666, 0, 0, 0),
+                    &[][..],
+                )
+                .unwrap(),
+            E::Fifo(p) => b
+                .append(
+                    &header(tar::EntryType::Fifo, p, "", 0o640, 0, 0, 0),
+                    &[][..],
+                )
+                .unwrap(),
         }
     }
     b.into_inner().unwrap()
@@ -282,7 +356,10 @@ pub fn layer(entries: &[E], comp: Comp) -> Layer {
         Comp::Gzip => {
             let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
             enc.write_all(&tar).unwrap();
-            (enc.finish().unwrap(), "application/vnd.oci.image.layer.v1.tar+gzip")
+            (
+                enc.finish().unwrap(),
+                "application/vnd.oci.image.layer.v1.tar+gzip",
+            )
         }
         Comp::Zstd => (
             zstd::encode_all(&tar[..], 3).unwrap(),
@@ -329,7 +406,10 @@ pub fn image(layers: &[&Layer], user: &str, arch: &str) -> Pushable {
         "layers": layers.iter().map(|l| json!({"mediaType": l.media_type, "digest": l.digest, "size": l.blob.len()})).collect::<Vec<_>>(),
     });
     let manifest = serde_json::to_vec(&manifest).unwrap();
-    let mut blobs: Vec<(String, Vec<u8>)> = layers.iter().map(|l| (l.digest.clone(), l.blob.clone())).collect();
+    let mut blobs: Vec<(String, Vec<u8>)> = layers
+        .iter()
+        .map(|l| (l.digest.clone(), l.blob.clone()))
+        .collect();
     blobs.push((config_digest.clone(), config));
     Pushable {
         blobs,
@@ -346,13 +426,18 @@ pub fn index(images: Vec<(Pushable, &str)>) -> (Pushable, Vec<String>) {
     let mut configs = Vec::new();
     for (img, arch) in images {
         let (digest, mt, body) = img.top().clone();
-        entries.push(json!({"mediaType": mt, "digest": digest, "size": body.len(),
-            "platform": {"architecture": arch, "os": "linux"}}));
+        entries.push(
+            json!({"mediaType": mt, "digest": digest, "size": body.len(),
+            "platform": {"architecture": arch, "os": "linux"}}),
+        );
         configs.push(img.config_digest.clone());
         blobs.extend(img.blobs);
         manifests.push((digest, mt, body));
     }
-    let index = serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries})).unwrap();
+    let index = serde_json::to_vec(
+        &json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}),
+    )
+    .unwrap();
     manifests.push((sha256(&index), OCI_INDEX.to_string(), index));
     (
         Pushable {
@@ -425,7 +510,11 @@ impl Daemon {
             if let Ok(Some(status)) = d.child.as_mut().unwrap().try_wait() {
                 panic!("arrow-cri exited ({status}): {}", d.log());
             }
-            assert!(Instant::now() < deadline, "arrow-cri did not listen: {}", d.log());
+            assert!(
+                Instant::now() < deadline,
+                "arrow-cri did not listen: {}",
+                d.log()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         d
@@ -458,7 +547,11 @@ impl Daemon {
             .unwrap()
             .connect_with_connector(tower::service_fn(move |_: Uri| {
                 let path = path.clone();
-                async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
             }))
             .await
             .unwrap()
@@ -506,7 +599,11 @@ pub async fn pull(
         .map(|r| r.into_inner().image_ref)
 }
 
-pub async fn status(client: &mut ImageServiceClient<Channel>, image: &str, verbose: bool) -> k8s_cri::v1::ImageStatusResponse {
+pub async fn status(
+    client: &mut ImageServiceClient<Channel>,
+    image: &str,
+    verbose: bool,
+) -> k8s_cri::v1::ImageStatusResponse {
     client
         .image_status(k8s_cri::v1::ImageStatusRequest {
             image: spec(image),
@@ -526,7 +623,10 @@ pub async fn list(client: &mut ImageServiceClient<Channel>) -> Vec<k8s_cri::v1::
         .images
 }
 
-pub async fn remove(client: &mut ImageServiceClient<Channel>, image: &str) -> Result<(), tonic::Status> {
+pub async fn remove(
+    client: &mut ImageServiceClient<Channel>,
+    image: &str,
+) -> Result<(), tonic::Status> {
     client
         .remove_image(k8s_cri::v1::RemoveImageRequest { image: spec(image) })
         .await
@@ -535,9 +635,13 @@ pub async fn remove(client: &mut ImageServiceClient<Channel>, image: &str) -> Re
 
 /// Directories under `root/layers` (unpacked layers).
 pub fn layer_dirs(dir: &Path) -> usize {
-    std::fs::read_dir(Daemon::root(dir).join("layers")).map(|r| r.count()).unwrap_or(0)
+    std::fs::read_dir(Daemon::root(dir).join("layers"))
+        .map(|r| r.count())
+        .unwrap_or(0)
 }
 
 pub fn blob_files(dir: &Path) -> usize {
-    std::fs::read_dir(Daemon::root(dir).join("blobs/sha256")).map(|r| r.count()).unwrap_or(0)
+    std::fs::read_dir(Daemon::root(dir).join("blobs/sha256"))
+        .map(|r| r.count())
+        .unwrap_or(0)
 }
