@@ -5,5 +5,6 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 require_root
 apt_ensure protobuf-compiler busybox-static gcc make libc6-dev \
-  containerd runc containernetworking-plugins iproute2
+  containerd runc containernetworking-plugins iproute2 \
+  docker-registry
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }

@@ -552,8 +552,17 @@ fn unpack_into_store(store: &Store, image: &str, layer: &LayerDesc) -> Result<()
             layer.digest, stats.diff_id, layer.diff_id
         )));
     }
-    // The layer directory itself is the container root's "/" in overlay:
-    // keep its mode as the tar said ("./" entries) or 0755.
+    // On disk before the metadata names it: a power cut must not leave a
+    // recorded layer half written (one syncfs covers its blob too).
+    let sync = std::fs::File::open(&dir).and_then(|f| rustix::fs::syncfs(&f).map_err(Into::into));
+    if let Err(e) = sync {
+        let _ = unpack::remove_tree(&dir);
+        return Err(Error::io(
+            format!("{image}: syncing layer {}", layer.digest),
+            &root,
+            &e,
+        ));
+    }
     store.commit_layer(&dir, &layer.diff_id, stats.bytes)?;
     tracing::debug!(
         layer = %layer.digest,

@@ -373,6 +373,10 @@ impl Store {
             }
         };
         meta.images.insert(merged.id.clone(), merged.clone());
+        // The manifest and config blobs on disk before the record.
+        let sync =
+            fs::File::open(&self.root).and_then(|f| rustix::fs::syncfs(&f).map_err(Into::into));
+        sync.map_err(io_err(&self.root, "syncing the store"))?;
         self.save(&meta)?;
         Ok(merged)
     }
