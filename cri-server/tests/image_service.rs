@@ -618,3 +618,76 @@ async fn runtime_service_answers_unimplemented_until_part_2() {
         err.message()
     );
 }
+
+/// Bytes gzip cannot shrink (xorshift).
+fn noise(n: usize, mut x: u64) -> Vec<u8> {
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_schema2_pinned_images_and_a_full_disk() {
+    require_root();
+    let reg = Registry::start(None);
+    let l = layer(&[E::File("pause", content(1000, 5), 0o755)], Comp::Gzip);
+    let img = docker_image(&[&l], "65535");
+    reg.push("pause", "3.10", &img).await;
+    let big = layer(
+        &[E::File("big", noise(4 << 20, 0x9e3779b97f4a7c15), 0o644)],
+        Comp::Gzip,
+    );
+    reg.push("big/img", "1", &image(&[&big], "", "amd64")).await;
+    let pause = format!("{}/pause:3.10", reg.host());
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.toml"),
+        format!("[registry]\nconfig_path = \"\"\ndocker_config = \"\"\n[image]\npinned_images = [\"{pause}\"]\n"),
+    )
+    .unwrap();
+    // The store on a 2 MiB tmpfs: the 4 MiB layer cannot fit.
+    let root = Daemon::root(dir.path());
+    std::fs::create_dir(&root).unwrap();
+    rustix::mount::mount(
+        "tmpfs",
+        &root,
+        "tmpfs",
+        rustix::mount::MountFlags::empty(),
+        Some(c"size=2m"),
+    )
+    .unwrap();
+    let mut daemon = Daemon::start(dir.path());
+    let result = async {
+        let mut c = daemon.images().await;
+        let id = pull(&mut c, &pause, None).await.unwrap();
+        assert_eq!(id, img.config_digest);
+        let s = status(&mut c, &pause, true).await;
+        let image = s.image.unwrap();
+        assert!(image.pinned);
+        assert_eq!(image.uid.map(|u| u.value), Some(65535));
+        let info: serde_json::Value = serde_json::from_str(&s.info["info"]).unwrap();
+        assert_eq!(info["manifestMediaType"], DOCKER_MANIFEST);
+        let err = remove(&mut c, &pause).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        assert!(err.message().contains("pinned"), "{}", err.message());
+
+        let err = pull(&mut c, &format!("{}/big/img:1", reg.host()), None)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+        assert!(err.message().contains("no space left"), "{}", err.message());
+        // Nothing of it stays; the pinned image does.
+        assert_eq!(list(&mut c).await.len(), 1);
+        assert_eq!(std::fs::read_dir(root.join("tmp")).unwrap().count(), 0);
+    }
+    .await;
+    daemon.stop();
+    rustix::mount::unmount(&root, rustix::mount::UnmountFlags::DETACH).unwrap();
+    result
+}

@@ -390,8 +390,38 @@ impl Pushable {
     }
 }
 
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+
 /// An image of `layers` for `os/arch`, with `user` in its config.
 pub fn image(layers: &[&Layer], user: &str, arch: &str) -> Pushable {
+    image_as(layers, user, arch, false)
+}
+
+/// The same as a Docker schema 2 image (Docker's media types throughout).
+pub fn docker_image(layers: &[&Layer], user: &str) -> Pushable {
+    image_as(layers, user, "amd64", true)
+}
+
+fn image_as(layers: &[&Layer], user: &str, arch: &str, docker: bool) -> Pushable {
+    let (manifest_type, config_type) = if docker {
+        (
+            DOCKER_MANIFEST,
+            "application/vnd.docker.container.image.v1+json",
+        )
+    } else {
+        (OCI_MANIFEST, OCI_CONFIG)
+    };
+    let layer_type = |l: &Layer| -> &'static str {
+        match (docker, l.media_type) {
+            (true, "application/vnd.oci.image.layer.v1.tar+gzip") => {
+                "application/vnd.docker.image.rootfs.diff.tar.gzip"
+            }
+            (true, "application/vnd.oci.image.layer.v1.tar") => {
+                "application/vnd.docker.image.rootfs.diff.tar"
+            }
+            (_, t) => t,
+        }
+    };
     let config = json!({
         "architecture": arch, "os": "linux",
         "config": { "User": user, "Env": ["PATH=/bin"], "Cmd": ["/bin/sh"] },
@@ -401,9 +431,9 @@ pub fn image(layers: &[&Layer], user: &str, arch: &str) -> Pushable {
     let config_digest = sha256(&config);
     let manifest = json!({
         "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": { "mediaType": OCI_CONFIG, "digest": config_digest, "size": config.len() },
-        "layers": layers.iter().map(|l| json!({"mediaType": l.media_type, "digest": l.digest, "size": l.blob.len()})).collect::<Vec<_>>(),
+        "mediaType": manifest_type,
+        "config": { "mediaType": config_type, "digest": config_digest, "size": config.len() },
+        "layers": layers.iter().map(|l| json!({"mediaType": layer_type(l), "digest": l.digest, "size": l.blob.len()})).collect::<Vec<_>>(),
     });
     let manifest = serde_json::to_vec(&manifest).unwrap();
     let mut blobs: Vec<(String, Vec<u8>)> = layers
@@ -413,7 +443,7 @@ pub fn image(layers: &[&Layer], user: &str, arch: &str) -> Pushable {
     blobs.push((config_digest.clone(), config));
     Pushable {
         blobs,
-        manifests: vec![(sha256(&manifest), OCI_MANIFEST.to_string(), manifest)],
+        manifests: vec![(sha256(&manifest), manifest_type.to_string(), manifest)],
         config_digest,
     }
 }
