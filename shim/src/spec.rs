@@ -306,6 +306,9 @@ pub fn plan_container(id: &str, spec: &Spec) -> Result<ContainerPlan, SpecError>
     let mut binds = Vec::new();
     let mut mounts = Vec::new();
     for mount in spec.mounts().iter().flatten() {
+        if let Some(w) = propagation_warning(mount) {
+            warnings.push(w);
+        }
         if let Some(m) = plan_mount(id, mount, &mut binds)? {
             mounts.push(m);
         }
@@ -366,6 +369,27 @@ pub fn plan_container(id: &str, spec: &Spec) -> Result<ContainerPlan, SpecError>
         request,
         binds,
         warnings,
+    })
+}
+
+/// Bidirectional propagation cannot cross the VM: a mount made in the guest
+/// lives in the guest's kernel, which virtio-fs cannot show to the host.
+/// The volume is still shared (files written land on the host), so this is
+/// logged rather than refused.
+fn propagation_warning(mount: &Mount) -> Option<String> {
+    let options = mount.options().as_ref()?;
+    let shared = options.iter().any(|o| o == "shared" || o == "rshared");
+    shared.then(|| {
+        format!(
+            "mount {}: {} propagation does not reach the host: mounts made under it in the \
+             VM stay in the VM (virtio-fs shares files, not mounts)",
+            mount.destination().display(),
+            if options.iter().any(|o| o == "rshared") {
+                "rshared"
+            } else {
+                "shared"
+            }
+        )
     })
 }
 
@@ -608,6 +632,29 @@ mod tests {
         assert!(err.to_string().starts_with("hostIPC: "), "{err}");
         let none = spec(r#"{"ociVersion": "1.0.2"}"#);
         assert!(refuse_host_namespaces(&none).is_err());
+    }
+
+    #[test]
+    fn shared_propagation_is_logged() {
+        let mut s = spec(BASE);
+        let mut mounts = s.mounts().clone().unwrap();
+        let mut options = mounts[3].options().clone().unwrap();
+        options.push("rshared".into());
+        mounts[3].set_options(Some(options));
+        s.set_mounts(Some(mounts));
+        let plan = plan_container("c", &s).unwrap();
+        assert!(
+            plan.warnings
+                .iter()
+                .any(|w| w.starts_with("mount /data: rshared propagation does not reach")),
+            "{:?}",
+            plan.warnings
+        );
+        assert!(plan_container("c", &spec(BASE))
+            .unwrap()
+            .warnings
+            .iter()
+            .all(|w| !w.contains("propagation")));
     }
 
     #[test]
