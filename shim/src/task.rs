@@ -959,7 +959,11 @@ impl Task for TaskService {
             }
             _ => {
                 let agent_id = process.agent_id.clone();
-                let all = req.all;
+                // containerd SIGKILLs an exec whose ExecSync timed out: its
+                // whole process group goes (the guest makes each process a
+                // session and group leader), so nothing it started outlives
+                // the request, as nothing outlives runc's exec.
+                let all = req.all || (!req.exec_id.is_empty() && signal == libc::SIGKILL as u32);
                 call(vm.agent(), "signalling the process", move |a| {
                     a.signal(&agent_id, signal as i32, all)
                 })
