@@ -231,8 +231,8 @@ impl TaskService {
             }
             PodNetworkMode::NoNic => {
                 log::warn!(
-                    "pod {pod_id}: the spec names no network namespace path (host network, \
-                     or a new empty one): the guest gets no NIC, only lo"
+                    "pod {pod_id}: the spec names no network namespace path (a new empty \
+                     one): the guest gets no NIC, only lo"
                 );
                 (None, None)
             }
