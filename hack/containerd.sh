@@ -179,9 +179,17 @@ start() {
   local t0 t1
   t0=$(date +%s%N)
   # Its own session, stdio to the log: it outlives this script and holds
-  # none of the caller's pipes.
-  PATH="${ARROW_CONTAINERD_PATH:+$ARROW_CONTAINERD_PATH:}/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
-    setsid containerd --config "$config" </dev/null >>"$logfile" 2>&1 9>&- &
+  # none of the caller's pipes, nor any other descriptor it inherited (a
+  # caller's `flock /tmp/arrow-e2e.lock` would stay held for as long as
+  # containerd and its shims run).
+  (
+    for fd in /proc/self/fd/*; do
+      fd=${fd##*/}
+      if [ "$fd" -gt 2 ]; then eval "exec $fd>&-" 2>/dev/null || true; fi
+    done
+    PATH="${ARROW_CONTAINERD_PATH:+$ARROW_CONTAINERD_PATH:}/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
+      exec setsid containerd --config "$config" </dev/null >>"$logfile" 2>&1
+  ) &
   echo $! >"$pidfile"
   local i
   for i in $(seq 1 300); do

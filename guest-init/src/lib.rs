@@ -18,6 +18,7 @@ pub mod mounts;
 pub mod network;
 pub mod process;
 pub mod reaper;
+pub mod seccomp;
 pub mod stdio;
 pub mod supervisor;
 pub mod vsock;

@@ -14,11 +14,13 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::Arc;
 
 use proto::agent::CreateProcess;
 
 use crate::capabilities::{self, CapSets};
 use crate::container::Placement;
+use crate::seccomp::Filter;
 
 /// The child's stack; it only makes a few system calls.
 const CHILD_STACK_SIZE: usize = 64 * 1024;
@@ -71,6 +73,8 @@ pub struct Plan {
     oom_score_adj: Option<CString>,
     /// Capability sets to apply; None = leave them as they are.
     caps: Option<CapSets>,
+    /// The container's seccomp filter, loaded last (see `setup_and_exec`).
+    seccomp: Option<Arc<Filter>>,
     /// Whether the process gets a pty.
     pub terminal: bool,
     /// Whether the process gets a stdin pipe (non-terminal only).
@@ -201,6 +205,7 @@ impl Plan {
             cgroup_procs,
             oom_score_adj,
             caps,
+            seccomp: placement.and_then(|p| p.seccomp.clone()),
             terminal: req.terminal,
             stdin: req.stdin && !req.terminal,
         })
@@ -541,6 +546,13 @@ unsafe fn setup_and_exec(a: &ChildArgs<'_>) -> (&'static str, c_int) {
     if let Some(mask) = plan.umask {
         libc::umask(mask);
     }
+    // runc's order: without no_new_privs, loading needs CAP_SYS_ADMIN, so
+    // before any capability is dropped; with it, as late as possible.
+    if let (Some(filter), false) = (&plan.seccomp, plan.no_new_privs) {
+        if let Err(e) = filter.load() {
+            return ("seccomp", e);
+        }
+    }
     if let Some(caps) = &plan.caps {
         // Needs CAP_SETPCAP: while still root.
         if let Err(e) = capabilities::drop_bounding(caps) {
@@ -576,6 +588,11 @@ unsafe fn setup_and_exec(a: &ChildArgs<'_>) -> (&'static str, c_int) {
     }
     if plan.no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == -1 {
         return ("no_new_privs", errno());
+    }
+    if let (Some(filter), true) = (&plan.seccomp, plan.no_new_privs) {
+        if let Err(e) = filter.load() {
+            return ("seccomp", e);
+        }
     }
     // The Rust runtime ignores SIGPIPE; an ignored signal survives exec.
     libc::signal(libc::SIGPIPE, libc::SIG_DFL);
@@ -682,6 +699,7 @@ mod tests {
 
     fn placement() -> Placement {
         Placement {
+            seccomp: None,
             container_id: "c1".into(),
             root: "/run/arrow/containers/c1/root".into(),
             cgroup_procs: "/sys/fs/cgroup/c1/cgroup.procs".into(),

@@ -128,9 +128,9 @@ type Result<T, E = NetworkError> = std::result::Result<T, E>;
 pub enum PodNetworkMode {
     /// A namespace that CNI set up: the guest gets a NIC joined to it.
     Namespace(PathBuf),
-    /// No namespace path: the host's network (hostNetwork), or a new empty
-    /// namespace the runtime would create. Either way the guest gets no
-    /// NIC, only `lo`.
+    /// No namespace path: a new empty namespace the runtime would create
+    /// (the host's, hostNetwork, is refused before: `refuse_host_namespaces`).
+    /// The guest gets no NIC, only `lo`.
     NoNic,
 }
 

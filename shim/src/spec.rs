@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use oci_spec::runtime::{LinuxResources, Mount, Process, Spec};
+use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Mount, Process, Spec};
 use proto::agent;
 
 /// Annotation CRI puts on every container of a pod: `sandbox` or `container`.
@@ -52,6 +52,17 @@ pub enum SpecError {
     },
     #[error("{0}")]
     Unsupported(String),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error(
+        "{field}: the spec shares the host's {namespace} namespace (no linux.namespaces \
+         entry of type {namespace}); an Arrow microVM has its own kernel and cannot \
+         share it: run this pod with another RuntimeClass"
+    )]
+    HostNamespace {
+        field: &'static str,
+        namespace: &'static str,
+    },
     #[error("{what} {value:?} is not a plain identifier (letters, digits and . _ - inside, at most 76 characters)")]
     BadIdentifier { what: &'static str, value: String },
 }
@@ -227,6 +238,62 @@ pub struct ContainerPlan {
     pub warnings: Vec<String>,
 }
 
+/// The namespaces a VM cannot share with the host, with the Kubernetes pod
+/// field that asks for each (CRI: `NamespaceMode::NODE`).
+const HOST_NAMESPACES: [(LinuxNamespaceType, &str, &str); 3] = [
+    (LinuxNamespaceType::Network, "hostNetwork", "network"),
+    (LinuxNamespaceType::Pid, "hostPID", "pid"),
+    (LinuxNamespaceType::Ipc, "hostIPC", "ipc"),
+];
+
+/// Refuses a VM's spec (sandbox or standalone) that leaves out the network,
+/// PID or IPC namespace, which is how containerd says "share the host's".
+/// Inside a VM these would silently be the guest's own, so the pod would
+/// run but not see what it asked for (the host's interfaces, processes or
+/// IPC objects); refusing names the field so the user picks a runc
+/// RuntimeClass instead.
+pub fn refuse_host_namespaces(spec: &Spec) -> Result<(), SpecError> {
+    let namespaces = spec.linux().as_ref().and_then(|l| l.namespaces().as_ref());
+    for (typ, field, namespace) in HOST_NAMESPACES {
+        let asked = namespaces.is_some_and(|ns| ns.iter().any(|n| n.typ() == typ));
+        if !asked {
+            return Err(SpecError::HostNamespace { field, namespace });
+        }
+    }
+    Ok(())
+}
+
+/// The spec's `linux.sysctl`, sorted by key.
+pub fn sysctls(spec: &Spec) -> Vec<agent::Sysctl> {
+    let mut sysctls: Vec<_> = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.sysctl().as_ref())
+        .iter()
+        .flat_map(|m| m.iter())
+        .map(|(key, value)| agent::Sysctl {
+            key: key.clone(),
+            value: value.clone(),
+        })
+        .collect();
+    sysctls.sort_by(|a, b| a.key.cmp(&b.key));
+    sysctls
+}
+
+/// Adds the pod's sysctls (from the sandbox spec) to a container's own,
+/// which win on the same key. Under runc the pod's sysctls are set in the
+/// pause container's namespaces, which the app containers join; in a VM
+/// those namespaces are the guest's, so the guest applies them with the
+/// first container, before it starts.
+pub fn merge_pod_sysctls(pod: &[agent::Sysctl], own: &mut Vec<agent::Sysctl>) {
+    for s in pod {
+        if !own.iter().any(|o| o.key == s.key) {
+            own.push(s.clone());
+        }
+    }
+    own.sort_by(|a, b| a.key.cmp(&b.key));
+}
+
 /// Where a container's rootfs lives in the pod's share.
 pub fn rootfs_share_path(container_id: &str) -> String {
     format!("{container_id}/rootfs")
@@ -239,6 +306,9 @@ pub fn plan_container(id: &str, spec: &Spec) -> Result<ContainerPlan, SpecError>
     let mut binds = Vec::new();
     let mut mounts = Vec::new();
     for mount in spec.mounts().iter().flatten() {
+        if let Some(w) = propagation_warning(mount) {
+            warnings.push(w);
+        }
         if let Some(m) = plan_mount(id, mount, &mut binds)? {
             mounts.push(m);
         }
@@ -260,23 +330,22 @@ pub fn plan_container(id: &str, spec: &Spec) -> Result<ContainerPlan, SpecError>
     if let Some(linux) = linux {
         request.masked_paths = linux.masked_paths().clone().unwrap_or_default();
         request.readonly_paths = linux.readonly_paths().clone().unwrap_or_default();
-        let mut sysctls: Vec<_> = linux
-            .sysctl()
-            .iter()
-            .flatten()
-            .map(|(key, value)| agent::Sysctl {
-                key: key.clone(),
-                value: value.clone(),
-            })
-            .collect();
-        sysctls.sort_by(|a, b| a.key.cmp(&b.key));
-        request.sysctls = sysctls;
+        request.sysctls = sysctls(spec);
         if let Some(resources) = linux.resources() {
             request.resources = Some(resources_request(resources, &mut warnings));
         }
-        if linux.seccomp().is_some() {
-            warnings
-                .push("linux.seccomp: not applied in the guest (the VM is the boundary)".into());
+        if let Some(profile) = linux.seccomp() {
+            let program = crate::seccomp::compile(profile)?;
+            if !program.unknown.is_empty() {
+                warnings.push(format!(
+                    "linux.seccomp: system calls unknown on x86_64 skipped: {}",
+                    program.unknown.join(", ")
+                ));
+            }
+            request.seccomp = Some(agent::Seccomp {
+                program: program.to_bytes(),
+                flags: program.flags,
+            });
         }
         if linux.devices().as_ref().is_some_and(|d| !d.is_empty()) {
             warnings.push("linux.devices: host devices are not passed into the VM".into());
@@ -300,6 +369,27 @@ pub fn plan_container(id: &str, spec: &Spec) -> Result<ContainerPlan, SpecError>
         request,
         binds,
         warnings,
+    })
+}
+
+/// Bidirectional propagation cannot cross the VM: a mount made in the guest
+/// lives in the guest's kernel, which virtio-fs cannot show to the host.
+/// The volume is still shared (files written land on the host), so this is
+/// logged rather than refused.
+fn propagation_warning(mount: &Mount) -> Option<String> {
+    let options = mount.options().as_ref()?;
+    let shared = options.iter().any(|o| o == "shared" || o == "rshared");
+    shared.then(|| {
+        format!(
+            "mount {}: {} propagation does not reach the host: mounts made under it in the \
+             VM stay in the VM (virtio-fs shares files, not mounts)",
+            mount.destination().display(),
+            if options.iter().any(|o| o == "rshared") {
+                "rshared"
+            } else {
+                "shared"
+            }
+        )
     })
 }
 
@@ -520,6 +610,97 @@ mod tests {
             "readonlyPaths": ["/proc/sys"]
         }
     }"#;
+
+    #[test]
+    fn host_namespaces_are_refused_by_field() {
+        let with = |types: &[&str]| {
+            let ns: Vec<String> = types
+                .iter()
+                .map(|t| format!(r#"{{"type": "{t}"}}"#))
+                .collect();
+            spec(&format!(
+                r#"{{"ociVersion": "1.0.2", "linux": {{"namespaces": [{}]}}}}"#,
+                ns.join(",")
+            ))
+        };
+        assert!(refuse_host_namespaces(&with(&["pid", "ipc", "uts", "mount", "network"])).is_ok());
+        let err = refuse_host_namespaces(&with(&["pid", "ipc", "mount"])).unwrap_err();
+        assert!(err.to_string().starts_with("hostNetwork: "), "{err}");
+        let err = refuse_host_namespaces(&with(&["ipc", "network"])).unwrap_err();
+        assert!(err.to_string().starts_with("hostPID: "), "{err}");
+        let err = refuse_host_namespaces(&with(&["pid", "network"])).unwrap_err();
+        assert!(err.to_string().starts_with("hostIPC: "), "{err}");
+        let none = spec(r#"{"ociVersion": "1.0.2"}"#);
+        assert!(refuse_host_namespaces(&none).is_err());
+    }
+
+    #[test]
+    fn shared_propagation_is_logged() {
+        let mut s = spec(BASE);
+        let mut mounts = s.mounts().clone().unwrap();
+        let mut options = mounts[3].options().clone().unwrap();
+        options.push("rshared".into());
+        mounts[3].set_options(Some(options));
+        s.set_mounts(Some(mounts));
+        let plan = plan_container("c", &s).unwrap();
+        assert!(
+            plan.warnings
+                .iter()
+                .any(|w| w.starts_with("mount /data: rshared propagation does not reach")),
+            "{:?}",
+            plan.warnings
+        );
+        assert!(plan_container("c", &spec(BASE))
+            .unwrap()
+            .warnings
+            .iter()
+            .all(|w| !w.contains("propagation")));
+    }
+
+    #[test]
+    fn seccomp_is_compiled_for_the_guest() {
+        let mut s = spec(BASE);
+        assert!(plan_container("c", &s).unwrap().request.seccomp.is_none());
+        let profile: oci_spec::runtime::LinuxSeccomp = serde_json::from_str(
+            r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+                {"names": ["sethostname", "socketcall"], "action": "SCMP_ACT_ERRNO"}]}"#,
+        )
+        .unwrap();
+        let mut linux = s.linux().clone().unwrap();
+        linux.set_seccomp(Some(profile));
+        s.set_linux(Some(linux));
+        let plan = plan_container("c", &s).unwrap();
+        let seccomp = plan.request.seccomp.unwrap();
+        // arch check (6), one rule (2), the default (1).
+        assert_eq!(seccomp.program.len(), 9 * 8);
+        assert!(plan.warnings.iter().any(|w| w.contains("socketcall")));
+    }
+
+    #[test]
+    fn pod_sysctls_merge_under_the_containers_own() {
+        let s = |k: &str, v: &str| agent::Sysctl {
+            key: k.into(),
+            value: v.into(),
+        };
+        let pod = sysctls(&spec(BASE));
+        assert_eq!(
+            pod,
+            vec![
+                s("kernel.shm_rmid_forced", "1"),
+                s("net.ipv4.ip_forward", "1")
+            ]
+        );
+        let mut own = vec![s("net.ipv4.ip_forward", "0"), s("fs.mqueue.msg_max", "100")];
+        merge_pod_sysctls(&pod, &mut own);
+        assert_eq!(
+            own,
+            vec![
+                s("fs.mqueue.msg_max", "100"),
+                s("kernel.shm_rmid_forced", "1"),
+                s("net.ipv4.ip_forward", "0")
+            ]
+        );
+    }
 
     #[test]
     fn roles_follow_cri_annotations() {

@@ -101,6 +101,8 @@ struct Pod {
     vm: Option<Arc<PodVm>>,
     /// The signal containerd killed the sandbox with, for its exit status.
     stop_signal: Option<u32>,
+    /// The sandbox spec's sysctls, applied with each app container's.
+    sysctls: Vec<proto::agent::Sysctl>,
     containers: HashMap<String, Container>,
 }
 
@@ -191,6 +193,8 @@ impl TaskService {
     /// there) gets its network joined to the guest's NIC first, and the
     /// guest configured once it is up; without one the guest has only `lo`.
     async fn start_vm(&self, pod_id: &str, spec: &Spec, role: &Role) -> TtrpcResult<Arc<PodVm>> {
+        spec::refuse_host_namespaces(spec)
+            .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         let shape = VmShape::for_spec(spec, role)
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         let hostname = spec.hostname().clone().unwrap_or_default();
@@ -227,8 +231,8 @@ impl TaskService {
             }
             PodNetworkMode::NoNic => {
                 log::warn!(
-                    "pod {pod_id}: the spec names no network namespace path (host network, \
-                     or a new empty one): the guest gets no NIC, only lo"
+                    "pod {pod_id}: the spec names no network namespace path (a new empty \
+                     one): the guest gets no NIC, only lo"
                 );
                 (None, None)
             }
@@ -320,10 +324,12 @@ impl TaskService {
         vm: &Arc<PodVm>,
         req: &CreateTaskRequest,
         spec: &Spec,
+        pod_sysctls: &[proto::agent::Sysctl],
     ) -> TtrpcResult<(ContainerShare, Arc<Process>)> {
         let id = req.id.clone();
-        let plan = spec::plan_container(&id, spec)
+        let mut plan = spec::plan_container(&id, spec)
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+        spec::merge_pod_sysctls(pod_sysctls, &mut plan.request.sysctls);
         for w in &plan.warnings {
             log::warn!("container {id}: {w}");
         }
@@ -668,6 +674,7 @@ impl Task for TaskService {
                     ));
                 }
                 let vm = self.start_vm(&req.id, &spec, &role).await?;
+                pod.sysctls = spec::sysctls(&spec);
                 let init = Arc::new(Process::new(&req.id, "", "", StdioPaths::default()));
                 init.set_pid(vm.pid());
                 (vm, None, init)
@@ -680,7 +687,7 @@ impl Task for TaskService {
                     ));
                 }
                 let vm = self.start_vm(&req.id, &spec, &role).await?;
-                match self.create_app(&vm, &req, &spec).await {
+                match self.create_app(&vm, &req, &spec, &[]).await {
                     Ok((share, init)) => (vm, Some(share), init),
                     Err(e) => {
                         stop_and_clean(&vm).await;
@@ -695,7 +702,7 @@ impl Task for TaskService {
                         format!("pod sandbox {sandbox_id} is not running in this shim"),
                     )
                 })?;
-                let (share, init) = self.create_app(&vm, &req, &spec).await?;
+                let (share, init) = self.create_app(&vm, &req, &spec, &pod.sysctls).await?;
                 (vm, Some(share), init)
             }
         };
@@ -952,7 +959,11 @@ impl Task for TaskService {
             }
             _ => {
                 let agent_id = process.agent_id.clone();
-                let all = req.all;
+                // containerd SIGKILLs an exec whose ExecSync timed out: its
+                // whole process group goes (the guest makes each process a
+                // session and group leader), so nothing it started outlives
+                // the request, as nothing outlives runc's exec.
+                let all = req.all || (!req.exec_id.is_empty() && signal == libc::SIGKILL as u32);
                 call(vm.agent(), "signalling the process", move |a| {
                     a.signal(&agent_id, signal as i32, all)
                 })

@@ -25,6 +25,7 @@ use nix::mount::{mount, MsFlags};
 use proto::agent::{CreateContainer, Resources, Stats};
 
 use crate::clone::ClonePlatform;
+use crate::seccomp::Filter;
 use crate::supervisor::{ProcError, Supervisor};
 use crate::{log_error, log_info};
 use cgroup::Cgroup;
@@ -118,6 +119,8 @@ pub struct Placement {
     pub root: PathBuf,
     /// Write "0" here to join the cgroup.
     pub cgroup_procs: PathBuf,
+    /// The container's seccomp filter, if any.
+    pub seccomp: Option<Arc<Filter>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,6 +144,7 @@ struct Container {
     dir: PathBuf,
     root: PathBuf,
     cgroup: Cgroup,
+    seccomp: Option<Arc<Filter>>,
     state: Mutex<CState>,
 }
 
@@ -154,6 +158,7 @@ impl Container {
             container_id: self.id.clone(),
             root: self.root.clone(),
             cgroup_procs: self.cgroup.procs_path(),
+            seccomp: self.seccomp.clone(),
         }
     }
 }
@@ -256,6 +261,7 @@ impl Containers {
             root: dir.join("root"),
             dir,
             cgroup: Cgroup::new(self.layout.cgroup_parent.join(&spec.id)),
+            seccomp: spec.seccomp.clone(),
             state: Mutex::new(CState {
                 phase: Phase::Creating,
                 frozen: false,

@@ -3,12 +3,14 @@
 //! INVALID_ARGUMENT and leaves nothing behind.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use nix::mount::MsFlags;
 use proto::agent::{CreateContainer, Mount, Resources};
 use proto::HOSTNAME_MAX;
 
 use super::paths::clean_components;
+use crate::seccomp::Filter;
 
 /// Longest container id (a path component and a cgroup name).
 pub const MAX_ID_LEN: usize = 128;
@@ -32,6 +34,8 @@ pub struct ContainerSpec {
     pub sysctls: Vec<SysctlPlan>,
     pub resources: Resources,
     pub hostname: String,
+    /// Loaded by each of the container's processes.
+    pub seccomp: Option<Arc<Filter>>,
 }
 
 /// How a mount is made.
@@ -311,6 +315,11 @@ pub fn validate(req: &CreateContainer) -> Result<ContainerSpec, String> {
             req.hostname
         ));
     }
+    let seccomp = req
+        .seccomp
+        .as_ref()
+        .map(|s| Filter::parse(s).map(Arc::new))
+        .transpose()?;
     Ok(ContainerSpec {
         id: req.id.clone(),
         rootfs: req.rootfs.clone(),
@@ -321,6 +330,7 @@ pub fn validate(req: &CreateContainer) -> Result<ContainerSpec, String> {
         sysctls,
         resources,
         hostname: req.hostname.clone(),
+        seccomp,
     })
 }
 
