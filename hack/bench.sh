@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks (not tests): VMM overhead with the bare-metal test guest, Linux
-# boot to arrow-init ready, and template clones (start and memory).
-# Usage: hack/bench.sh [VMM_RUNS] [LINUX_RUNS] [CLONE_RUNS] [CLONES_AT_ONCE]
+# boot to arrow-init ready, template clones (start and memory), and the
+# VMM's jail (serve jailed vs --no-confine).
+# Usage: hack/bench.sh [VMM_RUNS] [LINUX_RUNS] [CLONE_RUNS] [CLONES_AT_ONCE] [JAIL_RUNS]
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 require_root
@@ -17,3 +18,5 @@ echo
 target/release/arrow-bench linux "${2:-3}"
 echo
 target/release/arrow-bench clones "${3:-20}" "${4:-20}"
+echo
+target/release/arrow-bench jail "${5:-20}"

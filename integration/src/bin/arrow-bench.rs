@@ -11,6 +11,9 @@
 //! after another (restore and arrow-init ready), then AT_ONCE idle clones at
 //! the same time with the memory each one holds: PSS, private pages, and the
 //! pages still shared with the template.
+//! `arrow-bench jail [N]`: `arrow-vmm serve` as the shim runs it, cloning
+//! the template, jailed and with `--no-confine` in turn: process start to
+//! the ready line, and the jail's own set-up (`--timings` phase "jailed").
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
@@ -384,6 +387,69 @@ fn bench_clones(runs: usize, at_once: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One `arrow-vmm serve` clone (as the shim starts it) to its ready line:
+/// (wall ms, ms at which the jail was set up, if jailed).
+fn serve_once(dir: &Path, confine: bool) -> anyhow::Result<(f64, Option<f64>)> {
+    let share = dir.join("share");
+    std::fs::create_dir_all(&share)?;
+    let mut cmd = Command::new(arrow_vmm());
+    cmd.args([
+        "serve",
+        "--timings",
+        "--memory",
+        "128M",
+        "--exit-on-stdin-eof",
+        "--kernel",
+    ])
+    .arg(kernel())
+    .arg("--vsock-uds")
+    .arg(dir.join("vsock.sock"))
+    .arg("--shared-dir")
+    .arg(&share)
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    if !confine {
+        cmd.arg("--no-confine");
+    }
+    let start = Instant::now();
+    let mut child = cmd.spawn()?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+    let wall = start.elapsed().as_secs_f64() * 1000.0;
+    drop(child.stdin.take());
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .context("stderr")?
+        .read_to_string(&mut stderr)?;
+    let status = child.wait()?;
+    if !line.contains("\"cloned\":true") || !status.success() {
+        bail!("serve did not clone and end cleanly: {line} {stderr}");
+    }
+    Ok((wall, timing(&stderr, "jailed")))
+}
+
+fn bench_jail(runs: usize) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("arrow-bench-jail-{}", std::process::id()));
+    // The first makes the template if there is none.
+    let _ = serve_once(&dir, true);
+    let (mut jailed, mut free, mut setup) = (Stats(vec![]), Stats(vec![]), Stats(vec![]));
+    for _ in 0..runs {
+        let (wall, jail) = serve_once(&dir, true)?;
+        jailed.0.push(wall);
+        setup.0.extend(jail);
+        free.0.push(serve_once(&dir, false)?.0);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("arrow-vmm serve, clone to ready line ({})", flavour());
+    jailed.show("  jailed (the default)", "ms", None);
+    free.show("  --no-confine", "ms", None);
+    setup.show("  of which: process start to jailed", "ms", None);
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let runs =
@@ -395,8 +461,9 @@ fn main() -> anyhow::Result<()> {
             let at_once = args.get(3).and_then(|n| n.parse().ok()).unwrap_or(20);
             bench_clones(runs(20), at_once)
         }
+        Some("jail") => bench_jail(runs(20)),
         _ => {
-            eprintln!("usage: arrow-bench vmm [RUNS] | linux [RUNS] | clones [RUNS] [AT_ONCE]");
+            eprintln!("usage: arrow-bench vmm [RUNS] | linux [RUNS] | clones [RUNS] [AT_ONCE] | jail [RUNS]");
             if !Path::new("/dev/kvm").exists() {
                 eprintln!("(and /dev/kvm is missing)");
             }
