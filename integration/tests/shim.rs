@@ -461,6 +461,23 @@ fn assert_vmm_confined(pod_id: &str, cgroup: &str) {
     for set in ["CapInh", "CapAmb"] {
         assert_eq!(field(set), "0000000000000000", "{set}: {status}");
     }
+    // Every thread runs under its kind's seccomp filter.
+    let mut threads = Vec::new();
+    for task in fs::read_dir(pid.join("task")).unwrap().flatten() {
+        let comm = fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        assert_eq!(
+            status_field(&task.path(), "Seccomp"),
+            "2",
+            "thread {} has no seccomp filter",
+            comm.trim()
+        );
+        threads.push(comm.trim().to_string());
+    }
+    threads.sort();
+    assert!(
+        threads.iter().any(|t| t.starts_with("vcpu")) && threads.contains(&"devices".to_string()),
+        "{threads:?}"
+    );
     let leaked: Vec<String> = fs::read_dir(pid.join("fd"))
         .unwrap()
         .flatten()

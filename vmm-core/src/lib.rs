@@ -6,6 +6,7 @@
 
 pub mod arch;
 pub mod cmdline;
+pub mod confinement;
 pub mod devices;
 pub mod exit;
 pub mod hypervisor;

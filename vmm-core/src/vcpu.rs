@@ -11,6 +11,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::arch::x86_64::{cpuid, interrupts, msr, regs};
+use crate::confinement::{confine_thread, Confinement, ThreadKind};
 use crate::devices::bus::Bus;
 use crate::exit::{ExitNotifier, VmExit};
 use crate::snapshot::vcpu_state::{VcpuState, VcpuStateError};
@@ -158,20 +159,31 @@ impl Vcpu {
         })
     }
 
-    /// Starts the vCPU on its own thread. The thread ends when the VM exits
-    /// for any reason, reported to `exit`.
+    /// Starts the vCPU on its own thread, confined by `confinement` before
+    /// its first `KVM_RUN`. The thread ends when the VM exits for any
+    /// reason, reported to `exit`.
     pub fn start(
         self,
         pio: Arc<Bus>,
         mmio: Arc<Bus>,
         exit: ExitNotifier,
         control: Arc<VcpuControl>,
+        confinement: Option<Confinement>,
     ) -> Result<VcpuHandle, VcpuError> {
         install_kick_handler()?;
         let index = self.index;
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || self.run_loop(&pio, &mmio, &exit, &control))
+            .spawn(move || {
+                if let Err(message) = confine_thread(confinement.as_ref(), ThreadKind::Vcpu) {
+                    exit.notify(VmExit::VcpuError {
+                        vcpu: index,
+                        message,
+                    });
+                    return;
+                }
+                self.run_loop(&pio, &mmio, &exit, &control)
+            })
             .map_err(|source| VcpuError::Spawn { index, source })?;
         Ok(VcpuHandle { thread })
     }

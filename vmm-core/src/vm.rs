@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::{cpuid, layout, mptable::MAX_VCPUS};
 use crate::cmdline::{CmdlineError, KernelCmdline};
+use crate::confinement::{confine_thread, Confinement, ThreadKind};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::i8042::I8042;
 use crate::devices::irq::IrqLine;
@@ -95,6 +96,8 @@ pub struct RestoreConfig {
     pub net_tap: Option<Tap>,
     /// Override of the detected KVM flavour.
     pub flavour: Option<KvmFlavour>,
+    /// Run on each thread the clone starts, before it touches guest input.
+    pub confinement: Option<Confinement>,
 }
 
 impl Default for RestoreConfig {
@@ -107,6 +110,7 @@ impl Default for RestoreConfig {
             fs_read_only: false,
             net_tap: None,
             flavour: None,
+            confinement: None,
         }
     }
 }
@@ -170,6 +174,9 @@ pub struct VmConfig {
     /// Override of the detected KVM flavour (tests, or a host the detection
     /// gets wrong).
     pub flavour: Option<KvmFlavour>,
+    /// Run on each thread the VM starts (vCPUs, device event loop), first
+    /// thing, before it touches guest input; see [`crate::confinement`].
+    pub confinement: Option<Confinement>,
 }
 
 impl VmConfig {
@@ -186,6 +193,7 @@ impl VmConfig {
             fs: None,
             net: None,
             flavour: None,
+            confinement: None,
         }
     }
 
@@ -227,6 +235,7 @@ impl VmConfig {
             fs_read_only: self.fs.as_ref().is_some_and(|f| f.read_only),
             net_tap,
             flavour: self.flavour,
+            confinement: self.confinement.clone(),
         }
     }
 }
@@ -382,6 +391,7 @@ pub struct Vm {
     shape: VmShape,
     memory: GuestMemoryMmap<()>,
     vm_fd: VmFd,
+    confinement: Option<Confinement>,
 }
 
 impl Vm {
@@ -503,6 +513,7 @@ impl Vm {
             },
             memory,
             vm_fd,
+            confinement: config.confinement.take(),
         })
     }
 
@@ -680,6 +691,7 @@ impl Vm {
             shape: snap.shape,
             memory,
             vm_fd,
+            confinement: config.confinement.take(),
         })
     }
 
@@ -787,6 +799,7 @@ impl Vm {
         self.event_loop = Some(EventLoop::start(
             std::mem::take(&mut self.subscribers),
             self.exit.clone(),
+            self.confinement.clone(),
         )?);
         for vcpu in self.vcpus.drain(..) {
             let handle = vcpu.start(
@@ -794,6 +807,7 @@ impl Vm {
                 self.mmio.clone(),
                 self.exit.clone(),
                 self.control.clone(),
+                self.confinement.clone(),
             )?;
             self.running.push(handle);
         }
@@ -1089,7 +1103,11 @@ impl EventLoop {
     /// be missed.
     const TICK_MS: i32 = 1000;
 
-    fn start(subscribers: Vec<Subscriber>, exit: ExitNotifier) -> Result<Self, VmError> {
+    fn start(
+        subscribers: Vec<Subscriber>,
+        exit: ExitNotifier,
+        confinement: Option<Confinement>,
+    ) -> Result<Self, VmError> {
         let mut manager =
             EventManager::<Subscriber>::new().map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
         for sub in subscribers {
@@ -1101,6 +1119,10 @@ impl EventLoop {
         let thread = std::thread::Builder::new()
             .name("devices".into())
             .spawn(move || {
+                if let Err(message) = confine_thread(confinement.as_ref(), ThreadKind::Devices) {
+                    exit.notify(VmExit::VcpuError { vcpu: 0, message });
+                    return;
+                }
                 while !exit.has_exited() {
                     if let Err(e) = manager.run_with_timeout(Self::TICK_MS) {
                         log::error!("device event loop failed: {e:?}");

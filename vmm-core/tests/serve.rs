@@ -7,7 +7,9 @@
 //! Two `serve`s start at once with no template: one boots and makes it
 //! while the other waits on the template lock, then clones it. Both
 //! agents answer through their sockets; SIGTERM ends one, the end of stdin
-//! the other, each exiting 0 and removing its socket.
+//! the other, each exiting 0 and removing its socket. Then a clone per
+//! thread kind runs the seccomp self-test: that thread makes a call its
+//! filter forbids once confined, and the VMM dies of SIGSYS.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -154,5 +156,51 @@ fn two_serves_boot_once_then_clone_and_both_end_cleanly() {
     drop(b.stdin.take());
     assert_eq!(wait_exit(&mut b, Duration::from_secs(15)).code(), Some(0));
     assert!(!b_uds.exists(), "stdin's EOF removed the socket");
+
+    for kind in ["vcpu", "devices", "controller", "watcher"] {
+        let share = base.join(format!("share-{kind}"));
+        std::fs::create_dir_all(&share).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_arrow-vmm"))
+            .env("ARROW_CACHE", &cache)
+            .env("ARROW_VMM_SELF_TEST", "1")
+            .args(["serve", "--memory", "128M", "--seccomp-self-test", kind])
+            .arg("--kernel")
+            .arg(&kernel)
+            .arg("--init")
+            .arg(&init)
+            .arg("--vsock-uds")
+            .arg(base.join(format!("{kind}.sock")))
+            .arg("--shared-dir")
+            .arg(&share)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run arrow-vmm serve");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        eprintln!("self-test {kind}: {:?}\n{stderr}", out.status);
+        assert_eq!(
+            out.status.code(),
+            Some(128 + libc::SIGSYS),
+            "{kind}: {stderr}"
+        );
+        assert!(
+            stderr.contains("killed by SIGSYS"),
+            "{kind}: the keeper says why: {stderr}"
+        );
+        assert!(
+            !stderr.contains("NOT refused"),
+            "{kind}: the call went through: {stderr}"
+        );
+    }
+    // Outside tests the hook is refused.
+    let out = Command::new(env!("CARGO_BIN_EXE_arrow-vmm"))
+        .env_remove("ARROW_VMM_SELF_TEST")
+        .args(["serve", "--seccomp-self-test", "vcpu", "--kernel"])
+        .arg(&kernel)
+        .arg("--vsock-uds")
+        .arg(base.join("refused.sock"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("for tests only"));
     std::fs::remove_dir_all(&base).unwrap();
 }

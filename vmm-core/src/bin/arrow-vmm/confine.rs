@@ -48,9 +48,11 @@ pub fn shed_inheritance(keep_fds: &[RawFd]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The last step, in the jail: `no_new_privs` and only
-/// [`KEPT_CAPABILITIES`]. Call it before any other thread exists.
+/// The last step, in the jail: no core dumps (they would hold the guest's
+/// memory), `no_new_privs` and only [`KEPT_CAPABILITIES`]. Call it before
+/// any other thread exists.
 pub fn drop_privileges() -> anyhow::Result<()> {
+    crate::rlimit::forbid_core_dumps().context("setting RLIMIT_CORE to 0")?;
     set_no_new_privs()?;
     drop_capabilities(&KEPT_CAPABILITIES)
 }

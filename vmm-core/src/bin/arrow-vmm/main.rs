@@ -12,6 +12,7 @@ mod jail;
 mod paths;
 mod rlimit;
 mod run;
+mod seccomp;
 mod serve;
 mod stdio;
 mod template;

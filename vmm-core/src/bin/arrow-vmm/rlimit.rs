@@ -46,6 +46,24 @@ pub fn limit_open_files(limit: u64) -> io::Result<u64> {
     Ok(current.rlim_max)
 }
 
+/// Sets `RLIMIT_CORE` to 0: a VMM killed by its seccomp filter (`SIGSYS`)
+/// or crashing must not dump the guest's memory into a core file on the
+/// host. (No `RLIMIT_FSIZE`: the guest's writes through virtio-fs are
+/// legitimately large, and a limit would kill the VMM with `SIGXFSZ`;
+/// no `RLIMIT_NPROC`: it counts every process of the uid host-wide, and
+/// the seccomp filters forbid creating processes and threads anyway.)
+pub fn forbid_core_dumps() -> io::Result<()> {
+    let zero = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: setrlimit only reads the struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_CORE, &zero) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Applies [`OPEN_FILES_LIMIT`]; a failure is not fatal (the virtio-fs
 /// bounds still hold), and is returned as a line for the caller's log.
 pub fn apply() -> Option<String> {
@@ -89,5 +107,17 @@ mod tests {
         }
         assert_eq!(nofile().0, got);
         assert_eq!(OPEN_FILES_LIMIT, 151_552);
+    }
+
+    #[test]
+    fn core_dumps_are_forbidden_for_good() {
+        forbid_core_dumps().unwrap();
+        let mut r = libc::rlimit {
+            rlim_cur: 1,
+            rlim_max: 1,
+        };
+        // SAFETY: as in `limit_open_files`.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_CORE, &mut r) }, 0);
+        assert_eq!((r.rlim_cur, r.rlim_max), (0, 0));
     }
 }

@@ -33,6 +33,7 @@ use vmm_core::devices::console_log::ConsoleLog;
 use crate::confine;
 use crate::jail::{Access, Jail, JailPath};
 use crate::paths;
+use crate::seccomp::{self, Enforcement, SeccompPolicy, VmmThread};
 use crate::template::TemplateCache;
 use vmm_core::exit::VmExit;
 use vmm_core::vm::ConsoleOutput;
@@ -66,10 +67,16 @@ pub struct ServeArgs {
     /// default: `<socket path>.jail` beside the vsock socket.
     #[arg(long, value_name = "DIR")]
     jail: Option<PathBuf>,
-    /// Debugging only: no jail, and keep every privilege, descriptor and
-    /// variable the caller gave (see `confine.rs` and `jail.rs`).
+    /// Debugging only: no jail, no seccomp filters, and keep every
+    /// privilege, descriptor and variable the caller gave (see `confine.rs`,
+    /// `jail.rs` and `seccomp.rs`).
     #[arg(long)]
     no_confine: bool,
+    /// Tests only (refused unless ARROW_VMM_SELF_TEST=1): once confined, a
+    /// thread of this kind (vcpu, devices, controller, watcher) makes a
+    /// call its filter forbids, which must kill the VMM with SIGSYS.
+    #[arg(long, value_name = "KIND", hide = true)]
+    seccomp_self_test: Option<String>,
 }
 
 /// The line printed once the guest is ready, as JSON.
@@ -125,14 +132,28 @@ fn prepare_socket_path(path: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// Confines a watcher thread; a failure stops the VM.
+fn confine_watcher(seccomp: Option<&SeccompPolicy>, cancel: &Cancel) -> bool {
+    match seccomp.map(|p| p.apply(VmmThread::Watcher)) {
+        Some(Err(e)) => {
+            cancel.request(format!("{e:#}"));
+            false
+        }
+        _ => true,
+    }
+}
+
 /// Turns SIGTERM and SIGINT into a cancel request.
-fn watch_signals(cancel: Arc<Cancel>) -> anyhow::Result<()> {
+fn watch_signals(cancel: Arc<Cancel>, seccomp: Option<Arc<SeccompPolicy>>) -> anyhow::Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
         .context("installing signal handlers")?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
+            if !confine_watcher(seccomp.as_deref(), &cancel) {
+                return;
+            }
             for sig in signals.forever() {
                 let name = if sig == SIGTERM { "SIGTERM" } else { "SIGINT" };
                 cancel.request(format!("{name} received"));
@@ -143,10 +164,17 @@ fn watch_signals(cancel: Arc<Cancel>) -> anyhow::Result<()> {
 }
 
 /// Reads `input` to its end (or an error), then requests a cancel.
-fn watch_eof(mut input: impl Read + Send + 'static, cancel: Arc<Cancel>) -> anyhow::Result<()> {
+fn watch_eof(
+    mut input: impl Read + Send + 'static,
+    cancel: Arc<Cancel>,
+    seccomp: Option<Arc<SeccompPolicy>>,
+) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("stdin".into())
         .spawn(move || {
+            if !confine_watcher(seccomp.as_deref(), &cancel) {
+                return;
+            }
             let mut buf = [0u8; 512];
             loop {
                 match input.read(&mut buf) {
@@ -297,17 +325,37 @@ pub fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
     )?;
     config.kernel = canonical(&config.kernel)?;
     let key = guest::template_key(&config)?;
-    if !args.no_confine {
+    let self_test = match &args.seccomp_self_test {
+        None => None,
+        Some(_) if std::env::var_os("ARROW_VMM_SELF_TEST").as_deref() != Some("1".as_ref()) => {
+            bail!("--seccomp-self-test is for tests only (ARROW_VMM_SELF_TEST=1)")
+        }
+        Some(kind) => Some(VmmThread::parse(kind)?),
+    };
+    let seccomp = if args.no_confine {
+        None
+    } else {
+        let enforcement = seccomp::enforcement_from_env()?;
+        if enforcement == Enforcement::Log {
+            eprintln!(
+                "arrow-vmm: WARNING: ARROW_VMM_SECCOMP=log: the seccomp filters only log \
+                 what they would refuse; for finding a filter's gaps only"
+            );
+        }
+        // Compiled before the jail: a bad filter fails here, loudly.
+        let policy = Arc::new(SeccompPolicy::new(enforcement, self_test)?);
         jail_plan(&args, &config, &key)?
             .enter()
             .context("jailing the VMM")?;
         confine::drop_privileges().context("confining the VMM")?;
         timings.mark("jailed");
-    }
+        config.confinement = Some(policy.clone());
+        Some(policy)
+    };
     let cancel = Arc::new(Cancel::default());
-    watch_signals(cancel.clone())?;
+    watch_signals(cancel.clone(), seccomp.clone())?;
     if args.exit_on_stdin_eof {
-        watch_eof(std::io::stdin(), cancel.clone())?;
+        watch_eof(std::io::stdin(), cancel.clone(), seccomp.clone())?;
     }
     let console_log = args.console_log.clone();
     let mut console = || console_output(console_log.as_deref());
@@ -344,6 +392,10 @@ pub fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
         .context("writing the ready line")?;
     drop(stdout);
     timings.mark("ready");
+    // From here on the main thread only waits, stops and tears down.
+    if let Some(policy) = &seccomp {
+        policy.apply(VmmThread::Controller)?;
+    }
 
     let exit = vm.wait(None).unwrap_or(VmExit::Stopped);
     vm.stop();
@@ -444,7 +496,7 @@ mod tests {
     #[test]
     fn eof_on_the_input_cancels() {
         let cancel = Arc::new(Cancel::default());
-        watch_eof(&b"some bytes first"[..], cancel.clone()).unwrap();
+        watch_eof(&b"some bytes first"[..], cancel.clone(), None).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         while cancel.reason().is_none() {
             assert!(Instant::now() < deadline);

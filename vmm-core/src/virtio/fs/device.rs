@@ -53,6 +53,10 @@ pub struct VirtioFs {
     /// reset, or since its last FUSE_DESTROY: the passthrough file system
     /// then holds inodes and open files a snapshot cannot carry.
     pub(super) session_open: bool,
+    /// A reset's forgetting of every inode and open file, left to the event
+    /// loop: a reset comes from a vCPU thread, whose seccomp filter allows
+    /// no file system calls.
+    pub(super) destroy_pending: bool,
 }
 
 impl VirtioFs {
@@ -132,6 +136,7 @@ impl VirtioFs {
             fs,
             kick_evt,
             session_open: false,
+            destroy_pending: false,
         })
     }
 
@@ -158,6 +163,11 @@ impl VirtioFs {
     /// The inodes and open files the guest holds now.
     pub fn usage(&self) -> FsUsage {
         self.fs.usage()
+    }
+
+    /// Forgets every inode and open file of the guest's FUSE session.
+    pub(super) fn fs_destroy(&self) {
+        self.fs.destroy();
     }
 
     /// Whether the guest has a FUSE session on the device: it sent a
@@ -246,9 +256,10 @@ impl VirtioDevice for VirtioFs {
     fn reset(&mut self) {
         self.active = None;
         self.acked_features = 0;
-        // The guest's FUSE session is gone: drop its inodes and open files
-        // and start again from the root, as FUSE_DESTROY does.
-        self.fs.destroy();
+        // The guest's FUSE session is gone: its inodes and open files are
+        // dropped, starting again from the root as FUSE_DESTROY does, on
+        // the event loop before it serves anything else.
+        self.destroy_pending = true;
         self.session_open = false;
         self.kick();
     }

@@ -22,6 +22,7 @@ impl VirtioFs {
     /// Serves every request waiting on queue `index`. Returns how many
     /// chains were used.
     pub(super) fn process_queue(&mut self, index: usize) -> usize {
+        self.finish_reset();
         let read_only = self.read_only();
         let Some(active) = self.active.as_mut() else {
             return 0;
@@ -57,6 +58,13 @@ impl VirtioFs {
         used
     }
 
+    /// Drops what the guest's previous FUSE session held, if a reset asked.
+    pub(super) fn finish_reset(&mut self) {
+        if std::mem::take(&mut self.destroy_pending) {
+            self.fs_destroy();
+        }
+    }
+
     fn process_all(&mut self) {
         for index in 0..NUM_QUEUES {
             self.process_queue(index);
@@ -83,6 +91,7 @@ impl MutEventSubscriber for VirtioFs {
         let fd = events.fd();
         if fd == self.kick_evt.as_raw_fd() {
             drain(&self.kick_evt);
+            self.finish_reset();
             self.process_all();
             return;
         }
