@@ -17,6 +17,7 @@ use proto::{read_frame, write_frame, FrameError};
 
 use crate::clone::{self, ClonePlatform};
 use crate::conn::{is_disconnect, Conn, Listener};
+use crate::container::pidns::PidNs;
 use crate::container::Containers;
 use crate::network;
 use crate::reaper::ExitStatus;
@@ -136,8 +137,10 @@ impl Agent {
             }
             Some(Body::StartProcess(StartProcess { id })) => {
                 let started = match sup.container_of(&id) {
-                    Ok(Some(container)) => self.containers.start_in(&container, || sup.start(&id)),
-                    Ok(None) => sup.start(&id),
+                    Ok(Some(container)) => self
+                        .containers
+                        .start_in(&container, |ns| sup.start(&id, ns)),
+                    Ok(None) => sup.start(&id, PidNs::Inherit).map(|s| s.pid),
                     Err(e) => Err(e),
                 };
                 started.map(|pid| {

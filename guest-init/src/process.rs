@@ -8,6 +8,14 @@
 //! KVM, see HOST-KVM.md). In return the child may only make raw system calls
 //! on data prepared beforehand; it reports a failure by writing into the
 //! parent's `ChildArgs` and exiting.
+//!
+//! PID namespaces (`PidNs`): the init of a container with a namespace of its
+//! own is cloned with `CLONE_NEWPID` (and `CLONE_PIDFD`, the handle its
+//! execs join by). A process joining a namespace needs two clones, since
+//! `setns(CLONE_NEWPID)` only places the caller's later children: an
+//! intermediate child joins and clones the real one with `CLONE_PARENT`
+//! (so it is the agent's child, reaped as any other), reports its pid and
+//! exits.
 
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::fs::File;
@@ -19,6 +27,7 @@ use std::sync::Arc;
 use proto::agent::CreateProcess;
 
 use crate::capabilities::{self, CapSets};
+use crate::container::pidns::{InitMounts, PidNs};
 use crate::container::Placement;
 use crate::seccomp::Filter;
 
@@ -368,32 +377,84 @@ struct ChildArgs<'a> {
     argv: *const *const c_char,
     envp: *const *const c_char,
     stdio: ChildStdio,
+    /// The init of a new PID namespace makes these mounts from inside it.
+    init_mounts: Option<&'a InitMounts>,
+    /// Joining: the pidfd whose namespace to join, the stack of the process
+    /// cloned into it, and where its pid is reported.
+    join: Option<RawFd>,
+    join_stack_top: *mut u8,
+    joined_pid: c_int,
     failed_stage: Option<&'static str>,
     errno: c_int,
 }
 
-/// Spawns the process described by `plan` in a new session and returns its
-/// pid once it has exec'd. On a child-side failure the child has exited
-/// with 127 and is left for the reaper.
-pub fn spawn(plan: &Plan, stdio: ChildStdio) -> Result<i32, SpawnError> {
+/// A started process.
+#[derive(Debug)]
+pub struct Spawned {
+    /// In the agent's PID namespace.
+    pub pid: i32,
+    /// The init of a new PID namespace: its pidfd, which later processes
+    /// join the namespace by (it stays valid after the init is gone, and
+    /// joining then fails with ESRCH).
+    pub pidfd: Option<OwnedFd>,
+}
+
+/// A child stack; uninitialised on purpose: only the pages the child
+/// touches get faulted.
+struct Stack(Vec<u8>);
+
+impl Stack {
+    fn new() -> Self {
+        Self(Vec::with_capacity(CHILD_STACK_SIZE))
+    }
+
+    fn top(&mut self) -> *mut u8 {
+        // SAFETY: the pointer stays inside the allocation (one past the end
+        // is allowed); rounding down keeps it there and gives the ABI's
+        // alignment.
+        unsafe {
+            let end = self.0.as_mut_ptr().add(CHILD_STACK_SIZE);
+            end.sub(end as usize % 16)
+        }
+    }
+}
+
+/// Spawns the process described by `plan` in a new session, in the PID
+/// namespace `ns` says, and returns its pid once it has exec'd. On a
+/// child-side failure the child has exited with 127 and is left for the
+/// reaper.
+pub fn spawn(plan: &Plan, stdio: ChildStdio, ns: PidNs<'_>) -> Result<Spawned, SpawnError> {
     let argv = null_terminated(&plan.argv);
     let envp = null_terminated(&plan.envp);
+    let mut stack = Stack::new();
+    let mut join_stack = Stack::new();
     let mut args = ChildArgs {
         plan,
         argv: argv.as_ptr(),
         envp: envp.as_ptr(),
         stdio,
+        init_mounts: None,
+        join: None,
+        join_stack_top: std::ptr::null_mut(),
+        joined_pid: 0,
         failed_stage: None,
         errno: 0,
     };
-    // Uninitialised on purpose: only the pages the child touches get faulted.
-    let mut stack: Vec<u8> = Vec::with_capacity(CHILD_STACK_SIZE);
-    // SAFETY: the pointer stays inside the allocation (one past the end is
-    // allowed); rounding down keeps it there and gives the ABI's alignment.
-    let stack_top = unsafe {
-        let end = stack.as_mut_ptr().add(CHILD_STACK_SIZE);
-        end.sub(end as usize % 16)
+    let base = libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD;
+    let (entry, flags): (extern "C" fn(*mut c_void) -> c_int, c_int) = match ns {
+        PidNs::Inherit => (child_main, base),
+        PidNs::New(mounts) => {
+            args.init_mounts = Some(mounts);
+            (child_main, base | libc::CLONE_NEWPID | libc::CLONE_PIDFD)
+        }
+        PidNs::Join(pidfd) => {
+            args.join = Some(pidfd.as_raw_fd());
+            args.join_stack_top = join_stack.top();
+            (join_main, base)
+        }
     };
+    let stack_top = stack.top();
+    let mut pidfd: c_int = -1;
 
     // SAFETY: sigset_t is plain data; sigfillset initialises it fully.
     let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -406,41 +467,94 @@ pub fn spawn(plan: &Plan, stdio: ChildStdio) -> Result<i32, SpawnError> {
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
     }
-    // SAFETY: `child_main` only uses `args` (valid: this frame is suspended by
-    // CLONE_VFORK until the child execs or exits) and its own stack, which
-    // is a live allocation of CHILD_STACK_SIZE bytes.
+    // SAFETY: `entry` only uses `args` (valid: this frame is suspended by
+    // CLONE_VFORK until the child execs or exits; a joining child is itself
+    // suspended until its own child does) and the stacks, live allocations
+    // of CHILD_STACK_SIZE bytes each. With CLONE_PIDFD the kernel writes
+    // the pidfd into `pidfd` (the parent_tid argument).
     let pid = unsafe {
         libc::clone(
-            child_main,
+            entry,
             stack_top.cast::<c_void>(),
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            flags,
             (&mut args as *mut ChildArgs<'_>).cast::<c_void>(),
+            &mut pidfd as *mut c_int,
         )
     };
     let clone_err = io::Error::last_os_error();
     // SAFETY: restores the mask saved above.
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
     drop(stack);
+    drop(join_stack);
 
     if pid == -1 {
         return Err(SpawnError::Clone(clone_err));
     }
+    // SAFETY: a pidfd the kernel just made for us, owned by nobody else.
+    let pidfd = (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd) });
     // SAFETY: the child has exec'd or exited (CLONE_VFORK), so nothing writes
     // `args` any more; volatile reads keep the compiler from assuming the
     // fields are unchanged since we set them.
-    let (stage, errno) = unsafe {
+    let (stage, errno, joined_pid) = unsafe {
         (
             std::ptr::read_volatile(&args.failed_stage),
             std::ptr::read_volatile(&args.errno),
+            std::ptr::read_volatile(&args.joined_pid),
         )
     };
     match stage {
-        None => Ok(pid),
+        None if args.join.is_some() => Ok(Spawned {
+            pid: joined_pid,
+            pidfd: None,
+        }),
+        None => Ok(Spawned { pid, pidfd }),
         Some(stage) => Err(SpawnError::Child {
             stage,
             source: io::Error::from_raw_os_error(errno),
         }),
     }
+}
+
+/// Entry point of the intermediate child of a process that joins a PID
+/// namespace: joins it, clones the real child into it (as the agent's
+/// child, `CLONE_PARENT`; suspended until that one execs or exits), reports
+/// its pid and exits.
+extern "C" fn join_main(arg: *mut c_void) -> c_int {
+    let a = arg.cast::<ChildArgs<'_>>();
+    // SAFETY: `arg` is the parent's `ChildArgs`, alive in its suspended
+    // frame; only plain field reads and writes through the raw pointer, as
+    // the grandchild uses the same struct while this child is suspended.
+    unsafe {
+        let (Some(pidfd), stack_top) = ((*a).join, (*a).join_stack_top) else {
+            return report(a, "join the container's PID namespace", libc::EINVAL);
+        };
+        if libc::setns(pidfd, libc::CLONE_NEWPID) == -1 {
+            return report(a, "join the container's PID namespace", errno());
+        }
+        let pid = libc::clone(
+            child_main,
+            stack_top.cast::<c_void>(),
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT | libc::SIGCHLD,
+            arg,
+        );
+        if pid == -1 {
+            return report(a, "clone into the container's PID namespace", errno());
+        }
+        // A failed grandchild already reported its stage.
+        std::ptr::write_volatile(std::ptr::addr_of_mut!((*a).joined_pid), pid);
+    }
+    0
+}
+
+/// Records a child-side failure in the parent's `ChildArgs`; returns the
+/// child's exit code.
+///
+/// # Safety
+/// `a` must be the parent's live `ChildArgs`, not otherwise in use.
+unsafe fn report(a: *mut ChildArgs<'_>, stage: &'static str, err: c_int) -> c_int {
+    std::ptr::write_volatile(std::ptr::addr_of_mut!((*a).errno), err);
+    std::ptr::write_volatile(std::ptr::addr_of_mut!((*a).failed_stage), Some(stage));
+    127
 }
 
 fn null_terminated(strings: &[CString]) -> Vec<*const c_char> {
@@ -453,17 +567,13 @@ fn null_terminated(strings: &[CString]) -> Vec<*const c_char> {
 
 /// Entry point of the cloned child.
 extern "C" fn child_main(arg: *mut c_void) -> c_int {
-    // SAFETY: `arg` is the `ChildArgs` passed to clone, alive in the suspended
-    // parent frame; nothing else touches it while we run.
-    let args = unsafe { &mut *arg.cast::<ChildArgs<'_>>() };
-    // SAFETY: runs only in the freshly cloned child, see `setup_and_exec`.
-    let (stage, errno) = unsafe { setup_and_exec(args) };
+    let a = arg.cast::<ChildArgs<'_>>();
+    // SAFETY: `arg` is the `ChildArgs` passed to clone, alive in the
+    // suspended parent frame; nothing else touches it while we run. Runs
+    // only in the freshly cloned child, see `setup_and_exec`.
+    let (stage, errno) = unsafe { setup_and_exec(&*a) };
     // SAFETY: plain stores into the parent's struct, read after we exit.
-    unsafe {
-        std::ptr::write_volatile(&mut args.errno, errno);
-        std::ptr::write_volatile(&mut args.failed_stage, Some(stage));
-    }
-    127
+    unsafe { report(a, stage, errno) }
 }
 
 fn errno() -> c_int {
@@ -509,6 +619,13 @@ unsafe fn setup_and_exec(a: &ChildArgs<'_>) -> (&'static str, c_int) {
         libc::close(fd);
         if written != 1 {
             return ("join the container's cgroup", err);
+        }
+    }
+    // The init of a new PID namespace: the container's proc, from inside
+    // it, while still in the guest's root.
+    if let Some(mounts) = a.init_mounts {
+        if let Err(failed) = mounts.mount_in_child() {
+            return failed;
         }
     }
     // A vfork child's write stays its own (the kernel skips processes

@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use proto::agent::{error::Code, CreateProcess, StreamKind};
 
 use crate::conn::Conn;
+use crate::container::pidns::PidNs;
 use crate::container::Placement;
-use crate::process::{self, ChildStdio, Plan};
+use crate::process::{self, ChildStdio, Plan, Spawned};
 use crate::reaper::{ExitStatus, Reaper};
 
 /// How long `wait` keeps waiting for output EOF after the process exited,
@@ -288,8 +289,9 @@ impl Supervisor {
         Ok((process, attachment))
     }
 
-    /// StartProcess: executes a created process; returns its pid.
-    pub fn start(&self, id: &str) -> Result<i32, ProcError> {
+    /// StartProcess: executes a created process, in the PID namespace `ns`
+    /// says; returns its pid (and the pidfd of a new namespace's init).
+    pub fn start(&self, id: &str, ns: PidNs<'_>) -> Result<Spawned, ProcError> {
         let process = self.get(id)?;
         let mut st = process.state();
         let plan = match std::mem::replace(&mut st.phase, Phase::Starting) {
@@ -325,8 +327,14 @@ impl Supervisor {
             }
         };
         let for_exit = Arc::clone(&process);
+        let mut pidfd = None;
         let spawned = self.reaper.spawn_watched(
-            || process::spawn(&plan, stdio),
+            || {
+                process::spawn(&plan, stdio, ns).map(|s| {
+                    pidfd = s.pidfd;
+                    s.pid
+                })
+            },
             move |status| for_exit.mark_exited(status),
         );
         // The child has its copies (or failed): closing ours lets the output
@@ -335,7 +343,7 @@ impl Supervisor {
         match spawned {
             Ok(pid) => {
                 st.phase = Phase::Running(pid);
-                Ok(pid)
+                Ok(Spawned { pid, pidfd })
             }
             Err(e) => {
                 // It never ran; waiters see the shell's "cannot execute".

@@ -691,3 +691,100 @@ fn limits_and_oom_where_the_host_has_the_controllers() {
     assert!(client.container_stats("m").unwrap().oom_kill_events >= 1);
     client.remove_container("m").unwrap();
 }
+
+/// PidNamespace CONTAINER: the init is PID 1 of a namespace of its own,
+/// with the container's /proc mounted from inside it (masked and read-only
+/// paths below it applied); execs join it; the namespace ends with its
+/// init, killing what was left in it, and nothing joins it after.
+#[test]
+fn own_pid_namespace_for_init_and_execs() {
+    skip_unless_able!();
+    let agent = Agent::start();
+    let client = agent.client();
+    let rootfs = agent.make_rootfs("own");
+    let mut mounts = default_mounts();
+    mounts.truncate(2);
+    client
+        .create_container(CreateContainer {
+            id: "own".into(),
+            rootfs,
+            mounts,
+            masked_paths: opts(&["/proc/cmdline", "/proc/no-such-file"]),
+            readonly_paths: opts(&["/proc/sys"]),
+            pid_namespace: proto::agent::PidNamespace::Container as i32,
+            ..Default::default()
+        })
+        .unwrap();
+    client
+        .create_process(CreateProcess {
+            id: "init".into(),
+            args: vec!["sleep".into(), "1000".into()],
+            env: vec!["PATH=/bin".into()],
+            container_id: "own".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    let init_pid = client.start_process("init").unwrap();
+    // Its pid in the agent's namespace, which sees it as any other.
+    let status = std::fs::read_to_string(format!("/proc/{init_pid}/status")).unwrap();
+    let nspid = status
+        .lines()
+        .find(|l| l.starts_with("NSpid:"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(nspid.ends_with("\t1"), "{nspid}");
+
+    let script = r#"
+        echo init-[$(tr '\0' ' ' < /proc/1/cmdline)]
+        echo self-$$
+        ls /proc | grep -c '^[0-9]'
+        echo cmdline-[$(cat /proc/cmdline)]
+        echo 1 > /proc/sys/kernel/shm_rmid_forced 2>/dev/null || echo procsys-ro
+        sleep 999 >/dev/null 2>&1 &
+        echo started
+    "#;
+    let (out, err, code) = agent.run(&client, sh("exec1", "own", script));
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("init-[sleep 1000 ]\n"), "{out}\n{err}");
+    assert!(!out.contains("self-1\n"), "{out}");
+    // sleep 1000, the exec's sh, ls (and grep): the container's only.
+    let count: u32 = out
+        .lines()
+        .nth(2)
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or(0);
+    assert!((2..=5).contains(&count), "{count} pids in:\n{out}");
+    assert!(out.contains("cmdline-[]\n"), "{out}");
+    assert!(out.contains("procsys-ro\n"), "{out}");
+    // The exec's orphan went to the container's init, in its namespace.
+    let pids = client.list_pids("own").unwrap();
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    let orphan = *pids.iter().find(|&&p| p != init_pid).unwrap();
+    let ppid = std::fs::read_to_string(format!("/proc/{orphan}/stat")).unwrap();
+    let ppid: i32 = ppid
+        .rsplit(')')
+        .next()
+        .and_then(|rest| rest.split_whitespace().nth(1))
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    assert_eq!(ppid as u32, init_pid);
+
+    // The init goes: the namespace ends, taking the orphan with it, and no
+    // exec joins it any more.
+    client.signal("init", libc::SIGKILL, false).unwrap();
+    let exited = client.wait("init").unwrap();
+    assert_eq!(exited.signal, libc::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.list_pids("own").unwrap() != Vec::<u32>::new() {
+        assert!(Instant::now() < deadline, "the namespace outlived its init");
+        thread::sleep(Duration::from_millis(20));
+    }
+    client.create_process(sh("late", "own", "true")).unwrap();
+    let err = client.start_process("late").unwrap_err();
+    assert!(
+        matches!(&err, ClientError::FailedPrecondition(m) if m.contains("PID namespace")),
+        "{err:?}"
+    );
+    client.remove_container("own").unwrap();
+    assert!(!agent.dir.join("containers/own").exists());
+}

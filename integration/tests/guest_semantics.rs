@@ -1,9 +1,10 @@
 //! Inside the VM, containers behave as runc's do (issue 19): each check runs
 //! through containerd's CRI plugin with handler `runc`, then `arrow`, on the
 //! same pod and container configs. Seccomp profiles (runtime default,
-//! localhost, ignored when privileged), pod sysctls, ExecSync timeouts, and
-//! host namespaces (refused by Arrow, naming the field). Needs root and KVM;
-//! skipped with a message otherwise.
+//! localhost, ignored when privileged), pod sysctls, ExecSync timeouts, PID
+//! namespaces (CONTAINER: the app is PID 1; POD: containers see each other),
+//! and host namespaces (refused by Arrow, naming the field). Needs root and
+//! KVM; skipped with a message otherwise.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -206,6 +207,98 @@ async fn one_pod(handler: &str, profile: &str) {
         cri.remove_container(id).await.unwrap();
     }
     cri.remove_pod(&pod).await.unwrap();
+}
+
+/// A container running a `sleep` of `seconds`, the mark `ps` finds.
+fn sleeper(name: &str, seconds: u32) -> cri::ContainerConfig {
+    let script = format!("trap 'exit 0' TERM; sleep {seconds} & wait");
+    container_config(
+        name,
+        BUSYBOX_IMAGE,
+        &["sh", "-c", &script],
+        &format!("{name}/0.log"),
+    )
+}
+
+/// Sets the PID namespace mode of a pod or container config.
+fn pid_mode(ns: Option<&mut cri::NamespaceOption>, mode: cri::NamespaceMode) {
+    ns.expect("configs have namespace options").pid = mode as i32;
+}
+
+/// PID mode CONTAINER (kubelet's default): the app is PID 1 of its own
+/// namespace and sees no other container's processes; POD
+/// (shareProcessNamespace): each container sees the others'. Under runc
+/// and Arrow alike (Arrow's pod namespace has arrow-init as PID 1 where
+/// runc's has pause, so PID 1 is not compared in POD mode).
+#[test]
+fn pid_namespaces_match_runc() {
+    if skip_unless_root("pid_namespaces_match_runc") {
+        return;
+    }
+    let _serial = serial();
+    block_on(async {
+        let containerd = Containerd::shared();
+        let cri = containerd.cri().await.unwrap();
+        for handler in ["runc", "arrow"] {
+            for mode in [cri::NamespaceMode::Container, cri::NamespaceMode::Pod] {
+                let t0 = Instant::now();
+                let mut pc = pod_config(&unique_name(&format!("pidns-{handler}")));
+                pid_mode(
+                    pc.linux
+                        .as_mut()
+                        .and_then(|l| l.security_context.as_mut())
+                        .and_then(|s| s.namespace_options.as_mut()),
+                    mode,
+                );
+                let pod = cri
+                    .run_pod_sandbox_with(pc, handler)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e:#}\n{}", containerd.log_tail(30)));
+                let mut ids = Vec::new();
+                for (name, seconds) in [("first", 601), ("second", 777)] {
+                    let mut c = sleeper(name, seconds);
+                    pid_mode(
+                        c.linux
+                            .as_mut()
+                            .and_then(|l| l.security_context.as_mut())
+                            .and_then(|s| s.namespace_options.as_mut()),
+                        mode,
+                    );
+                    ids.push(start(&cri, &pod, c).await);
+                }
+                let (code, ps) = exec(&cri, &ids[0], &["ps", "-o", "pid,args"]).await;
+                assert_eq!(code, 0, "{handler} {mode:?}: {ps}");
+                let (_, init) = exec(&cri, &ids[0], &["cat", "/proc/1/cmdline"]).await;
+                let init = init.replace('\0', " ");
+                let (_, me) = exec(&cri, &ids[0], &["sh", "-c", "echo $$"]).await;
+                match mode {
+                    cri::NamespaceMode::Container => {
+                        assert!(
+                            init.starts_with("sh -c trap 'exit 0' TERM; sleep 601 & wait"),
+                            "{handler}: PID 1 is {init:?}"
+                        );
+                        assert!(ps.contains("sleep 601"), "{handler}: {ps}");
+                        assert!(!ps.contains("sleep 777"), "{handler}: {ps}");
+                        assert_ne!(me.trim(), "1", "{handler}: an exec is PID 1");
+                    }
+                    _ => {
+                        assert!(ps.contains("sleep 601"), "{handler}: {ps}");
+                        assert!(ps.contains("sleep 777"), "{handler}: {ps}");
+                        assert!(
+                            !init.contains("sleep 601"),
+                            "{handler}: PID 1 in POD mode is {init:?}"
+                        );
+                    }
+                }
+                for id in &ids {
+                    cri.stop_container(id, 5).await.unwrap();
+                    cri.remove_container(id).await.unwrap();
+                }
+                cri.remove_pod(&pod).await.unwrap();
+                eprintln!("{handler} {mode:?}: checks done in {:?}", t0.elapsed());
+            }
+        }
+    });
 }
 
 /// hostNetwork, hostPID and hostIPC run under runc; Arrow refuses each

@@ -294,6 +294,28 @@ pub fn merge_pod_sysctls(pod: &[agent::Sysctl], own: &mut Vec<agent::Sysctl>) {
     own.sort_by(|a, b| a.key.cmp(&b.key));
 }
 
+/// The PID namespace a container asks for, as containerd's CRI plugin
+/// writes Kubernetes' PID modes into `linux.namespaces`: a `pid` entry
+/// without a path is a namespace of its own (CONTAINER, also `ctr run`'s
+/// default); one with a path (`/proc/<pid>/ns/pid`) joins the pod's (POD,
+/// shareProcessNamespace). In Arrow every task pid containerd knows is the
+/// VMM's, so TARGET mode (an ephemeral container joining another
+/// container's namespace, whose path names that container's "pid") looks
+/// the same as POD and gets the pod's: a superset of the target's
+/// processes. No `pid` entry (hostPID) was refused with the sandbox; an app
+/// container without one gets the pod's too.
+pub fn pid_namespace(spec: &Spec) -> agent::PidNamespace {
+    let pid = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .and_then(|ns| ns.iter().find(|n| n.typ() == LinuxNamespaceType::Pid));
+    match pid {
+        Some(ns) if ns.path().is_none() => agent::PidNamespace::Container,
+        _ => agent::PidNamespace::Pod,
+    }
+}
+
 /// Where a container's rootfs lives in the pod's share.
 pub fn rootfs_share_path(container_id: &str) -> String {
     format!("{container_id}/rootfs")
@@ -325,6 +347,7 @@ pub fn plan_container(id: &str, spec: &Spec) -> Result<ContainerPlan, SpecError>
         readonly_rootfs,
         mounts,
         hostname: spec.hostname().clone().unwrap_or_default(),
+        pid_namespace: pid_namespace(spec) as i32,
         ..Default::default()
     };
     if let Some(linux) = linux {
@@ -632,6 +655,31 @@ mod tests {
         assert!(err.to_string().starts_with("hostIPC: "), "{err}");
         let none = spec(r#"{"ociVersion": "1.0.2"}"#);
         assert!(refuse_host_namespaces(&none).is_err());
+    }
+
+    #[test]
+    fn pid_namespace_follows_the_specs_pid_entry() {
+        let with = |ns: &str| {
+            spec(&format!(
+                r#"{{"ociVersion": "1.0.2", "linux": {{"namespaces": [{{"type": "ipc"}}{ns}]}}}}"#
+            ))
+        };
+        use agent::PidNamespace as P;
+        assert_eq!(pid_namespace(&with(r#",{"type": "pid"}"#)), P::Container);
+        let pod = r#",{"type": "pid", "path": "/proc/4242/ns/pid"}"#;
+        assert_eq!(pid_namespace(&with(pod)), P::Pod);
+        assert_eq!(pid_namespace(&with("")), P::Pod);
+        assert_eq!(pid_namespace(&spec(r#"{"ociVersion": "1.0.2"}"#)), P::Pod);
+        // The request carries it.
+        let mut s = spec(BASE);
+        let plan = plan_container("c", &s).unwrap();
+        assert_eq!(plan.request.pid_namespace(), P::Pod);
+        let linux: oci_spec::runtime::Linux =
+            serde_json::from_str(r#"{"namespaces": [{"type": "pid"}, {"type": "mount"}]}"#)
+                .unwrap();
+        s.set_linux(Some(linux));
+        let plan = plan_container("c", &s).unwrap();
+        assert_eq!(plan.request.pid_namespace(), P::Container);
     }
 
     #[test]

@@ -11,25 +11,29 @@
 pub mod cgroup;
 pub mod oom;
 pub mod paths;
+pub mod pidns;
 pub mod rootfs;
 pub mod spec;
 
 use std::collections::BTreeMap;
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::mount::{mount, MsFlags};
-use proto::agent::{CreateContainer, Resources, Stats};
+use proto::agent::{CreateContainer, PidNamespace, Resources, Stats};
 
 use crate::clone::ClonePlatform;
+use crate::process::Spawned;
 use crate::seccomp::Filter;
 use crate::supervisor::{ProcError, Supervisor};
 use crate::{log_error, log_info};
 use cgroup::Cgroup;
 use oom::OomWatcher;
+use pidns::{InitMounts, PidNs};
 use spec::{ContainerSpec, SysctlPlan};
 
 /// FreezeContainer's wait for cgroup.events.
@@ -135,6 +139,18 @@ enum Phase {
 struct CState {
     phase: Phase,
     frozen: bool,
+    /// The pidfd of the init of the container's own PID namespace, once
+    /// started: what later processes join.
+    pid_init: Option<OwnedFd>,
+}
+
+/// A container's PID namespace (agent.proto, PidNamespace).
+enum Pid {
+    /// The guest's.
+    Pod,
+    /// Its own; its init makes these mounts inside it. Set once the root
+    /// is assembled.
+    Own(Option<InitMounts>),
 }
 
 /// One container.
@@ -145,6 +161,7 @@ struct Container {
     root: PathBuf,
     cgroup: Cgroup,
     seccomp: Option<Arc<Filter>>,
+    pid: Mutex<Pid>,
     state: Mutex<CState>,
 }
 
@@ -229,19 +246,36 @@ impl Containers {
 
     /// Runs `start` (a process start) with the container locked, refusing
     /// while it is frozen (the new process would freeze in the middle of
-    /// its start).
-    pub fn start_in<T>(
+    /// its start). In a container with its own PID namespace the first
+    /// process started is that namespace's init, and every later one joins
+    /// it. Returns the pid.
+    pub fn start_in(
         &self,
         id: &str,
-        start: impl FnOnce() -> Result<T, ProcError>,
-    ) -> Result<T, ProcError> {
-        self.with_ready(id, |_, st| {
+        start: impl FnOnce(PidNs<'_>) -> Result<Spawned, ProcError>,
+    ) -> Result<i32, ProcError> {
+        self.with_ready(id, |c, st| {
             if st.frozen {
                 return Err(ProcError::FailedPrecondition(format!(
                     "container {id:?} is frozen"
                 )));
             }
-            start()
+            let pid = c.pid.lock().unwrap_or_else(PoisonError::into_inner);
+            let ns = match (&*pid, &st.pid_init) {
+                (Pid::Pod, _) => PidNs::Inherit,
+                (Pid::Own(_), Some(init)) => PidNs::Join(init.as_fd()),
+                (Pid::Own(Some(mounts)), None) => PidNs::New(mounts),
+                (Pid::Own(None), None) => {
+                    return Err(guest_err(format!(
+                        "container {id:?}: its init's mounts were not prepared"
+                    )))
+                }
+            };
+            let spawned = start(ns)?;
+            if let Some(pidfd) = spawned.pidfd {
+                st.pid_init = Some(pidfd);
+            }
+            Ok(spawned.pid)
         })
     }
 
@@ -262,9 +296,14 @@ impl Containers {
             dir,
             cgroup: Cgroup::new(self.layout.cgroup_parent.join(&spec.id)),
             seccomp: spec.seccomp.clone(),
+            pid: Mutex::new(match spec.pid_namespace {
+                PidNamespace::Pod => Pid::Pod,
+                PidNamespace::Container => Pid::Own(None),
+            }),
             state: Mutex::new(CState {
                 phase: Phase::Creating,
                 frozen: false,
+                pid_init: None,
             }),
         });
         let mut st = c.state();
@@ -306,7 +345,7 @@ impl Containers {
         c.cgroup.apply(&spec.resources)?;
         std::fs::create_dir_all(&c.root)
             .map_err(|e| format!("create {}: {e}", c.root.display()))?;
-        rootfs::assemble(
+        let by_init = rootfs::assemble(
             spec,
             &rootfs::Places {
                 share: &self.layout.share,
@@ -315,6 +354,9 @@ impl Containers {
                 dev_null: &self.layout.dev_null,
             },
         )?;
+        if let Pid::Own(mounts) = &mut *c.pid.lock().unwrap_or_else(PoisonError::into_inner) {
+            *mounts = Some(InitMounts::new(by_init, &self.layout.dev_null)?);
+        }
         let applied = apply_sysctls(&self.layout.proc_sys, &spec.sysctls)?;
         if !spec.hostname.is_empty() {
             if let Err(e) = platform.set_hostname(&spec.hostname) {
@@ -388,6 +430,10 @@ impl Containers {
     /// unmount failed.
     fn teardown(&self, c: &Container) -> Result<(), String> {
         let mut errors = Vec::new();
+        // Its fds of mount points in the root would keep them busy.
+        if let Pid::Own(mounts) = &mut *c.pid.lock().unwrap_or_else(PoisonError::into_inner) {
+            *mounts = None;
+        }
         if c.cgroup.dir().exists() {
             if let Err(e) = c.cgroup.kill_all(KILL_TIMEOUT) {
                 errors.push(e);
@@ -425,6 +471,7 @@ impl Containers {
             return Err(ProcError::ContainerNotFound(id.to_string()));
         }
         st.phase = Phase::Removing;
+        st.pid_init = None;
         let forgotten = supervisor.forget_container(id);
         self.teardown(&c)
             .map_err(|e| guest_err(format!("remove container {id:?}: {e}")))?;

@@ -14,7 +14,10 @@ use nix::sys::stat::{fchmodat, makedev, mknodat, FchmodatFlags, Mode, SFlag};
 use nix::sys::statvfs::{statvfs, FsFlags};
 
 use super::cgroup::Cgroup;
-use super::paths::{self, clean_components, fd_path, open_dir, open_resolved, Create};
+use super::paths::{
+    self, clean_components, fd_path, open_dir, open_in_root, open_resolved, resolve_in_root, Create,
+};
+use super::pidns::InitMount;
 use super::spec::{ContainerSpec, MountKind, MountPlan};
 use crate::log_error;
 
@@ -49,9 +52,12 @@ pub struct Places<'a> {
     pub dev_null: &'a Path,
 }
 
-/// Builds the root. On error, what was mounted stays for the caller's
-/// teardown ([`unmount_all`]).
-pub fn assemble(spec: &ContainerSpec, at: &Places<'_>) -> Result<(), String> {
+/// Builds the root. Returns the mounts its init makes (the "proc" mounts of
+/// a container with its own PID namespace, with the masked and read-only
+/// paths below them; see `pidns`), resolved and opened but not mounted. On
+/// error, what was mounted stays for the caller's teardown
+/// ([`unmount_all`]).
+pub fn assemble(spec: &ContainerSpec, at: &Places<'_>) -> Result<Vec<InitMount>, String> {
     let share =
         open_dir(at.share).map_err(|e| format!("open share {}: {e}", at.share.display()))?;
     let rootfs = open_resolved(at.share, share.as_fd(), &spec.rootfs, Create::Nothing)
@@ -83,7 +89,16 @@ pub fn assemble(spec: &ContainerSpec, at: &Places<'_>) -> Result<(), String> {
     };
 
     let mut dev_tmpfs = false;
-    for m in &spec.mounts {
+    // (index in spec.mounts, the mount)
+    let mut by_init: Vec<(usize, InitMount)> = Vec::new();
+    for (i, m) in spec.mounts.iter().enumerate() {
+        if spec.mounted_by_init(m) {
+            let prepared = ctx
+                .prepare_init_mount(m)
+                .map_err(|e| format!("mount {} (proc, by the init): {e}", m.destination))?;
+            by_init.push((i, prepared));
+            continue;
+        }
         ctx.mount_one(m, at.cgroup)
             .map_err(|e| format!("mount {} ({}): {e}", m.destination, kind_name(m.kind)))?;
         let is_dev = clean_components(&m.destination).is_ok_and(|c| c == ["dev"]);
@@ -94,17 +109,35 @@ pub fn assemble(spec: &ContainerSpec, at: &Places<'_>) -> Result<(), String> {
             .map_err(|e| format!("populate /dev: {e}"))?;
     }
     for p in &spec.masked_paths {
+        if let Some((i, rel)) = spec.below_init_mount(p) {
+            let k = init_mount(&by_init, i)?;
+            by_init[k].1.add_masked(&rel)?;
+            continue;
+        }
         ctx.mask(p, at.dev_null)
             .map_err(|e| format!("mask {p}: {e}"))?;
     }
     for p in &spec.readonly_paths {
+        if let Some((i, rel)) = spec.below_init_mount(p) {
+            let k = init_mount(&by_init, i)?;
+            by_init[k].1.add_readonly(&rel)?;
+            continue;
+        }
         ctx.readonly(p)
             .map_err(|e| format!("make {p} read-only: {e}"))?;
     }
     if spec.readonly_rootfs {
         remount_readonly(at.root).map_err(|e| format!("make the root read-only: {e}"))?;
     }
-    Ok(())
+    Ok(by_init.into_iter().map(|(_, m)| m).collect())
+}
+
+/// Where mount `i` of the spec is among those the init makes.
+fn init_mount(by_init: &[(usize, InitMount)], i: usize) -> Result<usize, String> {
+    by_init
+        .iter()
+        .position(|(j, _)| *j == i)
+        .ok_or_else(|| format!("mount {i} is not made by the init"))
 }
 
 fn kind_name(kind: MountKind) -> &'static str {
@@ -125,6 +158,29 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     fn open(&self, path: &str, create: Create) -> io::Result<OwnedFd> {
         open_resolved(self.root_path, self.root.as_fd(), path, create)
+    }
+
+    /// Resolves (and creates) a mount point for the init to mount on, and
+    /// opens it and its parent (see `pidns::InitMount`).
+    fn prepare_init_mount(&self, m: &MountPlan) -> Result<InitMount, String> {
+        let parts = resolve_in_root(self.root_path, &m.destination).map_err(|e| e.to_string())?;
+        let Some((name, parents)) = parts.split_last() else {
+            return Err("the mount point is the root".into());
+        };
+        let parent = open_in_root(self.root.as_fd(), parents, Create::Dir)
+            .map_err(|e| format!("destination's parent: {e}"))?;
+        let target = open_in_root(self.root.as_fd(), &parts, Create::Dir)
+            .map_err(|e| format!("destination: {e}"))?;
+        if !paths::is_dir(&target).map_err(|e| e.to_string())? {
+            return Err("the destination is not a directory".into());
+        }
+        InitMount::new(
+            target,
+            parent,
+            name,
+            m.options.flags.bits() as libc::c_ulong,
+            &m.options.data,
+        )
     }
 
     fn mount_one(&self, m: &MountPlan, cgroup: &Cgroup) -> Result<(), String> {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use nix::mount::MsFlags;
-use proto::agent::{CreateContainer, Mount, Resources};
+use proto::agent::{CreateContainer, Mount, PidNamespace, Resources};
 use proto::HOSTNAME_MAX;
 
 use super::paths::clean_components;
@@ -36,6 +36,33 @@ pub struct ContainerSpec {
     pub hostname: String,
     /// Loaded by each of the container's processes.
     pub seccomp: Option<Arc<Filter>>,
+    pub pid_namespace: PidNamespace,
+}
+
+impl ContainerSpec {
+    /// Whether `m` is mounted by the container's init rather than at
+    /// create: a "proc" of a container with its own PID namespace, which
+    /// must show that namespace, so only a process inside it can mount it.
+    pub fn mounted_by_init(&self, m: &MountPlan) -> bool {
+        self.pid_namespace == PidNamespace::Container && m.kind == MountKind::Fs("proc")
+    }
+
+    /// The components of `path` below the destination of a mount made by
+    /// the init (see [`Self::mounted_by_init`]), with that mount's index:
+    /// masked and read-only paths there are applied by the init too.
+    pub fn below_init_mount<'a>(&self, path: &'a str) -> Option<(usize, Vec<&'a str>)> {
+        let parts = clean_components(path).ok()?;
+        self.mounts
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| self.mounted_by_init(m))
+            .find_map(|(i, m)| {
+                let base = clean_components(&m.destination).ok()?;
+                parts
+                    .starts_with(&base)
+                    .then(|| (i, parts[base.len()..].to_vec()))
+            })
+    }
 }
 
 /// How a mount is made.
@@ -320,7 +347,9 @@ pub fn validate(req: &CreateContainer) -> Result<ContainerSpec, String> {
         .as_ref()
         .map(|s| Filter::parse(s).map(Arc::new))
         .transpose()?;
-    Ok(ContainerSpec {
+    let pid_namespace = PidNamespace::try_from(req.pid_namespace)
+        .map_err(|_| format!("unknown pid_namespace {}", req.pid_namespace))?;
+    let spec = ContainerSpec {
         id: req.id.clone(),
         rootfs: req.rootfs.clone(),
         readonly_rootfs: req.readonly_rootfs,
@@ -331,7 +360,22 @@ pub fn validate(req: &CreateContainer) -> Result<ContainerSpec, String> {
         resources,
         hostname: req.hostname.clone(),
         seccomp,
-    })
+        pid_namespace,
+    };
+    // A mount below one the init makes would be hidden by it.
+    for m in &spec.mounts {
+        if spec.mounted_by_init(m) {
+            continue;
+        }
+        if let Some((i, _)) = spec.below_init_mount(&m.destination) {
+            return Err(format!(
+                "mount {} is below the \"proc\" mount on {}: not supported in a container \
+                 with its own PID namespace (its init mounts that proc when it starts)",
+                m.destination, spec.mounts[i].destination
+            ));
+        }
+    }
+    Ok(spec)
 }
 
 #[cfg(test)]
@@ -560,5 +604,48 @@ mod tests {
             let err = validate(&bad).unwrap_err();
             assert!(err.contains(why), "{why}: {err}");
         }
+    }
+
+    #[test]
+    fn own_pid_namespace_defers_proc_and_what_is_below_it() {
+        let mut req = CreateContainer {
+            id: "c".into(),
+            rootfs: "c/rootfs".into(),
+            mounts: vec![
+                mount("/proc", "proc", "proc", &["nosuid"]),
+                mount("/dev", "tmpfs", "tmpfs", &[]),
+            ],
+            ..Default::default()
+        };
+        // POD (the default, also of an older host): nothing deferred.
+        let pod = validate(&req).unwrap();
+        assert_eq!(pod.pid_namespace, PidNamespace::Pod);
+        assert!(!pod.mounted_by_init(&pod.mounts[0]));
+        assert_eq!(pod.below_init_mount("/proc/kcore"), None);
+
+        req.pid_namespace = PidNamespace::Container as i32;
+        let own = validate(&req).unwrap();
+        assert!(own.mounted_by_init(&own.mounts[0]));
+        assert!(!own.mounted_by_init(&own.mounts[1]));
+        assert_eq!(
+            own.below_init_mount("/proc/kcore"),
+            Some((0, vec!["kcore"]))
+        );
+        assert_eq!(
+            own.below_init_mount("/proc/./sys/../sys/kernel"),
+            Some((0, vec!["sys", "kernel"]))
+        );
+        assert_eq!(own.below_init_mount("/proc"), Some((0, vec![])));
+        assert_eq!(own.below_init_mount("/procfs"), None);
+        assert_eq!(own.below_init_mount("/sys/firmware"), None);
+
+        // A mount the proc would hide is refused; an unknown mode too.
+        let mut below = req.clone();
+        below.mounts.push(mount("/proc/sys", "tmpfs", "tmpfs", &[]));
+        let err = validate(&below).unwrap_err();
+        assert!(err.contains("below the \"proc\" mount"), "{err}");
+        let mut unknown = req.clone();
+        unknown.pid_namespace = 7;
+        assert!(validate(&unknown).unwrap_err().contains("pid_namespace"));
     }
 }
