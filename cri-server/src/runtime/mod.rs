@@ -846,11 +846,15 @@ impl Runtime {
         if c.state == ContainerState::Running {
             self.stop_container(id, 0).await?;
         }
+        let pod_stopped = self.pod(&c.pod_id).await.map(|p| p.stopped).unwrap_or(true);
         if let Ok(shim) = self.shim_of(&c.pod_id).await {
             match shim.delete(id, "").await {
                 Ok(()) | Err(Error::NotFound(_)) => {}
-                // The VM (and with it the container) is gone.
-                Err(Error::Unavailable(_)) | Err(Error::FailedPrecondition(_)) => {}
+                // The VM, and the container in it, is gone: the shim's
+                // own clean-up of the pod undoes the rest.
+                Err(e) if pod_stopped => {
+                    tracing::debug!(container = %id, "deleting in a stopped pod: {e}")
+                }
                 Err(e) => return Err(e),
             }
         }
