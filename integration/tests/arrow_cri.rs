@@ -232,6 +232,17 @@ impl Daemon {
         }
     }
 
+    /// The daemon's resident memory (kB), for the report.
+    fn rss_kb(&self) -> u64 {
+        let Some(c) = &self.child else { return 0 };
+        fs::read_to_string(format!("/proc/{}/status", c.id()))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     fn log(&self) -> String {
         fs::read_to_string(self.dir.join("arrow-cri.log")).unwrap_or_default()
     }
@@ -364,6 +375,10 @@ async fn wait_state(
 
 // ----------------------------------------------------------------- test
 
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
 #[test]
 fn arrow_cri_runs_pods_without_containerd() {
     assert_eq!(
@@ -432,6 +447,7 @@ async fn run() {
     );
 
     // ---- runp → create → start → logs → exec → stats → stop → rm → rmp
+    let begun = Instant::now();
     let pod = client
         .run_pod_sandbox_with(pod_in(&dir, "web"), "")
         .await
@@ -458,6 +474,15 @@ async fn run() {
     );
     client.start_container(&app).await.unwrap();
     let log = pod.log_file("app.log");
+    wait_for_log(&log, "hello", Duration::from_secs(60))
+        .await
+        .unwrap();
+    // Figures for the report, not asserted (one sample, nested KVM).
+    eprintln!(
+        "arrow-cri: runp + create + start -> first log line: {:.0} ms",
+        ms(begun.elapsed())
+    );
+    eprintln!("arrow-cri: daemon RSS with one pod: {} kB", daemon.rss_kb());
     wait_for_log(&log, "tick 2", Duration::from_secs(60))
         .await
         .unwrap();
@@ -576,12 +601,14 @@ async fn run() {
     client.remove_container(&app).await.unwrap();
     client.remove_container(&exits).await.unwrap();
     assert!(client.container_status(&app).await.is_err());
+    let stopping = Instant::now();
     client.stop_pod_sandbox(&pod.id).await.unwrap();
     assert_eq!(
         client.pod_sandbox_status(&pod.id).await.unwrap().state,
         cri::PodSandboxState::SandboxNotready as i32
     );
     client.remove_pod_sandbox(&pod.id).await.unwrap();
+    eprintln!("arrow-cri: stopp + rmp: {:.0} ms", ms(stopping.elapsed()));
 
     // ---- arrow-cri killed with SIGKILL mid-life, then restarted.
     let pod = client
