@@ -5,13 +5,17 @@
 //! # /etc/arrow-cri/config.toml — every value shown is the default.
 //! listen = "/run/arrow/arrow-cri.sock"   # the CRI socket (mode 0660)
 //! root = "/var/lib/arrow-cri"            # images: blobs, layers, metadata
-//! state = "/run/arrow-cri"               # runtime state (pods, from part 2)
+//! state = "/run/arrow-cri"               # runtime state: pods, containers, their shims
 //! log_level = "info"                     # error|warn|info|debug|trace or a tracing filter
 //! stream_address = "127.0.0.1:0"         # exec/attach/port-forward server (part 3)
 //!
-//! [cni]                                  # pod networks (part 2)
+//! [cni]                                  # pod networks: the first conflist in conf_dir
 //! conf_dir = "/etc/cni/net.d"
 //! bin_dir = "/opt/cni/bin"
+//!
+//! [runtime]
+//! # The shim every pod runs under (a path, or a name looked up on PATH).
+//! shim = "containerd-shim-arrow-v1"
 //!
 //! [registry]
 //! # containerd-style hosts.toml per registry: <config_path>/<host>/hosts.toml
@@ -42,8 +46,23 @@ pub struct Config {
     pub log_level: String,
     pub stream_address: String,
     pub cni: CniConfig,
+    pub runtime: RuntimeConfig,
     pub registry: RegistryConfig,
     pub image: ImageConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    pub shim: PathBuf,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            shim: "containerd-shim-arrow-v1".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -76,6 +95,7 @@ impl Default for Config {
             log_level: "info".into(),
             stream_address: "127.0.0.1:0".into(),
             cni: CniConfig::default(),
+            runtime: RuntimeConfig::default(),
             registry: RegistryConfig::default(),
             image: ImageConfig::default(),
         }

@@ -22,6 +22,8 @@ pub enum Error {
     #[error("{0}")]
     DataLoss(String),
     #[error("{0}")]
+    DeadlineExceeded(String),
+    #[error("{0}")]
     Internal(String),
 }
 
@@ -61,6 +63,7 @@ impl From<Error> for tonic::Status {
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::DataLoss(_) => Code::DataLoss,
+            Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Internal(_) => Code::Internal,
         };
         tonic::Status::new(code, e.to_string())

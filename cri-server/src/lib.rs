@@ -1,11 +1,10 @@
 //! `arrow-cri`: Arrow's standalone CRI server for nodes without containerd.
 //!
-//! Part 1 (this crate today): the CRI ImageService — pulling from OCI
-//! registries ([`pull`]), the content-addressed store with each layer
-//! unpacked once ([`store`], [`unpack`]), and the overlayfs roots that
-//! part 2's RuntimeService will hand to `containerd-shim-arrow-v1`
-//! ([`store::Store::create_rootfs`]). RuntimeService is served but answers
-//! `Unimplemented` until part 2 ([`runtime_service`]).
+//! The CRI ImageService — pulling from OCI registries ([`pull`]), the
+//! content-addressed store with each layer unpacked once ([`store`],
+//! [`unpack`]) — and the RuntimeService: pods as Arrow microVMs, each run by
+//! its own `containerd-shim-arrow-v1` over the shim v2 Task API
+//! ([`runtime`]), with CRI translated in one place ([`runtime_service`]).
 
 pub mod auth;
 pub mod config;
@@ -14,6 +13,7 @@ pub mod hosts;
 pub mod image_service;
 pub mod pull;
 pub mod reference;
+pub mod runtime;
 pub mod runtime_service;
 pub mod server;
 pub mod store;

@@ -26,6 +26,9 @@ struct Args {
     cni_conf_dir: Option<PathBuf>,
     #[arg(long, value_name = "DIR")]
     cni_bin_dir: Option<PathBuf>,
+    /// The shim binary pods run under.
+    #[arg(long, value_name = "PATH")]
+    shim: Option<PathBuf>,
     /// The streaming server's address (exec, attach, port-forward).
     #[arg(long, value_name = "ADDR")]
     stream_address: Option<String>,
@@ -54,6 +57,9 @@ fn main() -> Result<()> {
     }
     if let Some(v) = args.cni_bin_dir {
         config.cni.bin_dir = v;
+    }
+    if let Some(v) = args.shim {
+        config.runtime.shim = v;
     }
     if let Some(v) = args.stream_address {
         config.stream_address = v;

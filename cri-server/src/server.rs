@@ -13,6 +13,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use crate::config::Config;
 use crate::image_service::Images;
 use crate::pull::Puller;
+use crate::runtime::{cni::Cni, Runtime as Engine, RuntimeOptions};
 use crate::runtime_service::Runtime;
 use crate::store::Store;
 
@@ -53,12 +54,28 @@ pub async fn run(config: Config) -> Result<()> {
         Puller::new(store.clone(), config.registry.clone()),
     );
     let listener = bind(&config.listen).await?;
+    let engine = Engine::start(
+        store.clone(),
+        RuntimeOptions {
+            state_dir: config.state.clone(),
+            shim: config.runtime.shim.clone(),
+            listen: config.listen.clone(),
+            cni: Cni {
+                conf_dir: config.cni.conf_dir.clone(),
+                bin_dir: config.cni.bin_dir.clone(),
+            },
+        },
+    )
+    .await
+    .context("starting the runtime")?;
+    let pods = engine.pods().await.len();
     tracing::info!(
         listen = %config.listen.display(),
         root = %config.root.display(),
         state = %config.state.display(),
         images = store.images().len(),
-        "arrow-cri serving CRI ImageService (RuntimeService: part 2)"
+        pods,
+        "arrow-cri serving CRI ImageService and RuntimeService"
     );
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -75,7 +92,11 @@ pub async fn run(config: Config) -> Result<()> {
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
         )
-        .add_service(RuntimeServiceServer::new(Runtime))
+        .add_service(
+            RuntimeServiceServer::new(Runtime::new(engine))
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
     let _ = std::fs::remove_file(&config.listen);

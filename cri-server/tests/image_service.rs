@@ -590,22 +590,38 @@ async fn short_name_through_a_mirror_and_concurrent_pulls() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn runtime_service_answers_unimplemented_until_part_2() {
+async fn runtime_service_answers_and_names_what_it_does_not_do() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(dir.path());
     let mut rt = daemon.runtime().await;
-    let err = rt
+    let v = rt
         .version(k8s_cri::v1::VersionRequest::default())
         .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
-    assert!(err.message().contains("issue 16"), "{}", err.message());
-    let err = rt
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.runtime_name, "arrow-cri");
+    assert_eq!(v.runtime_api_version, "v1");
+    let pods = rt
         .list_pod_sandbox(k8s_cri::v1::ListPodSandboxRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(pods.items.is_empty());
+    let err = rt
+        .exec(k8s_cri::v1::ExecRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);
+    assert!(err.message().contains("issue 17"), "{}", err.message());
+    let err = rt
+        .pod_sandbox_status(k8s_cri::v1::PodSandboxStatusRequest {
+            pod_sandbox_id: "nope".into(),
+            verbose: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
     // Unreachable registry: Unavailable, naming it.
     let mut c = daemon.images().await;
     let err = pull(&mut c, "127.0.0.1:1/nothing/here:1", None)
