@@ -273,6 +273,14 @@ fn jail_plan(args: &ServeArgs, config: &VmConfig, key: &str) -> anyhow::Result<J
 
 pub fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
     let timings = Timings::new(Instant::now(), args.machine.timings);
+    // Refused before anything else happens.
+    let self_test = match &args.seccomp_self_test {
+        None => None,
+        Some(_) if std::env::var_os("ARROW_VMM_SELF_TEST").as_deref() != Some("1".as_ref()) => {
+            bail!("--seccomp-self-test is for tests only (ARROW_VMM_SELF_TEST=1)")
+        }
+        Some(kind) => Some(VmmThread::parse(kind)?),
+    };
     // The process the caller started: the one to signal, jailed or not.
     let pid = std::process::id();
     // First, while this is the only thread (the timings count it).
@@ -325,13 +333,6 @@ pub fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
     )?;
     config.kernel = canonical(&config.kernel)?;
     let key = guest::template_key(&config)?;
-    let self_test = match &args.seccomp_self_test {
-        None => None,
-        Some(_) if std::env::var_os("ARROW_VMM_SELF_TEST").as_deref() != Some("1".as_ref()) => {
-            bail!("--seccomp-self-test is for tests only (ARROW_VMM_SELF_TEST=1)")
-        }
-        Some(kind) => Some(VmmThread::parse(kind)?),
-    };
     let seccomp = if args.no_confine {
         None
     } else {
