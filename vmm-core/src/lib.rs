@@ -8,6 +8,8 @@ pub mod arch;
 pub mod cmdline;
 pub mod devices;
 pub mod exit;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod hypervisor;
 pub mod initramfs;
 pub mod loader;
