@@ -2,7 +2,8 @@
 # The whole test suite, as CI runs it (.ci/run): installs what it needs,
 # builds the guest kernel (cached), the binaries and a busybox root tree,
 # installs the runtime, checks formatting and lints, then runs every unit,
-# VMM and end-to-end test against real KVM (the shim's under containerd).
+# VMM and end-to-end test against real KVM (the shim's under containerd),
+# then every fuzz target for a short while.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 require_root
@@ -28,4 +29,8 @@ log "cargo clippy"
 cargo clippy --release --locked --workspace --all-targets -- -D warnings
 log "cargo test (unit, VMM on KVM, end to end with the Linux guest)"
 cargo test --release --locked --workspace
+# Every fuzz target replays its seeds and corpus, then fuzzes for 20 s
+# (about four minutes for all; hack/fuzz.sh SECONDS for a campaign).
+log "fuzz targets (20 s each)"
+"$ARROW_ROOT/hack/fuzz.sh" 20
 log "all tests passed in $(( $(date +%s) - start )) s"
