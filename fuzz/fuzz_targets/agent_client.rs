@@ -64,6 +64,9 @@ struct Guest {
     out: Option<Sender<Vec<u8>>>,
     script: VecDeque<Reply>,
     written: Vec<u8>,
+    /// Raw bytes were sent: the framing may be lost (a declared length
+    /// still waiting for its body swallows later answers).
+    raw_sent: bool,
 }
 
 impl Write for Guest {
@@ -95,7 +98,8 @@ impl Write for Guest {
                 &reply,
                 Reply::Answer { id_offset: 0, tail, .. } if tail.is_empty()
             );
-            let close_after = long_poll && !answers;
+            let close_after = long_poll && (!answers || self.raw_sent);
+            self.raw_sent |= matches!(reply, Reply::Raw(_));
             let bytes = match reply {
                 Reply::Answer {
                     id_offset,
@@ -166,6 +170,7 @@ fuzz_target!(|script: Vec<(Call, Reply)>| {
         out: Some(tx),
         script: script.iter().map(|(_, r)| r.clone()).collect(),
         written: Vec::new(),
+        raw_sent: false,
     };
     let reader = Replies {
         rx,
