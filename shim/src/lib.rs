@@ -5,6 +5,8 @@
 //! virtio-fs.
 
 pub mod cgroup;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod network;
 pub mod oom;
 pub mod process;

@@ -106,7 +106,7 @@ fn flag_for(option: &str) -> Option<(MsFlags, bool)> {
 }
 
 /// Splits options into mount flags and the data string.
-fn parse_options(options: &[String]) -> (MsFlags, String) {
+pub(crate) fn parse_options(options: &[String]) -> (MsFlags, String) {
     let mut flags = MsFlags::empty();
     let mut data = Vec::new();
     for option in options {
@@ -313,7 +313,7 @@ impl Drop for ContainerShare {
 
 /// `share_path` (from the spec plan) as a relative path of plain
 /// components under container `id`'s directory.
-fn share_path_of(id: &str, share_path: &str) -> Result<PathBuf, ShareError> {
+pub(crate) fn share_path_of(id: &str, share_path: &str) -> Result<PathBuf, ShareError> {
     let path = Path::new(share_path);
     let plain = path.components().all(|c| matches!(c, Component::Normal(_)));
     let mut components = path.components();
@@ -489,7 +489,7 @@ pub fn mounts_under(mountinfo: &str, dir: &Path) -> Vec<PathBuf> {
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(field: &str) -> String {
+pub(crate) fn unescape_mountinfo(field: &str) -> String {
     let bytes = field.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

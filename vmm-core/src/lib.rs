@@ -9,6 +9,8 @@ pub mod cmdline;
 pub mod confinement;
 pub mod devices;
 pub mod exit;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod hypervisor;
 pub mod initramfs;
 pub mod loader;

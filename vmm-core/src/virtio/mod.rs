@@ -17,8 +17,8 @@ pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod persist;
-#[cfg(test)]
-mod test_utils;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod test_utils;
 pub mod vsock;
 
 use std::io;

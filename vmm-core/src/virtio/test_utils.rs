@@ -9,29 +9,29 @@ use vm_memory::{Address, Bytes, GuestAddress};
 use super::GuestMemory;
 
 /// The size of every test queue.
-pub(crate) const QSIZE: u16 = 64;
+pub const QSIZE: u16 = 64;
 /// The size of test guest memory.
-pub(crate) const MEM_SIZE: usize = 0x100_0000;
+pub const MEM_SIZE: usize = 0x100_0000;
 
 /// `MEM_SIZE` bytes of guest memory from address 0.
-pub(crate) fn new_mem() -> GuestMemory {
+pub fn new_mem() -> GuestMemory {
     GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
 }
 
 /// One queue as the guest driver sees it.
-pub(crate) struct GuestQueue<'a> {
-    pub(crate) mock: MockSplitQueue<'a, GuestMemory>,
+pub struct GuestQueue<'a> {
+    pub mock: MockSplitQueue<'a, GuestMemory>,
     mem: &'a GuestMemory,
     /// Where the next chain's descriptors go in the table.
-    pub(crate) next_desc: u16,
+    pub next_desc: u16,
     avail_idx: u16,
     /// The used index the driver has read up to.
-    pub(crate) last_used: u16,
+    pub last_used: u16,
 }
 
 impl<'a> GuestQueue<'a> {
     /// A queue whose rings start at guest address `ring`.
-    pub(crate) fn new(mem: &'a GuestMemory, ring: u64) -> Self {
+    pub fn new(mem: &'a GuestMemory, ring: u64) -> Self {
         Self {
             mock: MockSplitQueue::create(mem, GuestAddress(ring), QSIZE),
             mem,
@@ -43,7 +43,7 @@ impl<'a> GuestQueue<'a> {
 
     /// The same driver state over `mem`, a copy of this queue's memory (a
     /// snapshot restored in another process).
-    pub(crate) fn resume_on<'b>(&self, mem: &'b GuestMemory) -> GuestQueue<'b> {
+    pub fn resume_on<'b>(&self, mem: &'b GuestMemory) -> GuestQueue<'b> {
         // Creating the mock zeroes the rings' flags and indexes; keep the
         // restored ones.
         let start = self.mock.desc_table_addr();
@@ -63,7 +63,7 @@ impl<'a> GuestQueue<'a> {
     /// Publishes raw descriptors `(addr, len, flags, next)`, stored
     /// consecutively from `next_desc` (or from 0 when they would not fit
     /// before the end of the table); the first is the head.
-    pub(crate) fn add_raw(&mut self, descs: &[(u64, u32, u16, u16)]) -> u16 {
+    pub fn add_raw(&mut self, descs: &[(u64, u32, u16, u16)]) -> u16 {
         if self.next_desc as usize + descs.len() > QSIZE as usize {
             self.next_desc = 0;
         }
@@ -84,7 +84,7 @@ impl<'a> GuestQueue<'a> {
     }
 
     /// Publishes a chain of `(addr, len, device_writable)` descriptors.
-    pub(crate) fn add_chain(&mut self, descs: &[(u64, u32, bool)]) -> u16 {
+    pub fn add_chain(&mut self, descs: &[(u64, u32, bool)]) -> u16 {
         let base = if self.next_desc as usize + descs.len() > QSIZE as usize {
             0
         } else {
@@ -107,7 +107,7 @@ impl<'a> GuestQueue<'a> {
     }
 
     /// New used entries `(head, len)`.
-    pub(crate) fn take_used(&mut self) -> Vec<(u32, u32)> {
+    pub fn take_used(&mut self) -> Vec<(u32, u32)> {
         let used = self.mock.used_addr();
         let idx: u16 = self.mem.read_obj(used.unchecked_add(2)).unwrap();
         let mut out = Vec::new();

@@ -21,7 +21,7 @@ use crate::virtio::{add_used, drain, signal_used};
 impl VirtioFs {
     /// Serves every request waiting on queue `index`. Returns how many
     /// chains were used.
-    pub(super) fn process_queue(&mut self, index: usize) -> usize {
+    pub(crate) fn process_queue(&mut self, index: usize) -> usize {
         self.finish_reset();
         let read_only = self.read_only();
         let Some(active) = self.active.as_mut() else {

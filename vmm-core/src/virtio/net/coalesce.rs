@@ -115,7 +115,7 @@ impl Segment {
 
 /// A frame being built from consecutive segments, in a buffer of its own.
 #[derive(Debug)]
-pub(super) struct Merge {
+pub struct Merge {
     head: Segment,
     next_seq: u32,
     segments: u32,
@@ -125,7 +125,7 @@ pub(super) struct Merge {
 impl Merge {
     /// Starts a merge at `frame` if it is a full data segment with no flag
     /// but ACK and PSH; `None` leaves the frame as it is.
-    pub(super) fn start(frame: &[u8]) -> Option<Merge> {
+    pub fn start(frame: &[u8]) -> Option<Merge> {
         let head = Segment::parse(frame)?;
         if head.flags & !TCP_PSH != TCP_ACK || !head.is_full() {
             return None;
@@ -139,19 +139,19 @@ impl Merge {
     }
 
     /// Whether nothing more can be appended (a short segment came).
-    pub(super) fn closed(&self) -> bool {
+    pub fn closed(&self) -> bool {
         self.closed
     }
 
     /// How many frames went into it.
-    pub(super) fn frames(&self) -> u32 {
+    pub fn frames(&self) -> u32 {
         self.segments
     }
 
     /// Appends `next`'s payload to the merged frame (`buf[..*len]`) if it
     /// continues the flow and fits `buf`. Returns false, with nothing
     /// changed, if not.
-    pub(super) fn append(&mut self, buf: &mut [u8], len: &mut usize, next: &[u8]) -> bool {
+    pub fn append(&mut self, buf: &mut [u8], len: &mut usize, next: &[u8]) -> bool {
         if self.closed {
             return false;
         }
@@ -209,7 +209,7 @@ impl Merge {
     /// was appended: GSO TCPv4 with the head's segment size, the checksum
     /// left to the guest's stack as a partial one, IPv4 length and header
     /// checksum.
-    pub(super) fn finish(&self, frame: &mut [u8]) {
+    pub fn finish(&self, frame: &mut [u8]) {
         if self.segments < 2 {
             return;
         }

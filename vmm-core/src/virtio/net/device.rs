@@ -321,7 +321,7 @@ impl VirtioNet {
 
     /// Sends every frame the guest queued on tx to the tap. Returns whether
     /// any chain was used.
-    pub(super) fn process_tx(&mut self) -> bool {
+    pub(crate) fn process_tx(&mut self) -> bool {
         let Some(active) = self.active.as_mut() else {
             return false;
         };
@@ -367,7 +367,7 @@ impl VirtioNet {
 
     /// Moves frames from the tap (and one left waiting) into the guest's rx
     /// buffers, at most [`RX_BATCH`]. Returns whether any chain was used.
-    pub(super) fn process_rx(&mut self) -> bool {
+    pub(crate) fn process_rx(&mut self) -> bool {
         let Some(active) = self.active.as_mut() else {
             return false;
         };

@@ -40,7 +40,7 @@
 //! always up) and rate limiting. Frames waiting in the device or the tap
 //! are not part of a snapshot.
 
-mod coalesce;
+pub(crate) mod coalesce;
 pub mod device;
 pub mod event_handler;
 pub mod header;

@@ -180,6 +180,14 @@ impl Connection {
         CONN_TX_BUF_SIZE as usize - self.buffered_to_host()
     }
 
+    /// Bytes waiting for the host stream: the guest's (what its credit
+    /// bounds) and all of them (with our `OK` line), for the fuzz targets'
+    /// invariants.
+    #[cfg(feature = "fuzzing")]
+    pub fn buffered(&self) -> (usize, usize) {
+        (self.buffered_to_host(), self.to_host.len())
+    }
+
     fn buffered_to_host(&self) -> usize {
         self.to_host.len() - self.to_host_uncounted
     }

@@ -237,7 +237,7 @@ impl VirtioVsock {
     }
 
     /// Runs tx, then rx, until neither can progress.
-    pub(super) fn process_queues(&mut self) {
+    pub(crate) fn process_queues(&mut self) {
         self.process_tx();
         self.process_rx_work();
     }

@@ -150,6 +150,12 @@ impl Muxer {
         self.conns.len()
     }
 
+    /// Every live connection, for the fuzz targets' invariants.
+    #[cfg(feature = "fuzzing")]
+    pub fn connections(&self) -> impl Iterator<Item = &Connection> {
+        self.conns.values()
+    }
+
     /// The host port the next host-initiated connection tries first.
     pub fn next_host_port(&self) -> u32 {
         self.next_host_port
