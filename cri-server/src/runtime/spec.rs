@@ -477,29 +477,30 @@ pub fn sandbox_spec(pod_id: &str, pod: &PodSpec, netns: Option<&Path>) -> Value 
     );
     let mut linux = Map::new();
     if let Some(r) = &pod.resources {
-        if let Some(m) = r.memory_limit.filter(|m| *m > 0) {
-            annotations.insert(
-                "io.kubernetes.cri.sandbox-memory".into(),
-                json!(m.to_string()),
-            );
-        }
-        if let Some(q) = r.cpu_quota.filter(|q| *q > 0) {
-            annotations.insert(
-                "io.kubernetes.cri.sandbox-cpu-quota".into(),
-                json!(q.to_string()),
-            );
-        }
-        if let Some(p) = r.cpu_period.filter(|p| *p > 0) {
-            annotations.insert(
-                "io.kubernetes.cri.sandbox-cpu-period".into(),
-                json!(p.to_string()),
-            );
-        }
-        if let Some(s) = r.cpu_shares.filter(|s| *s > 0) {
-            annotations.insert(
-                "io.kubernetes.cri.sandbox-cpu-shares".into(),
-                json!(s.to_string()),
-            );
+        // The pod's limits, from which the shim sizes the VM.
+        let positive_i = |v: Option<i64>| v.filter(|v| *v > 0).map(|v| v.to_string());
+        let positive_u = |v: Option<u64>| v.filter(|v| *v > 0).map(|v| v.to_string());
+        for (key, value) in [
+            (
+                "io.kubernetes.cri.sandbox-memory",
+                positive_i(r.memory_limit),
+            ),
+            (
+                "io.kubernetes.cri.sandbox-cpu-quota",
+                positive_i(r.cpu_quota),
+            ),
+            (
+                "io.kubernetes.cri.sandbox-cpu-period",
+                positive_u(r.cpu_period),
+            ),
+            (
+                "io.kubernetes.cri.sandbox-cpu-shares",
+                positive_u(r.cpu_shares),
+            ),
+        ] {
+            if let Some(v) = value {
+                annotations.insert(key.into(), json!(v));
+            }
         }
     }
     let mut network = json!({"type": "network"});
