@@ -5,7 +5,10 @@
 # memory (PSS) per idle pod. Prints median/min/max side by side and the
 # ratios arrow/runc; asserts nothing.
 #
-# Usage: hack/bench-cri.sh [N] [M] [-- ARROW-CRI-BENCH OPTIONS...]
+# Usage: hack/bench-cri.sh [--jail] [N] [M] [-- ARROW-CRI-BENCH OPTIONS...]
+#   --jail  compare Arrow without its VMM jail (handler `arrow-unjailed`,
+#           see hack/containerd.sh) against Arrow as it runs (`arrow`)
+#           instead of runc against Arrow: what the jail costs a pod start
 #   N  timed pod starts per runtime (default 5)
 #   M  idle pods per runtime at once for the memory figures (default 3)
 #   e.g. hack/bench-cri.sh 10 5 -- --settle 10
@@ -16,7 +19,8 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 require_root
-runs=5 idle=3
+runs=5 idle=3 handlers=()
+if [ "${1:-}" = --jail ]; then handlers=(--handlers arrow-unjailed,arrow); shift; fi
 if [ $# -gt 0 ] && [ "$1" != -- ]; then runs=$1; shift; fi
 if [ $# -gt 0 ] && [ "$1" != -- ]; then idle=$1; shift; fi
 [ "${1:-}" = -- ] && shift
@@ -25,4 +29,4 @@ bench_cri_setup
 cd "$ARROW_ROOT"
 log "building arrow-cri-bench"
 cargo build --release --locked -p integration --bin arrow-cri-bench --bin arrow-pod
-target/release/arrow-cri-bench "$runs" "$idle" "$@"
+target/release/arrow-cri-bench "$runs" "$idle" "${handlers[@]}" "$@"

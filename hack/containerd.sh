@@ -4,7 +4,8 @@
 # runs beside a system containerd without touching it. Its CRI plugin has two
 # runtime handlers: `runc` (the default, the control case) and `arrow`
 # (runtime type io.containerd.arrow.v1: containerd runs the
-# containerd-shim-arrow-v1 it finds on PATH, /usr/local/bin first).
+# containerd-shim-arrow-v1 it finds on PATH, /usr/local/bin first), plus
+# `arrow-unjailed` for benchmarks (the same shim, VMMs without their jail).
 #
 # Usage: hack/containerd.sh start|stop|restart|purge|status|config|address
 #   start    write the config, start containerd unless it runs, wait until
@@ -45,6 +46,16 @@ cgroup_parent=/arrow-test
 pod_logs=/var/log/arrow-test/pods
 
 ctr_() { ctr --address "$sock" "$@"; }
+
+# The `arrow-unjailed` handler's shim: containerd-shim-arrow-v1 told to run
+# its VMMs without the jail (for measuring what the jail costs).
+write_unjailed_shim() {
+  mkdir -p "$run/bin"
+  printf '#!/bin/sh\nARROW_VMM_NO_CONFINE=1 exec containerd-shim-arrow-v1 "$@"\n' \
+    >"$run/bin/containerd-shim-arrow-unjailed-v1.tmp"
+  chmod 755 "$run/bin/containerd-shim-arrow-unjailed-v1.tmp"
+  mv "$run/bin/containerd-shim-arrow-unjailed-v1.tmp" "$run/bin/containerd-shim-arrow-unjailed-v1"
+}
 
 write_config() {
   mkdir -p "$(dirname "$config")" "$cni_conf_dir"
@@ -115,6 +126,13 @@ disabled_plugins = [
         pod_annotations = ["io.arrow.*"]
         container_annotations = ["io.arrow.*"]
 
+      # Benchmarks only (hack/bench-cri.sh --jail): the same shim with
+      # ARROW_VMM_NO_CONFINE=1, so its VMMs run without their jail.
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.arrow-unjailed]
+        runtime_type = "io.containerd.arrow-unjailed.v1"
+        pod_annotations = ["io.arrow.*"]
+        container_annotations = ["io.arrow.*"]
+
     [plugins."io.containerd.grpc.v1.cri".cni]
       bin_dir = "$cni_bin_dir"
       conf_dir = "$cni_conf_dir"
@@ -175,6 +193,7 @@ start() {
   fi
   write_config
   mkdir -p "$root" "$state" "$run"
+  write_unjailed_shim
   rm -f "$sock" "$sock.ttrpc"
   local t0 t1
   t0=$(date +%s%N)
@@ -187,7 +206,7 @@ start() {
       fd=${fd##*/}
       if [ "$fd" -gt 2 ]; then eval "exec $fd>&-" 2>/dev/null || true; fi
     done
-    PATH="${ARROW_CONTAINERD_PATH:+$ARROW_CONTAINERD_PATH:}/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
+    PATH="${ARROW_CONTAINERD_PATH:+$ARROW_CONTAINERD_PATH:}$run/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
       exec setsid containerd --config "$config" </dev/null >>"$logfile" 2>&1
   ) &
   echo $! >"$pidfile"

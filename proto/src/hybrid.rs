@@ -18,12 +18,18 @@ const MAX_REPLY_LEN: usize = 64;
 /// whole handshake must finish within `timeout`; the returned stream has no
 /// timeouts set.
 pub fn connect(uds_path: &Path, port: u32, timeout: Duration) -> io::Result<UnixStream> {
+    handshake(UnixStream::connect(uds_path)?, port, timeout)
+}
+
+/// The `CONNECT` handshake of [`connect`] on a stream already connected to
+/// the VMM's socket: for callers that check who is at the other end (for
+/// instance with `SO_PEERCRED`) before they send anything.
+pub fn handshake(mut stream: UnixStream, port: u32, timeout: Duration) -> io::Result<UnixStream> {
     // A huge timeout means "no deadline to speak of", not an overflow panic.
     let now = Instant::now();
     let deadline = now
         .checked_add(timeout)
         .unwrap_or(now + Duration::from_secs(86_400 * 365));
-    let mut stream = UnixStream::connect(uds_path)?;
     stream.set_write_timeout(Some(remaining(deadline)?))?;
     stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
 

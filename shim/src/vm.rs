@@ -19,6 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use containerd_shim::asynchronous::monitor::{monitor_subscribe, monitor_unsubscribe};
 use containerd_shim::monitor::{Subject, Topic};
 use nix::sys::signal::{kill, Signal};
+use nix::sys::socket::{getsockopt, sockopt};
 use nix::unistd::Pid;
 use proto::agent::StreamKind;
 use proto::client::{AgentClient, ClientError};
@@ -56,6 +57,11 @@ pub enum VmError {
     Share(crate::share::ShareError),
     #[error("the pod's cgroup: {0}")]
     Cgroup(CgroupError),
+    #[error(
+        "{} is served by pid {peer}, not by the pod's VMM (pid {vmm}): refusing to talk to it",
+        path.display()
+    )]
+    ForeignPeer { path: PathBuf, peer: i32, vmm: u32 },
 }
 
 impl From<CgroupError> for VmError {
@@ -239,6 +245,16 @@ impl PodVm {
         if std::env::var_os("ARROW_NO_TEMPLATE").is_some() {
             cmd.arg("--no-template");
         }
+        // For debugging and for measuring the jail's cost only: set in the
+        // shim's environment by whoever runs the node, never by a pod.
+        if std::env::var_os("ARROW_VMM_NO_CONFINE").is_some() {
+            log::warn!(
+                "ARROW_VMM_NO_CONFINE is set: the VMM in {} runs without its jail and \
+                 seccomp filters, with every privilege of the shim",
+                dir.root.display()
+            );
+            cmd.arg("--no-confine");
+        }
         if let Some(nic) = &nic {
             let fd = nic.tap.as_raw_fd();
             cmd.arg("--net-tap-fd")
@@ -322,8 +338,7 @@ impl PodVm {
         let hostname = hostname.to_string();
         let cloned = ready.cloned;
         let connected = tokio::task::spawn_blocking(move || -> Result<AgentClient, VmError> {
-            let stream = proto::hybrid::connect(&uds, proto::AGENT_PORT, Duration::from_secs(10))
-                .map_err(VmError::Connect)?;
+            let stream = connect_vmm(&uds, pid, proto::AGENT_PORT, Duration::from_secs(10))?;
             let agent = AgentClient::from_unix(stream).map_err(VmError::Connect)?;
             // A clone needs the host's clock and fresh entropy; a fresh
             // boot has both, but like a clone it needs the pod's hostname.
@@ -376,12 +391,12 @@ impl PodVm {
     /// Opens a stdio stream of guest process `process_id`; it is shut down
     /// by [`PodVm::end_connections`].
     pub fn attach(&self, process_id: &str, kind: StreamKind) -> Result<GuestStream, VmError> {
-        let stream = proto::hybrid::connect(
+        let stream = connect_vmm(
             &self.dir.vsock(),
+            self.pid,
             proto::STDIO_PORT,
             Duration::from_secs(10),
-        )
-        .map_err(VmError::Connect)?;
+        )?;
         let stream = proto::client::attach_unix_stream(
             stream,
             process_id,
@@ -463,6 +478,50 @@ impl PodVm {
     }
 }
 
+/// Connects to guest vsock `port` through the pod's VMM socket `uds`, after
+/// checking that the peer is the VMM the shim started (`vmm_pid`, or in its
+/// jail the keeper's child).
+///
+/// The socket lies in the one directory a VMM can write, and connect(2)
+/// follows symlinks: a compromised VMM could point it at another pod's VMM
+/// (whose guest would then get this pod's requests) or at a host daemon.
+/// The kernel's record of who listens (`SO_PEERCRED`) cannot be forged, and
+/// it is checked before a byte is sent.
+fn connect_vmm(
+    uds: &Path,
+    vmm_pid: u32,
+    port: u32,
+    timeout: Duration,
+) -> Result<UnixStream, VmError> {
+    let stream = UnixStream::connect(uds).map_err(VmError::Connect)?;
+    let peer = getsockopt(&stream, sockopt::PeerCredentials)
+        .map_err(|e| VmError::Connect(e.into()))?
+        .pid();
+    if !is_process_or_child(peer, vmm_pid) {
+        return Err(VmError::ForeignPeer {
+            path: uds.to_path_buf(),
+            peer,
+            vmm: vmm_pid,
+        });
+    }
+    proto::hybrid::handshake(stream, port, timeout).map_err(VmError::Connect)
+}
+
+/// Whether `pid` is `parent` or one of its children.
+fn is_process_or_child(pid: i32, parent: u32) -> bool {
+    if u32::try_from(pid) == Ok(parent) {
+        return true;
+    }
+    // PID (COMM) STATE PPID ...; COMM may hold spaces and parentheses.
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+        .and_then(|ppid| ppid.parse::<u32>().ok())
+        == Some(parent)
+}
+
 /// An agent client on a dead socket pair, so a `PodVm` can exist (and be
 /// killed on error) before the real connection is made.
 fn placeholder_agent() -> Result<AgentClient, VmError> {
@@ -525,6 +584,50 @@ mod tests {
         assert!(read_ready_line(Some(&b"garbage\n"[..])).is_err());
         assert!(read_ready_line(Some(&b"{\"ready\":false,\"cloned\":false}\n"[..])).is_err());
         assert!(read_ready_line(None::<&[u8]>).is_err());
+    }
+
+    /// A listener in this process stands for the VMM.
+    fn listening(name: &str) -> (PathBuf, std::os::unix::net::UnixListener) {
+        let path =
+            std::env::temp_dir().join(format!("arrow-shim-vm-{}-{name}.sock", std::process::id()));
+        let _ = fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        (path, listener)
+    }
+
+    #[test]
+    fn connect_vmm_refuses_a_socket_served_by_another_process() {
+        let (path, _listener) = listening("foreign");
+        // Neither this process nor its child: as if the socket had been
+        // replaced by a symlink to some other process's.
+        let not_ours = std::process::id() + 1_000_000;
+        let err = connect_vmm(&path, not_ours, 1024, Duration::from_secs(1)).unwrap_err();
+        assert!(matches!(err, VmError::ForeignPeer { .. }), "{err}");
+        assert!(err.to_string().contains("not by the pod's VMM"), "{err}");
+        let _ = fs::remove_file(&path);
+    }
+
+    #[test]
+    fn connect_vmm_accepts_the_vmm_and_its_jailed_child() {
+        let (path, listener) = listening("ours");
+        let server = std::thread::spawn(move || {
+            for _ in 0..2 {
+                let (mut conn, _) = listener.accept().unwrap();
+                let mut line = String::new();
+                std::io::BufReader::new(&mut conn)
+                    .read_line(&mut line)
+                    .unwrap();
+                std::io::Write::write_all(&mut conn, b"OK 1\n").unwrap();
+            }
+        });
+        let me = std::process::id();
+        connect_vmm(&path, me, 1024, Duration::from_secs(5)).unwrap();
+        // This process as the keeper's child: the keeper is our parent.
+        let parent = std::os::unix::process::parent_id();
+        assert!(is_process_or_child(me as i32, parent));
+        connect_vmm(&path, parent, 1024, Duration::from_secs(5)).unwrap();
+        server.join().unwrap();
+        let _ = fs::remove_file(&path);
     }
 
     #[test]

@@ -454,6 +454,7 @@ impl Containers {
                 _ => {}
             }
         }
+        release_share_inodes();
         if errors.is_empty() {
             Ok(())
         } else {
@@ -607,6 +608,16 @@ fn realtime_ns() -> u64 {
     (ts.tv_sec as u64)
         .saturating_mul(1_000_000_000)
         .saturating_add(ts.tv_nsec as u64)
+}
+
+/// Evicts the guest's unused dentries and inodes, so that FUSE forgets
+/// those of a removed container's rootfs: until then the VMM holds a
+/// handle on each, which keeps the host's (already unmounted) overlay of
+/// the container alive. Other containers only lose cache.
+fn release_share_inodes() {
+    if let Err(e) = std::fs::write("/proc/sys/vm/drop_caches", "2") {
+        log_info!("dropping the guest's dentry cache: {e}");
+    }
 }
 
 #[cfg(test)]
