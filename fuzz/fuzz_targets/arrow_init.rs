@@ -13,7 +13,9 @@
 //! Oracles: no panic and no hang (the connection ends within a deadline
 //! once the host side is closed); every request but the long polls
 //! (WaitProcess, WaitOom) is answered exactly once, a long poll at most
-//! once, and no answer carries an id that was not asked.
+//! once, and no answer carries an id that was not asked. Counters (printed
+//! at exit) show how many calls were answered and how many succeeded, so a
+//! campaign shows it gets past validation.
 
 #![no_main]
 
@@ -28,6 +30,7 @@ use std::thread;
 use std::time::Duration;
 
 use arbitrary::Arbitrary;
+use arrow_fuzz::Counter;
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 
@@ -38,13 +41,18 @@ use guest_init::container::{Containers, Layout};
 use guest_init::reaper::Reaper;
 use guest_init::supervisor::Supervisor;
 use proto::agent::{
-    request::Body, CloseStdin, CreateProcess, DeleteProcess, Request, ResizeTty, Response, Rlimit,
-    SignalProcess, WaitProcess,
+    request::Body, response, CloseStdin, CreateProcess, DeleteProcess, Request, ResizeTty,
+    Response, Rlimit, SignalProcess, WaitProcess,
 };
 
 /// How long the agent may take to end the connection once the host side is
 /// closed (libFuzzer's own -timeout would also catch a hang, later).
 const DEADLINE: Duration = Duration::from_secs(5);
+
+/// Answers read.
+static ANSWERED: Counter = Counter::new("arrow_init calls answered");
+/// Answers that are not an `Error`.
+static SUCCEEDED: Counter = Counter::new("arrow_init calls succeeded");
 
 /// Process ids the typed calls share, so they meet the same process.
 const IDS: [&str; 4] = ["p0", "p1", "p2", "p3"];
@@ -283,7 +291,13 @@ fuzz_target!(|input: Input| {
     let mut reader = &host;
     loop {
         match proto::read_frame::<Response, _>(&mut reader) {
-            Ok(Some(resp)) => *answers.entry(resp.id).or_default() += 1,
+            Ok(Some(resp)) => {
+                ANSWERED.add(1);
+                if !matches!(resp.result, Some(response::Result::Error(_))) {
+                    SUCCEEDED.add(1);
+                }
+                *answers.entry(resp.id).or_default() += 1;
+            }
             Ok(None) => break,
             Err(proto::FrameError::Io(e))
                 if matches!(
