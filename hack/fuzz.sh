@@ -7,8 +7,14 @@
 # repo, $ARROW_CACHE/fuzz/corpus/<target>/), then fuzzes it for SECONDS
 # (default 60; 0 only replays), one target at a time. Prints per target the
 # executions, executions per second, coverage (libFuzzer's final cov/ft),
-# corpus size and crashes; a crash's input is kept in
-# $ARROW_CACHE/fuzz/artifacts/<target>/ and makes the script exit non-zero.
+# corpus size and crashes, then the targets' own counters; a crash's (or
+# hang's) input is kept in $ARROW_CACHE/fuzz/artifacts/<target>/, named on
+# stderr, and makes the script exit non-zero.
+#
+# The nightly build has its own target dir under the cache
+# ($ARROW_CACHE/fuzz/target), so a warm machine (CI included: hack/test.sh
+# runs this briefly) rebuilds only what changed; fuzz/Cargo.lock is
+# committed and must be current (--locked).
 #
 # Targets are built without a sanitizer (the code under test is safe Rust
 # but for a few audited unsafe blocks; doubling the executions per second
@@ -25,11 +31,12 @@ esac
 
 fuzz_dir="$ARROW_ROOT/fuzz"
 work="$ARROW_CACHE/fuzz"
+target_dir=${ARROW_FUZZ_TARGET_DIR:-$work/target}
 sanitizer=${ARROW_FUZZ_SANITIZER:-none}
 
 if ! rustup toolchain list | grep -q '^nightly'; then
-  echo "$0: needs the nightly toolchain (rustup toolchain install nightly)" >&2
-  exit 1
+  log "installing the nightly toolchain (for cargo-fuzz only)"
+  rustup toolchain install nightly --profile minimal
 fi
 if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
   log "installing cargo-fuzz for the nightly toolchain"
@@ -43,13 +50,18 @@ for t in "${targets[@]}"; do
   printf '%s\n' "${all[@]}" | grep -qx "$t" || { echo "$0: no fuzz target $t" >&2; exit 2; }
 done
 
-log "building the fuzz targets (sanitizer: $sanitizer)"
-(cd "$fuzz_dir" && cargo +nightly fuzz build -s "$sanitizer")
-bin_dir="$fuzz_dir/target/x86_64-unknown-linux-gnu/release"
+log "building the fuzz targets (sanitizer: $sanitizer, in $target_dir)"
+# cargo fuzz has no --locked; fetching with it first fails if the lock file
+# would change, and the build then uses the lock file as it is.
+cargo +nightly fetch --locked --manifest-path "$fuzz_dir/Cargo.toml"
+(cd "$fuzz_dir" && cargo +nightly fuzz build -s "$sanitizer" --target-dir "$target_dir")
+bin_dir="$target_dir/x86_64-unknown-linux-gnu/release"
 
 mkdir -p "$work"
 summary=()
+stats=()
 failed=()
+start=$(date +%s)
 for t in "${targets[@]}"; do
   corpus="$work/corpus/$t"
   artifacts="$work/artifacts/$t"
@@ -77,13 +89,21 @@ for t in "${targets[@]}"; do
     crash=$(grep -o "$artifacts/[^ ]*" "$out" | tail -n 1)
     crash=${crash:-"exit $rc, see $out"}
     failed+=("$t")
+    echo "$0: $t failed: $crash" >&2
+    grep -m 1 -A 1 -E 'panicked at|^==[0-9]+== ERROR' "$out" >&2 || true
+    echo "  log: $out; reproduce: $bin_dir/$t <artifact>" >&2
   fi
+  mapfile -t -O "${#stats[@]}" stats < <(sed -n 's/^arrow-fuzz stat //p' "$out")
   summary+=("$(printf '%-16s %12s %9s %7s %8s %7s  %s' "$t" "${execs:-?}" "${rate:-?}" \
     "${cov:-?}" "${ft:-?}" "${corp:-?}" "$crash")")
 done
 
 printf '%-16s %12s %9s %7s %8s %7s  %s\n' target execs exec/s cov ft corpus crash
 printf '%s\n' "${summary[@]}"
+if [ ${#stats[@]} -gt 0 ]; then
+  printf '  %s\n' "${stats[@]}"
+fi
+log "${#targets[@]} target(s) in $(( $(date +%s) - start )) s"
 if [ ${#failed[@]} -gt 0 ]; then
   echo "$0: crashes in ${failed[*]} (logs in $work/<target>.log)" >&2
   exit 1

@@ -2,7 +2,8 @@
 # The whole test suite, as CI runs it (.ci/run): installs what it needs,
 # builds the guest kernel (cached), the binaries and a busybox root tree,
 # installs the runtime, checks formatting and lints, then runs every unit,
-# VMM and end-to-end test against real KVM (the shim's under containerd).
+# VMM and end-to-end test against real KVM (the shim's under containerd),
+# and last the fuzz targets, briefly (hack/fuzz.sh).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 require_root
@@ -28,4 +29,10 @@ log "cargo clippy"
 cargo clippy --release --locked --workspace --all-targets -- -D warnings
 log "cargo test (unit, VMM on KVM, end to end with the Linux guest)"
 cargo test --release --locked --workspace
+# Every fuzz target replays its seeds and cached corpus, then fuzzes for a
+# few seconds (about five minutes in all; a warm cache skips the nightly
+# build). A crash or hang fails the run, naming the target and its input.
+fuzz_seconds=${ARROW_CI_FUZZ_SECONDS:-20}
+log "fuzz targets (corpus replay, then ${fuzz_seconds} s each)"
+"$ARROW_ROOT/hack/fuzz.sh" "$fuzz_seconds"
 log "all tests passed in $(( $(date +%s) - start )) s"

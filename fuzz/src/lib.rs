@@ -151,3 +151,53 @@ impl Drop for ScratchDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// An event counter a target bumps on a path worth seeing taken (frames
+/// actually merged, say), printed as `arrow-fuzz stat NAME: N` when the
+/// fuzzer exits normally; `hack/fuzz.sh` repeats those lines in its
+/// summary, so a campaign shows the oracle had something to check.
+pub struct Counter {
+    name: &'static str,
+    n: AtomicU64,
+    registered: std::sync::Once,
+}
+
+/// The counters to print at exit.
+static COUNTERS: std::sync::Mutex<Vec<&'static Counter>> = std::sync::Mutex::new(Vec::new());
+
+impl Counter {
+    /// A counter printed as `name`.
+    pub const fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            n: AtomicU64::new(0),
+            registered: std::sync::Once::new(),
+        }
+    }
+
+    /// Adds `k`; the first call arranges for the total to be printed.
+    pub fn add(&'static self, k: u64) {
+        self.registered.call_once(|| {
+            let mut all = COUNTERS.lock().unwrap_or_else(|e| e.into_inner());
+            if all.is_empty() {
+                // SAFETY: registers a function with no preconditions that
+                // only reads statics; atexit copies the pointer.
+                unsafe { libc::atexit(print_counters) };
+            }
+            all.push(self);
+        });
+        self.n.fetch_add(k, Ordering::Relaxed);
+    }
+
+    /// The total so far.
+    pub fn get(&self) -> u64 {
+        self.n.load(Ordering::Relaxed)
+    }
+}
+
+extern "C" fn print_counters() {
+    let all = COUNTERS.lock().unwrap_or_else(|e| e.into_inner());
+    for c in all.iter() {
+        eprintln!("arrow-fuzz stat {}: {}", c.name, c.get());
+    }
+}

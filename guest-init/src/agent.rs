@@ -332,11 +332,15 @@ impl Responder {
 pub fn serve(agent: Arc<Agent>, listener: Listener) -> io::Error {
     accept_loop(&listener, "agent", move |conn| {
         let agent = Arc::clone(&agent);
-        move || handle_connection(&agent, conn)
+        move || serve_connection(&agent, conn)
     })
 }
 
-fn handle_connection(agent: &Arc<Agent>, conn: Conn) {
+/// Serves one RPC connection until the host closes it or sends a frame
+/// that does not decode; then wakes this connection's long polls and shuts
+/// the socket down. Public so the fuzz target can drive the real request
+/// handling in-process, one connection per input.
+pub fn serve_connection(agent: &Arc<Agent>, conn: Conn) {
     let conn = Arc::new(conn);
     let out = Arc::new(Responder {
         conn: Arc::clone(&conn),
