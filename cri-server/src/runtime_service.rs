@@ -16,6 +16,8 @@ use k8s_cri::v1::runtime_service_server::RuntimeService;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
+use crate::runtime::host_cgroup::HostUsage;
+use crate::runtime::lifecycle::{Kind, LifecycleEvent};
 use crate::runtime::model::{
     self, ContainerSpec, ContainerState, Dns, MountSpec, PodSpec, PodState, PortMapping,
     Propagation, Resources, Seccomp, Security,
@@ -444,6 +446,23 @@ fn pod_status(p: &model::Pod) -> v1::PodSandboxStatus {
     }
 }
 
+/// A lifecycle event as containerd's CRI plugin sends it: the sandbox's
+/// status and every container of the pod, as they were.
+fn container_event(e: &LifecycleEvent) -> v1::ContainerEventResponse {
+    v1::ContainerEventResponse {
+        container_id: e.id.clone(),
+        container_event_type: match e.kind {
+            Kind::Created => v1::ContainerEventType::ContainerCreatedEvent,
+            Kind::Started => v1::ContainerEventType::ContainerStartedEvent,
+            Kind::Stopped => v1::ContainerEventType::ContainerStoppedEvent,
+            Kind::Deleted => v1::ContainerEventType::ContainerDeletedEvent,
+        } as i32,
+        created_at: e.at,
+        pod_sandbox_status: e.pod.as_ref().map(pod_status),
+        containers_statuses: e.containers.iter().map(container_status).collect(),
+    }
+}
+
 fn u64v(v: u64) -> Option<v1::UInt64Value> {
     Some(v1::UInt64Value { value: v })
 }
@@ -469,6 +488,24 @@ fn cpu_memory(m: &Metrics, at: i64) -> (v1::CpuUsage, v1::MemoryUsage) {
         rss_bytes: u64v(m.memory.anon),
         page_faults: u64v(m.memory.pgfault),
         major_page_faults: u64v(m.memory.pgmajfault),
+    };
+    (cpu, memory)
+}
+
+fn host_cpu_memory(h: &HostUsage, at: i64) -> (v1::CpuUsage, v1::MemoryUsage) {
+    let cpu = v1::CpuUsage {
+        timestamp: at,
+        usage_core_nano_seconds: u64v(h.cpu_usage_ns),
+        usage_nano_cores: None,
+    };
+    let memory = v1::MemoryUsage {
+        timestamp: at,
+        working_set_bytes: u64v(h.working_set),
+        available_bytes: None,
+        usage_bytes: u64v(h.memory_usage),
+        rss_bytes: u64v(h.rss),
+        page_faults: u64v(h.page_faults),
+        major_page_faults: u64v(h.major_page_faults),
     };
     (cpu, memory)
 }
@@ -509,7 +546,8 @@ impl Runtime {
     }
 
     async fn pod_stats_of(&self, p: &model::Pod) -> Result<v1::PodSandboxStats, Status> {
-        let metrics = self.engine.pod_stats(&p.id).await?;
+        let figures = self.engine.pod_stats(&p.id).await?;
+        let metrics = figures.guest;
         let at = model::now_nanos();
         let mut containers = Vec::new();
         for c in self
@@ -523,12 +561,18 @@ impl Runtime {
                 containers.push(self.stats_of(c).await?);
             }
         }
-        let (cpu, memory) = match &metrics {
-            Some(m) => {
+        // The VM's own figures when the pod has a cgroup on the host (as
+        // containerd reads a pod's), else what its containers use.
+        let (cpu, memory) = match (&figures.host, &metrics) {
+            (Some(h), _) => {
+                let (c, m) = host_cpu_memory(h, at);
+                (Some(c), Some(m))
+            }
+            (None, Some(m)) => {
                 let (c, m) = cpu_memory(m, at);
                 (Some(c), Some(m))
             }
-            None => (None, None),
+            (None, None) => (None, None),
         };
         Ok(v1::PodSandboxStats {
             attributes: Some(v1::PodSandboxAttributes {
@@ -993,14 +1037,29 @@ impl RuntimeService for Runtime {
     type GetContainerEventsStream =
         Pin<Box<dyn Stream<Item = Result<v1::ContainerEventResponse, Status>> + Send + 'static>>;
 
+    /// Every lifecycle event from the call on, until the client goes. A
+    /// client too slow to keep up gets an error ending the stream (it then
+    /// lists, as kubelet's Evented PLEG does on any stream error).
     async fn get_container_events(
         &self,
         _request: Request<v1::GetEventsRequest>,
     ) -> Result<Response<Self::GetContainerEventsStream>, Status> {
-        Err(unimplemented(
-            "GetContainerEvents",
-            "the event stream (kubelet's Evented PLEG) is not served yet; kubelet polls ListContainers without it",
-        ))
+        use tokio::sync::broadcast::error::RecvError;
+        let rx = self.engine.subscribe();
+        let stream = futures_util::stream::unfold(Some(rx), |rx| async move {
+            let mut rx = rx?;
+            match rx.recv().await {
+                Ok(event) => Some((Ok(container_event(&event)), Some(rx))),
+                Err(RecvError::Closed) => None,
+                Err(RecvError::Lagged(n)) => Some((
+                    Err(Status::resource_exhausted(format!(
+                        "GetContainerEvents: the client fell {n} events behind; list pods and containers and subscribe again"
+                    ))),
+                    None,
+                )),
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 
@@ -1171,5 +1230,73 @@ mod tests {
             Seccomp::Localhost("/x.json".into())
         );
         assert!(seccomp(None, "weird").is_err());
+    }
+
+    #[test]
+    fn events_carry_the_pod_and_its_containers_as_they_were() {
+        let pod = model::Pod {
+            id: "p1".into(),
+            spec: pod_spec(&pod_config()).unwrap(),
+            state: PodState::Ready,
+            created_at: 1,
+            netns: None,
+            ip: Some("10.0.0.2".into()),
+            additional_ips: Vec::new(),
+            shim_address: String::new(),
+            sandbox_pid: 0,
+            stopped: false,
+        };
+        let container = model::Container {
+            id: "c1".into(),
+            pod_id: "p1".into(),
+            spec: ContainerSpec {
+                name: "app".into(),
+                ..Default::default()
+            },
+            image_id: "sha256:i".into(),
+            image_ref: "busybox".into(),
+            state: ContainerState::Exited,
+            created_at: 2,
+            started_at: 3,
+            exit: Some(model::ExitRecord {
+                code: 137,
+                at: 4,
+                oom_killed: true,
+            }),
+            oom_seen: true,
+            log_file: Default::default(),
+        };
+        let e = container_event(&LifecycleEvent {
+            id: "c1".into(),
+            kind: Kind::Stopped,
+            at: 5,
+            pod: Some(pod),
+            containers: vec![container],
+        });
+        assert_eq!(e.container_id, "c1");
+        assert_eq!(
+            e.container_event_type,
+            v1::ContainerEventType::ContainerStoppedEvent as i32
+        );
+        assert_eq!(e.created_at, 5);
+        let sandbox = e.pod_sandbox_status.unwrap();
+        assert_eq!(sandbox.id, "p1");
+        assert_eq!(sandbox.state, v1::PodSandboxState::SandboxReady as i32);
+        let [c] = e.containers_statuses.as_slice() else {
+            panic!("one container expected");
+        };
+        assert_eq!((c.exit_code, c.reason.as_str()), (137, "OOMKilled"));
+        let gone = container_event(&LifecycleEvent {
+            id: "p1".into(),
+            kind: Kind::Deleted,
+            at: 6,
+            pod: None,
+            containers: Vec::new(),
+        });
+        assert_eq!(
+            gone.container_event_type,
+            v1::ContainerEventType::ContainerDeletedEvent as i32
+        );
+        assert!(gone.pod_sandbox_status.is_none());
     }
 }

@@ -2,6 +2,7 @@
 //! guest kernel and the test root tree are, and a lock so guest boots do not
 //! run concurrently (on emulating hosts they only slow each other down).
 
+pub mod arrow_cri;
 pub mod bench;
 pub mod containerd;
 pub mod cri;

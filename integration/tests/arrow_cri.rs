@@ -5,262 +5,23 @@
 //! the CRI client of `integration::cri`, as crictl or kubelet would:
 //! runp → create → start → logs → exec sync → stats → stop → rm → rmp, exit
 //! codes, a `kill -9` of arrow-cri in the middle of a pod's life and a
-//! restart, and nothing left behind. Needs root and KVM (as CI has).
+//! restart, and nothing left behind; what a container's security context
+//! asks for as seen in the guest, host ports, two containers of a pod over
+//! localhost and a shared volume, OOM kills, PID modes, the
+//! GetContainerEvents stream; and 50 pod cycles that leak nothing. Needs
+//! root and KVM (as CI has). The tests take turns (one VM shape, so every
+//! pod after the first is a clone of one template).
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use integration::arrow_cri::{Daemon, Registry, BRIDGE, GATEWAY, SUBNET};
 use integration::cri::{
     container_config, log_text, pod_config, read_cri_log, wait_for_log, ContainerState, CriClient,
 };
 use proto::cri;
-
-const BRIDGE: &str = "arrowcri0";
-const SUBNET: &str = "10.99.0.0/16";
-
-fn bin_dir() -> PathBuf {
-    std::env::var_os("ARROW_BIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| integration::workspace_root().join("target/arrow"))
-}
-
-fn must(path: PathBuf) -> PathBuf {
-    assert!(
-        path.exists(),
-        "{} missing: run hack/build.sh (hack/test.sh does)",
-        path.display()
-    );
-    path
-}
-
-// ------------------------------------------------------------ registry
-
-struct Registry {
-    _dir: tempfile::TempDir,
-    port: u16,
-    child: Child,
-}
-
-impl Registry {
-    fn start() -> Registry {
-        let bin = "/usr/bin/docker-registry";
-        assert!(
-            Path::new(bin).exists(),
-            "{bin} missing: hack/deps.sh installs it"
-        );
-        let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let config = format!(
-            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            dir.path().join("data").display()
-        );
-        fs::write(dir.path().join("config.yml"), config).unwrap();
-        let child = Command::new(bin)
-            .arg("serve")
-            .arg(dir.path().join("config.yml"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "docker-registry did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Registry {
-            _dir: dir,
-            port,
-            child,
-        }
-    }
-
-    /// Pushes the test busybox tree as `arrow/busybox:e2e`; returns the
-    /// reference.
-    async fn push_busybox(&self) -> String {
-        use flate2::write::GzEncoder;
-        use oci_client::client::{ClientConfig, ClientProtocol};
-        use oci_client::{secrets::RegistryAuth, Client, Reference};
-        use sha2::{Digest, Sha256};
-        use std::io::Write;
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let sha = |d: &[u8]| format!("sha256:{:x}", Sha256::digest(d));
-        let layer = integration::image::layer_tar(&integration::busybox_rootfs()).unwrap();
-        let diff_id = sha(&layer);
-        let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        gz.write_all(&layer).unwrap();
-        let layer_gz = gz.finish().unwrap();
-        let mut settings = integration::image::ImageSettings::new("arrow/busybox:e2e");
-        settings.cmd = vec!["sh".into()];
-        let config =
-            serde_json::to_vec(&integration::image::image_config(&settings, &diff_id)).unwrap();
-        let manifest = serde_json::to_vec(&serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": integration::image::MEDIA_MANIFEST,
-            "config": {"mediaType": integration::image::MEDIA_CONFIG, "digest": sha(&config), "size": config.len()},
-            "layers": [{"mediaType": integration::image::MEDIA_LAYER_GZIP, "digest": sha(&layer_gz), "size": layer_gz.len()}],
-        }))
-        .unwrap();
-        let host = format!("127.0.0.1:{}", self.port);
-        let reference = Reference::with_tag(host.clone(), "arrow/busybox".into(), "e2e".into());
-        let client = Client::new(ClientConfig {
-            protocol: ClientProtocol::Http,
-            ..Default::default()
-        });
-        client
-            .auth(
-                &reference,
-                &RegistryAuth::Anonymous,
-                oci_client::RegistryOperation::Push,
-            )
-            .await
-            .unwrap();
-        for data in [&config, &layer_gz] {
-            client
-                .push_blob(&reference, data.clone(), &sha(data))
-                .await
-                .unwrap();
-        }
-        client
-            .push_manifest_raw(
-                &reference,
-                manifest,
-                integration::image::MEDIA_MANIFEST.parse().unwrap(),
-            )
-            .await
-            .unwrap();
-        format!("{host}/arrow/busybox:e2e")
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-// -------------------------------------------------------------- daemon
-
-struct Daemon {
-    dir: PathBuf,
-    child: Option<Child>,
-}
-
-impl Daemon {
-    fn socket(&self) -> PathBuf {
-        self.dir.join("cri.sock")
-    }
-
-    fn start(dir: &Path) -> Daemon {
-        // An empty config file: only the flags below, never /etc/arrow-cri.
-        fs::write(dir.join("none.toml"), "").unwrap();
-        let conf = dir.join("net.d");
-        fs::create_dir_all(&conf).unwrap();
-        fs::write(
-            conf.join("10-arrow-cri-e2e.conflist"),
-            format!(
-                r#"{{"cniVersion": "1.0.0", "name": "arrow-cri-e2e", "plugins": [
-  {{"type": "bridge", "bridge": "{BRIDGE}", "isGateway": true, "ipMasq": false,
-    "ipam": {{"type": "host-local", "ranges": [[{{"subnet": "{SUBNET}"}}]], "routes": [{{"dst": "0.0.0.0/0"}}],
-             "dataDir": "{}"}}}},
-  {{"type": "portmap", "capabilities": {{"portMappings": true}}}}
-]}}"#,
-                dir.join("ipam").display()
-            ),
-        )
-        .unwrap();
-        let mut d = Daemon {
-            dir: dir.to_path_buf(),
-            child: None,
-        };
-        d.spawn();
-        d
-    }
-
-    fn spawn(&mut self) {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("arrow-cri.log"))
-            .unwrap();
-        let child = Command::new(must(bin_dir().join("arrow-cri")))
-            .arg("--config")
-            .arg(self.dir.join("none.toml"))
-            .arg("--listen")
-            .arg(self.socket())
-            .arg("--root")
-            .arg(self.dir.join("root"))
-            .arg("--state")
-            .arg(self.dir.join("state"))
-            .arg("--cni-conf-dir")
-            .arg(self.dir.join("net.d"))
-            .arg("--cni-bin-dir")
-            .arg("/usr/lib/cni")
-            .arg("--shim")
-            .arg(must(bin_dir().join("containerd-shim-arrow-v1")))
-            .arg("--log-level")
-            .arg("info")
-            .env("ARROW_KERNEL", integration::kernel())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::os::unix::net::UnixStream::connect(self.socket()).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "arrow-cri did not start:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// The daemon's resident memory (kB), for the report.
-    fn rss_kb(&self) -> u64 {
-        let Some(c) = &self.child else { return 0 };
-        fs::read_to_string(format!("/proc/{}/status", c.id()))
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.dir.join("arrow-cri.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(c) = &self.child {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-        if let Some(mut c) = self.child.take() {
-            let _ = c.wait();
-        }
-    }
-}
 
 // --------------------------------------------------------------- checks
 
@@ -381,10 +142,73 @@ fn ms(d: Duration) -> f64 {
 
 #[test]
 fn arrow_cri_runs_pods_without_containerd() {
+    e2e(run());
+}
+
+/// A registry with the test image, a daemon on its own directories and a
+/// client; dropped in the right order by [`Env::finish`].
+struct Env {
+    registry: Registry,
+    tmp: tempfile::TempDir,
+    daemon: Daemon,
+    client: CriClient,
+    image: String,
+}
+
+impl Env {
+    async fn start() -> Env {
+        let registry = Registry::start().unwrap();
+        let image = registry.push_busybox().await.unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix("arrow-cri-e2e")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let daemon = Daemon::start(tmp.path()).unwrap();
+        let client = CriClient::connect(daemon.socket()).await.unwrap();
+        client
+            .image
+            .clone()
+            .pull_image(cri::PullImageRequest {
+                image: Some(cri::ImageSpec {
+                    image: image.clone(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        Env {
+            registry,
+            tmp,
+            daemon,
+            client,
+            image,
+        }
+    }
+
+    fn dir(&self) -> PathBuf {
+        self.tmp.path().to_path_buf()
+    }
+
+    /// Stops the daemon and checks that nothing is left.
+    fn finish(self) {
+        let dir = self.dir();
+        drop(self.client);
+        drop(self.daemon);
+        assert_nothing_left(&dir);
+        let _ = Command::new("ip").args(["link", "del", BRIDGE]).status();
+        integration::cri::remove_cgroup_dirs(integration::cri::CGROUP_PARENT);
+        drop(self.tmp);
+        drop(self.registry);
+    }
+}
+
+/// Runs `body` as root on a small runtime, one test at a time.
+fn e2e<F: std::future::Future<Output = ()>>(body: F) {
     assert_eq!(
         nix::unistd::geteuid().as_raw(),
         0,
-        "arrow-cri's end-to-end test runs as root"
+        "arrow-cri's end-to-end tests run as root"
     );
     let _boots = integration::boot_lock();
     tokio::runtime::Builder::new_multi_thread()
@@ -392,19 +216,20 @@ fn arrow_cri_runs_pods_without_containerd() {
         .enable_all()
         .build()
         .unwrap()
-        .block_on(run());
+        .block_on(body);
 }
 
 async fn run() {
-    let registry = Registry::start();
-    let image = registry.push_busybox().await;
-    let tmp = tempfile::Builder::new()
-        .prefix("arrow-cri-e2e")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let dir = tmp.path().to_path_buf();
-    let mut daemon = Daemon::start(&dir);
-    let client = CriClient::connect(daemon.socket()).await.unwrap();
+    let env = Env::start().await;
+    let dir = env.dir();
+    let image = env.image.clone();
+    let Env {
+        registry,
+        tmp,
+        mut daemon,
+        client,
+        ..
+    } = env;
 
     // Version, Status, RuntimeConfig.
     let v = client.version().await.unwrap();
@@ -414,19 +239,6 @@ async fn run() {
         conditions["RuntimeReady"].status && conditions["NetworkReady"].status,
         "{conditions:?}"
     );
-
-    client
-        .image
-        .clone()
-        .pull_image(cri::PullImageRequest {
-            image: Some(cri::ImageSpec {
-                image: image.clone(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
 
     // Host namespaces are refused, naming the field.
     let mut host = pod_in(&dir, "hostnet");
@@ -648,7 +460,7 @@ async fn run() {
     drop(client);
     // `short` exits while nobody listens.
     tokio::time::sleep(Duration::from_secs(10)).await;
-    daemon.spawn();
+    daemon.spawn().unwrap();
     let client = CriClient::connect(daemon.socket()).await.unwrap();
     assert_eq!(
         client.pod_sandbox_status(&pod.id).await.unwrap().state,
@@ -686,10 +498,561 @@ async fn run() {
     assert!(client.list_pod_sandboxes().await.unwrap().is_empty());
     assert!(client.list_containers(None).await.unwrap().is_empty());
 
-    drop(client);
-    drop(daemon);
-    assert_nothing_left(&dir);
-    let _ = Command::new("ip").args(["link", "del", BRIDGE]).status();
-    integration::cri::remove_cgroup_dirs(integration::cri::CGROUP_PARENT);
-    drop(registry);
+    Env {
+        registry,
+        tmp,
+        daemon,
+        client,
+        image,
+    }
+    .finish();
+}
+
+// ------------------------------------------------- container semantics
+
+fn security(c: &mut cri::ContainerConfig) -> &mut cri::LinuxContainerSecurityContext {
+    c.linux.as_mut().unwrap().security_context.as_mut().unwrap()
+}
+
+fn pid_mode(ns: Option<&mut cri::NamespaceOption>, mode: cri::NamespaceMode) {
+    ns.expect("configs have namespace options").pid = mode as i32;
+}
+
+/// `Name:\tvalue` from a `/proc/PID/status` text.
+fn status_field<'a>(status: &'a str, name: &str) -> &'a str {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {name} in {status}"))
+        .trim()
+}
+
+async fn exec_ok(client: &CriClient, id: &str, cmd: &[&str]) -> String {
+    let out = client.exec_sync(id, cmd, 30).await.unwrap();
+    assert_eq!(
+        out.exit_code,
+        0,
+        "{cmd:?}: {}{}",
+        out.stdout_text(),
+        out.stderr_text()
+    );
+    out.stdout_text()
+}
+
+/// An HTTP/1.0 GET of `/` at `addr`; the whole answer.
+fn http_get(addr: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = addr.parse().map_err(std::io::Error::other)?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+async fn http_get_eventually(addr: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let last = match http_get(addr) {
+            Ok(answer) if answer.contains("200 OK") => return answer,
+            Ok(answer) => answer,
+            Err(e) => e.to_string(),
+        };
+        assert!(Instant::now() < deadline, "GET http://{addr}/: {last}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("0.0.0.0:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Collects GetContainerEvents until dropped.
+struct EventLog {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<cri::ContainerEventResponse>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EventLog {
+    async fn subscribe(client: &CriClient) -> EventLog {
+        let mut stream = client
+            .runtime
+            .clone()
+            .get_container_events(cri::GetEventsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        let task = tokio::spawn(async move {
+            while let Ok(Some(e)) = stream.message().await {
+                sink.lock().unwrap().push(e);
+            }
+        });
+        EventLog { seen, task }
+    }
+
+    /// The event types seen for `id`, in order.
+    fn of(&self, id: &str) -> Vec<cri::ContainerEventType> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.container_id == id)
+            .map(|e| {
+                cri::ContainerEventType::try_from(e.container_event_type)
+                    .expect("a known event type")
+            })
+            .collect()
+    }
+
+    fn find(&self, id: &str, kind: cri::ContainerEventType) -> Option<cri::ContainerEventResponse> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|e| e.container_id == id && e.container_event_type == kind as i32)
+            .cloned()
+    }
+
+    async fn wait_for(
+        &self,
+        id: &str,
+        kind: cri::ContainerEventType,
+    ) -> cri::ContainerEventResponse {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(e) = self.find(id, kind) {
+                return e;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {kind:?} event for {id}: {:?}",
+                self.of(id)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for EventLog {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[test]
+fn arrow_cri_container_semantics() {
+    e2e(semantics());
+}
+
+async fn semantics() {
+    use cri::ContainerEventType::*;
+    let env = Env::start().await;
+    let (client, image, dir) = (&env.client, env.image.as_str(), env.dir());
+    let events = EventLog::subscribe(client).await;
+
+    // ---- one pod (PID mode CONTAINER, kubelet's default): a restricted
+    // user, a root with one capability, and one that runs out of memory.
+    let pod = client
+        .run_pod_sandbox_with(pod_in(&dir, "secure"), "")
+        .await
+        .unwrap();
+    let mut user = container_config("user", image, &["sleep", "3600"], "user.log");
+    let sc = security(&mut user);
+    sc.run_as_user = Some(cri::Int64Value { value: 1000 });
+    sc.run_as_group = Some(cri::Int64Value { value: 2000 });
+    sc.supplemental_groups = vec![3000];
+    sc.readonly_rootfs = true;
+    sc.no_new_privs = true;
+    let user = client.create_container_with(&pod, user).await.unwrap();
+    let mut caps = container_config("caps", image, &["sleep", "3601"], "caps.log");
+    let sc = security(&mut caps);
+    sc.capabilities = Some(cri::Capability {
+        drop_capabilities: vec!["ALL".into()],
+        add_capabilities: vec!["NET_BIND_SERVICE".into()],
+        ..Default::default()
+    });
+    let caps = client.create_container_with(&pod, caps).await.unwrap();
+    let mut hog = container_config(
+        "hog",
+        image,
+        &["awk", r#"BEGIN { s = "x"; while (1) s = s s }"#],
+        "hog.log",
+    );
+    hog.linux.as_mut().unwrap().resources = Some(cri::LinuxContainerResources {
+        memory_limit_in_bytes: 32 << 20,
+        ..Default::default()
+    });
+    let hog = client.create_container_with(&pod, hog).await.unwrap();
+    for id in [&user, &caps, &hog] {
+        client.start_container(id).await.unwrap();
+    }
+
+    let id = exec_ok(client, &user, &["id"]).await;
+    assert!(
+        id.contains("uid=1000") && id.contains("gid=2000") && id.contains("3000"),
+        "{id}"
+    );
+    let status = exec_ok(client, &user, &["cat", "/proc/self/status"]).await;
+    assert_eq!(status_field(&status, "NoNewPrivs"), "1", "{status}");
+    assert_eq!(
+        status_field(&status, "CapEff"),
+        "0000000000000000",
+        "{status}"
+    );
+    let out = client
+        .exec_sync(&user, &["touch", "/written"], 30)
+        .await
+        .unwrap();
+    assert_ne!(out.exit_code, 0, "the read-only root was written");
+    assert!(
+        out.stderr_text().contains("Read-only file system"),
+        "{}",
+        out.stderr_text()
+    );
+
+    let status = exec_ok(client, &caps, &["cat", "/proc/self/status"]).await;
+    // CAP_NET_BIND_SERVICE is bit 10.
+    for set in ["CapEff", "CapPrm", "CapBnd"] {
+        assert_eq!(status_field(&status, set), "0000000000000400", "{set}");
+    }
+    assert_eq!(status_field(&status, "NoNewPrivs"), "0", "{status}");
+    let out = client
+        .exec_sync(&caps, &["hostname", "renamed"], 30)
+        .await
+        .unwrap();
+    assert_ne!(out.exit_code, 0, "sethostname without CAP_SYS_ADMIN");
+    // PID mode CONTAINER: the app is PID 1 and sees no other container.
+    let one = exec_ok(client, &caps, &["cat", "/proc/1/cmdline"]).await;
+    assert_eq!(one, "sleep\u{0}3601\u{0}");
+    let ps = exec_ok(client, &caps, &["ps", "-o", "pid,args"]).await;
+    assert!(
+        !ps.contains("sleep 3600"),
+        "another container's process: {ps}"
+    );
+
+    let s = wait_state(
+        client,
+        &hog,
+        ContainerState::ContainerExited,
+        Duration::from_secs(60),
+    )
+    .await;
+    // The OOM event may follow the exit: the reason is settled within moments.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut s = s;
+    while s.reason != "OOMKilled" && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        s = state_of(client, &hog).await;
+    }
+    assert_eq!(
+        (s.exit_code, s.reason.as_str()),
+        (137, "OOMKilled"),
+        "{s:?}"
+    );
+
+    // Events: the sandbox's and each container's, in order, carrying the
+    // pod's and containers' state as it was.
+    let stopped = events.wait_for(&hog, ContainerStoppedEvent).await;
+    let mine = stopped
+        .containers_statuses
+        .iter()
+        .find(|c| c.id == hog)
+        .expect("the event lists the container");
+    assert_eq!(mine.state, ContainerState::ContainerExited as i32);
+    assert_eq!(
+        stopped.pod_sandbox_status.as_ref().map(|p| p.id.as_str()),
+        Some(pod.id.as_str())
+    );
+    assert_eq!(
+        events.of(&hog),
+        [
+            ContainerCreatedEvent,
+            ContainerStartedEvent,
+            ContainerStoppedEvent
+        ]
+    );
+    client.stop_pod_sandbox(&pod.id).await.unwrap();
+    client.remove_pod_sandbox(&pod.id).await.unwrap();
+    events.wait_for(&pod.id, ContainerDeletedEvent).await;
+    assert_eq!(
+        events.of(&pod.id),
+        [
+            ContainerCreatedEvent,
+            ContainerStartedEvent,
+            ContainerStoppedEvent,
+            ContainerDeletedEvent
+        ]
+    );
+    for id in [&user, &caps, &hog] {
+        assert_eq!(
+            events.of(id),
+            [
+                ContainerCreatedEvent,
+                ContainerStartedEvent,
+                ContainerStoppedEvent,
+                ContainerDeletedEvent
+            ],
+            "container {id}"
+        );
+    }
+
+    // ---- one pod sharing its PID namespace, a volume and a host port:
+    // a web server and a client.
+    let host_port = free_port();
+    let mut config = pod_in(&dir, "duo");
+    config.port_mappings = vec![cri::PortMapping {
+        protocol: cri::Protocol::Tcp as i32,
+        container_port: 8080,
+        host_port: host_port.into(),
+        host_ip: String::new(),
+    }];
+    pid_mode(
+        config
+            .linux
+            .as_mut()
+            .unwrap()
+            .security_context
+            .as_mut()
+            .unwrap()
+            .namespace_options
+            .as_mut(),
+        cri::NamespaceMode::Pod,
+    );
+    let pod = client.run_pod_sandbox_with(config, "").await.unwrap();
+    // An emptyDir is a directory of the node that kubelet mounts into each.
+    let volume = dir.join("empty-dir");
+    fs::create_dir_all(&volume).unwrap();
+    let shared = |c: &mut cri::ContainerConfig| {
+        c.mounts = vec![cri::Mount {
+            container_path: "/shared".into(),
+            host_path: volume.display().to_string(),
+            ..Default::default()
+        }];
+        pid_mode(
+            security(c).namespace_options.as_mut(),
+            cri::NamespaceMode::Pod,
+        );
+    };
+    let mut web = container_config(
+        "web",
+        image,
+        &[
+            "sh",
+            "-c",
+            "echo served-from-the-volume > /shared/index.html; exec httpd -f -p 8080 -h /shared",
+        ],
+        "web.log",
+    );
+    shared(&mut web);
+    let mut peer = container_config("peer", image, &["sleep", "3600"], "peer.log");
+    shared(&mut peer);
+    let web = client.create_container_with(&pod, web).await.unwrap();
+    let peer = client.create_container_with(&pod, peer).await.unwrap();
+    client.start_container(&web).await.unwrap();
+    client.start_container(&peer).await.unwrap();
+    let pod_ip = client
+        .pod_sandbox_status(&pod.id)
+        .await
+        .unwrap()
+        .network
+        .unwrap()
+        .ip;
+
+    // Over localhost, from the other container.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let page = loop {
+        let out = client
+            .exec_sync(
+                &peer,
+                &["wget", "-q", "-O", "-", "http://127.0.0.1:8080/"],
+                30,
+            )
+            .await
+            .unwrap();
+        if out.exit_code == 0 {
+            break out.stdout_text();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "wget over localhost: {}",
+            out.stderr_text()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(page, "served-from-the-volume\n");
+    // The volume both ways, and the node sees it too.
+    exec_ok(
+        client,
+        &peer,
+        &["sh", "-c", "echo from-peer > /shared/note"],
+    )
+    .await;
+    assert_eq!(
+        exec_ok(client, &web, &["cat", "/shared/note"]).await,
+        "from-peer\n"
+    );
+    assert_eq!(
+        fs::read_to_string(volume.join("note")).unwrap(),
+        "from-peer\n"
+    );
+    // PID mode POD: each sees the other's processes.
+    let ps = exec_ok(client, &peer, &["ps", "-o", "pid,args"]).await;
+    assert!(ps.contains("httpd"), "{ps}");
+    let ps = exec_ok(client, &web, &["ps", "-o", "pid,args"]).await;
+    assert!(ps.contains("sleep 3600"), "{ps}");
+
+    // From the host: the pod's IP and container port, and the host port
+    // (portmap's DNAT of the node's own addresses).
+    let answer = http_get_eventually(&format!("{pod_ip}:8080")).await;
+    assert!(answer.ends_with("served-from-the-volume\n"), "{answer}");
+    let answer = http_get_eventually(&format!("{GATEWAY}:{host_port}")).await;
+    assert!(answer.ends_with("served-from-the-volume\n"), "{answer}");
+    let answer = http_get_eventually(&format!("127.0.0.1:{host_port}")).await;
+    assert!(answer.ends_with("served-from-the-volume\n"), "{answer}");
+
+    client.stop_pod_sandbox(&pod.id).await.unwrap();
+    client.remove_pod_sandbox(&pod.id).await.unwrap();
+    assert!(
+        http_get(&format!("127.0.0.1:{host_port}")).is_err(),
+        "the host port still answers after the pod went"
+    );
+    drop(events);
+    env.finish();
+}
+
+// ------------------------------------------------------------ 50 cycles
+
+/// What a pod could leave behind, counted on the whole host (and in the
+/// daemon), so a leak shows as a difference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Footprint {
+    shims: usize,
+    vmms: usize,
+    mounts: usize,
+    netns: usize,
+    links: usize,
+    taps: usize,
+    unix_sockets: usize,
+    shim_sockets: usize,
+    run_arrow: usize,
+    daemon_fds: usize,
+    daemon_children: usize,
+}
+
+fn count_lines(cmd: &[&str]) -> usize {
+    let out = Command::new(cmd[0]).args(&cmd[1..]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+fn footprint(daemon: &Daemon) -> Footprint {
+    let pid = daemon.pid();
+    let entries = |p: String| fs::read_dir(p).map(|d| d.count()).unwrap_or(0);
+    let daemon_children = fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            fs::read_to_string(e.path().join("stat"))
+                .ok()
+                .and_then(|s| {
+                    let rest = &s[s.rfind(')')? + 1..];
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                .is_some_and(|ppid| ppid == pid)
+        })
+        .count();
+    Footprint {
+        shims: processes("-namespace arrow-cri ").len(),
+        vmms: processes("arrow-vmm").len(),
+        mounts: fs::read_to_string("/proc/1/mountinfo")
+            .unwrap()
+            .lines()
+            .count(),
+        netns: entries("/run/netns".into()),
+        links: count_lines(&["ip", "-o", "link", "show"]),
+        taps: count_lines(&["ip", "-o", "link", "show", "type", "tun"]),
+        // Bound sockets of arrow's (other programs' come and go).
+        unix_sockets: fs::read_to_string("/proc/net/unix")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("arrow") || l.contains("/run/containerd/s/"))
+            .count(),
+        shim_sockets: entries("/run/containerd/s".into()),
+        run_arrow: entries("/run/arrow/arrow-cri".into()),
+        daemon_fds: entries(format!("/proc/{pid}/fd")),
+        daemon_children,
+    }
+}
+
+// Found by this test, not fixed yet: every pod leaves its shim's socket
+// file in /run/containerd/s (50 cycles: 264 -> 314 entries); all else
+// counted stays equal.
+#[test]
+#[ignore = "containerd-shim-arrow-v1 leaves one socket file per pod in /run/containerd/s: fix the shim, then enable"]
+fn arrow_cri_50_pod_cycles_leave_nothing() {
+    e2e(cycles(50));
+}
+
+async fn cycles(n: usize) {
+    let env = Env::start().await;
+    let (client, image, dir) = (&env.client, env.image.as_str(), env.dir());
+    let cycle = |i: usize| {
+        let dir = dir.clone();
+        async move {
+            let name = format!("cycle-{i}");
+            let pod = client
+                .run_pod_sandbox_with(pod_in(&dir, &name), "")
+                .await
+                .unwrap();
+            let c = client
+                .create_container_with(
+                    &pod,
+                    container_config(
+                        "app",
+                        image,
+                        &["sh", "-c", "echo up; sleep 3600"],
+                        "app.log",
+                    ),
+                )
+                .await
+                .unwrap();
+            client.start_container(&c).await.unwrap();
+            wait_for_log(&pod.log_file("app.log"), "up", Duration::from_secs(60))
+                .await
+                .unwrap();
+            client.stop_pod_sandbox(&pod.id).await.unwrap();
+            client.remove_pod_sandbox(&pod.id).await.unwrap();
+            let _ = fs::remove_dir_all(pod.log_directory());
+        }
+    };
+    // The first pod may boot the template and make the bridge: not counted.
+    cycle(0).await;
+    let before = footprint(&env.daemon);
+    let begun = Instant::now();
+    for i in 1..=n {
+        cycle(i).await;
+    }
+    let took = begun.elapsed();
+    // Let the shims' last exits and the daemon's tasks settle.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut after = footprint(&env.daemon);
+    while after != before && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        after = footprint(&env.daemon);
+    }
+    eprintln!(
+        "arrow-cri: {n} pod cycles (runp, create, start, first line, stopp, rmp) in {:.1} s ({:.0} ms each)",
+        took.as_secs_f64(),
+        ms(took) / n as f64
+    );
+    eprintln!("before: {before:?}\nafter:  {after:?}");
+    assert_eq!(before, after, "{n} pod cycles left something behind");
+    assert!(client.list_pod_sandboxes().await.unwrap().is_empty());
+    env.finish();
 }

@@ -13,6 +13,8 @@
 
 pub mod cni;
 pub mod events;
+pub mod host_cgroup;
+pub mod lifecycle;
 pub mod logs;
 pub mod model;
 pub mod shim;
@@ -70,6 +72,18 @@ pub struct ExecResult {
     pub exit_code: i32,
 }
 
+/// Where the host's cgroup hierarchies are mounted.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// A pod's figures.
+#[derive(Debug, Clone, Default)]
+pub struct PodStats {
+    /// The app containers' cgroups in the guest, summed by the shim.
+    pub guest: Option<Metrics>,
+    /// The pod's cgroup on the host: the VM as the node pays for it.
+    pub host: Option<host_cgroup::HostUsage>,
+}
+
 /// A container's figures.
 #[derive(Debug, Clone, Default)]
 pub struct ContainerStats {
@@ -90,6 +104,8 @@ pub struct Runtime {
     tables: Mutex<Tables>,
     shims: StdMutex<HashMap<String, Shim>>,
     outputs: StdMutex<HashMap<String, Output>>,
+    /// Created/started/stopped/deleted, for GetContainerEvents.
+    lifecycle: lifecycle::Publisher,
     /// Serves the shims' events while the runtime lives (in a mutex only
     /// because the server is not `Sync`).
     _events: StdMutex<containerd_shim_protos::ttrpc::asynchronous::Server>,
@@ -132,6 +148,7 @@ impl Runtime {
             tables: Mutex::new(tables),
             shims: StdMutex::new(HashMap::new()),
             outputs: StdMutex::new(HashMap::new()),
+            lifecycle: lifecycle::Publisher::default(),
             _events: StdMutex::new(events),
         });
         tokio::spawn(follow_events(Arc::downgrade(&runtime), rx));
@@ -141,6 +158,22 @@ impl Runtime {
 
     pub fn cni(&self) -> &cni::Cni {
         &self.cni
+    }
+
+    /// Every lifecycle event from now on (GetContainerEvents).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<lifecycle::LifecycleEvent>> {
+        self.lifecycle.subscribe()
+    }
+
+    /// Publishes `kind` for `id` (a container, or the pod itself) with the
+    /// pod's records as `t` holds them now.
+    fn publish(&self, t: &Tables, id: &str, pod_id: &str, kind: lifecycle::Kind) {
+        self.lifecycle.publish(
+            id,
+            kind,
+            t.pods.get(pod_id),
+            t.containers.values().filter(|c| c.pod_id == pod_id),
+        );
     }
 
     /// After a restart: each pod's shim is asked about its containers; an
@@ -270,7 +303,10 @@ impl Runtime {
             Ok(()) => {
                 pod.state = PodState::Ready;
                 self.state.save_pod(&pod)?;
-                self.tables.lock().await.pods.insert(id.clone(), pod);
+                let mut t = self.tables.lock().await;
+                t.pods.insert(id.clone(), pod);
+                self.publish(&t, &id, &id, lifecycle::Kind::Created);
+                self.publish(&t, &id, &id, lifecycle::Kind::Started);
                 Ok(id)
             }
             Err(e) => {
@@ -403,7 +439,9 @@ impl Runtime {
         }
         self.tear_down(&pod).await;
         let mut t = self.tables.lock().await;
+        let mut was_ready = false;
         if let Some(p) = t.pods.get_mut(id) {
+            was_ready = p.state == PodState::Ready;
             p.stopped = true;
             p.state = PodState::NotReady;
             p.netns = None;
@@ -411,6 +449,7 @@ impl Runtime {
         }
         // Containers the VM took with it.
         let now = model::now_nanos();
+        let mut ended = Vec::new();
         for c in t.containers.values_mut().filter(|c| c.pod_id == id) {
             if matches!(c.state, ContainerState::Running | ContainerState::Created) {
                 c.state = ContainerState::Exited;
@@ -420,7 +459,14 @@ impl Runtime {
                     oom_killed: false,
                 });
                 self.state.save_container(c)?;
+                ended.push(c.id.clone());
             }
+        }
+        for c in &ended {
+            self.publish(&t, c, id, lifecycle::Kind::Stopped);
+        }
+        if was_ready {
+            self.publish(&t, id, id, lifecycle::Kind::Stopped);
         }
         drop(t);
         for c in self.output_ids_of(id).await {
@@ -470,7 +516,9 @@ impl Runtime {
         }
         self.shim_cache().remove(id);
         self.state.remove_pod(id)?;
-        self.tables.lock().await.pods.remove(id);
+        let mut t = self.tables.lock().await;
+        self.publish(&t, id, id, lifecycle::Kind::Deleted);
+        t.pods.remove(id);
         Ok(())
     }
 
@@ -491,15 +539,16 @@ impl Runtime {
     /// The sandbox task ended (the VM stopped): the pod is not ready.
     async fn sandbox_exited(&self, id: &str) {
         let mut t = self.tables.lock().await;
-        if let Some(p) = t.pods.get_mut(id) {
-            if p.state == PodState::Ready {
-                tracing::info!(pod = %id, "the pod's VM stopped");
-                p.state = PodState::NotReady;
-                if let Err(e) = self.state.save_pod(p) {
-                    tracing::warn!("{e}");
-                }
-            }
+        let Some(p) = t.pods.get_mut(id) else { return };
+        if p.state != PodState::Ready {
+            return;
         }
+        tracing::info!(pod = %id, "the pod's VM stopped");
+        p.state = PodState::NotReady;
+        if let Err(e) = self.state.save_pod(p) {
+            tracing::warn!("{e}");
+        }
+        self.publish(&t, id, id, lifecycle::Kind::Stopped);
     }
 
     // ------------------------------------------------------ containers
@@ -566,11 +615,9 @@ impl Runtime {
         match self.create_in_shim(&pod, &container, &config, &files).await {
             Ok(()) => {
                 self.state.save_container(&container)?;
-                self.tables
-                    .lock()
-                    .await
-                    .containers
-                    .insert(id.clone(), container);
+                let mut t = self.tables.lock().await;
+                t.containers.insert(id.clone(), container);
+                self.publish(&t, &id, pod_id, lifecycle::Kind::Created);
                 Ok(id)
             }
             Err(e) => {
@@ -732,11 +779,16 @@ impl Runtime {
         {
             let mut t = self.tables.lock().await;
             if let Some(c) = t.containers.get_mut(id) {
-                if c.state == ContainerState::Created {
+                let started = c.state == ContainerState::Created;
+                if started {
                     c.state = ContainerState::Running;
                     c.started_at = model::now_nanos();
                 }
                 self.state.save_container(c)?;
+                if started {
+                    let pod_id = c.pod_id.clone();
+                    self.publish(&t, id, &pod_id, lifecycle::Kind::Started);
+                }
             }
         }
         self.watch_exit(id, shim);
@@ -782,6 +834,8 @@ impl Runtime {
                 if let Err(e) = self.state.save_container(c) {
                     tracing::warn!("{e}");
                 }
+                let pod_id = c.pod_id.clone();
+                self.publish(&t, id, &pod_id, lifecycle::Kind::Stopped);
             }
         }
         self.finish_output(id);
@@ -861,7 +915,10 @@ impl Runtime {
         self.finish_output(id);
         self.store.remove_rootfs(id)?;
         self.state.remove_container(id)?;
-        self.tables.lock().await.containers.remove(id);
+        let mut t = self.tables.lock().await;
+        if t.containers.remove(id).is_some() {
+            self.publish(&t, id, &c.pod_id, lifecycle::Kind::Deleted);
+        }
         Ok(())
     }
 
@@ -1005,14 +1062,22 @@ impl Runtime {
         Ok(out)
     }
 
-    /// The pod's figures: every app container's together (from the shim).
-    pub async fn pod_stats(&self, id: &str) -> Result<Option<Metrics>> {
+    /// The pod's figures: the VM's own from the pod's cgroup on the host,
+    /// and its app containers' together from the guest (through the shim).
+    pub async fn pod_stats(&self, id: &str) -> Result<PodStats> {
         let pod = self.pod(id).await?;
         if pod.state != PodState::Ready {
-            return Ok(None);
+            return Ok(PodStats::default());
         }
         let shim = self.shim_of(id).await?;
-        Ok(shim.stats(id).await.ok())
+        let guest = shim.stats(id).await.ok();
+        let parent = pod.spec.cgroup_parent.clone();
+        let host = tokio::task::spawn_blocking(move || {
+            host_cgroup::read_usage(Path::new(CGROUP_ROOT), &parent)
+        })
+        .await
+        .unwrap_or(None);
+        Ok(PodStats { guest, host })
     }
 }
 

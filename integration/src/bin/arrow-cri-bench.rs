@@ -1,8 +1,10 @@
 //! Pod start, stop and memory through containerd's CRI, Arrow against runc,
-//! in the same run against the same containerd (hack/bench-cri.sh). A
-//! benchmark: it prints figures and asserts nothing.
+//! in the same run against the same containerd (hack/bench-cri.sh), and
+//! with `--arrow-cri` through arrow-cri too, no containerd in its path
+//! (hack/bench-arrow-cri.sh). A benchmark: it prints figures and asserts
+//! nothing.
 //!
-//! `arrow-cri-bench [N] [M]`:
+//! `arrow-cri-bench [N] [M] [--arrow-cri [--daemon-pods P]]`:
 //! - one untimed warm-up pod per runtime (the first Arrow pod of a VM shape
 //!   may create the VM template: reported as "template creation");
 //! - N timed pods per runtime, the runtimes taking turns: RunPodSandbox,
@@ -14,7 +16,11 @@
 //!   idle a few seconds, then the host PSS of each pod's processes: for
 //!   Arrow the containerd-shim-arrow-v1 of the pod and its arrow-vmm (whose
 //!   PSS holds the guest memory the VM touched), for runc the
-//!   containerd-shim-runc-v2 with the pause and container processes under it.
+//!   containerd-shim-runc-v2 with the pause and container processes under it;
+//! - with `--arrow-cri`: a column for arrow-cri (the built daemon on
+//!   directories of its own, its image pulled from Debian's docker-registry
+//!   on loopback), and the daemon's own memory (RSS) idle and with P pods
+//!   running.
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -23,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use integration::arrow_cri::{Daemon, Registry};
 use integration::bench::{cpu_count, host_kernel, kvm_flavour, shell_words, Summary, Table};
 use integration::containerd::{ADDRESS, BUSYBOX_IMAGE, LOG};
 use integration::cri::{
@@ -61,6 +68,96 @@ struct Args {
     /// Seconds one pod may take to start (the first may create a template).
     #[arg(long, default_value_t = 300)]
     timeout: u64,
+    /// Also through arrow-cri (built by hack/build.sh, started here).
+    #[arg(long)]
+    arrow_cri: bool,
+    /// Pods running at once while arrow-cri's own RSS is read (0: skip).
+    #[arg(long, default_value_t = 20)]
+    daemon_pods: usize,
+}
+
+/// One column: a CRI server and the runtime handler asked of it.
+struct Target {
+    label: String,
+    cri: CriClient,
+    handler: String,
+    image: String,
+}
+
+/// arrow-cri and what it needs, alive while the benchmark runs.
+struct ArrowCri {
+    daemon: Daemon,
+    _registry: Registry,
+    _dir: tempfile::TempDir,
+}
+
+impl ArrowCri {
+    async fn start() -> Result<(ArrowCri, Target)> {
+        let registry = Registry::start()?;
+        let image = registry.push_busybox().await?;
+        let dir = tempfile::Builder::new()
+            .prefix("arrow-cri-bench")
+            .tempdir_in("/tmp")?;
+        let daemon = Daemon::start(dir.path())?;
+        let cri = CriClient::connect(daemon.socket()).await?;
+        cri.image
+            .clone()
+            .pull_image(proto::cri::PullImageRequest {
+                image: Some(proto::cri::ImageSpec {
+                    image: image.clone(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .context("arrow-cri: PullImage")?;
+        let target = Target {
+            label: "arrow-cri".into(),
+            cri,
+            handler: String::new(),
+            image,
+        };
+        Ok((
+            ArrowCri {
+                daemon,
+                _registry: registry,
+                _dir: dir,
+            },
+            target,
+        ))
+    }
+}
+
+/// arrow-cri's RSS and peak RSS (KiB) with `count` idle pods running.
+async fn daemon_memory(a: &ArrowCri, t: &Target, count: usize) -> Result<(u64, u64, u64)> {
+    let idle = a.daemon.rss_kb();
+    let mut pods = Vec::new();
+    let mut failed = None;
+    for _ in 0..count {
+        match start_idle_pod(t.cri.clone(), t.handler.clone(), t.image.clone()).await {
+            Ok(p) => pods.push(p),
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let loaded = a.daemon.rss_kb();
+    let peak = std::fs::read_to_string(format!("/proc/{}/status", a.daemon.pid()))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    for (pod, _) in &pods {
+        remove_quietly(&t.cri, pod).await;
+        clean_pod_dirs(pod);
+    }
+    if let Some(e) = failed {
+        return Err(e.context(format!("{} of {count} pods started", pods.len())));
+    }
+    Ok((idle, loaded, peak))
 }
 
 fn ms(d: Duration) -> f64 {
@@ -224,6 +321,15 @@ fn vm_ready_line(offset: u64, vmm_pid: u32) -> Option<(u64, bool)> {
     Some((ms, rest.contains("(clone)")))
 }
 
+/// The handler as a name part (arrow-cri's is empty).
+fn handler_tag(handler: &str) -> &str {
+    if handler.is_empty() {
+        "default"
+    } else {
+        handler
+    }
+}
+
 // ---- one pod -------------------------------------------------------------
 
 /// The timings of one pod, in ms.
@@ -295,7 +401,7 @@ async fn start_stop(
     timeout: Duration,
 ) -> Result<Sample> {
     let offset = log_len();
-    let name = unique_name(&format!("bench-{handler}"));
+    let name = unique_name(&format!("bench-{}", handler_tag(handler)));
     let config = bench_pod_config(&name);
     let mut s = Sample::default();
 
@@ -370,7 +476,7 @@ struct PodMemory {
 }
 
 async fn start_idle_pod(cri: CriClient, handler: String, image: String) -> Result<(Pod, String)> {
-    let name = unique_name(&format!("idle-{handler}"));
+    let name = unique_name(&format!("idle-{}", handler_tag(&handler)));
     let config = bench_pod_config(&name);
     let pod = cri.run_pod_sandbox_with(config, &handler).await?;
     let started = async {
@@ -503,7 +609,7 @@ async fn idle_memory(
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    if args.handlers.is_empty() {
+    if args.handlers.is_empty() && !args.arrow_cri {
         bail!("--handlers: none given");
     }
     let cri = CriClient::connect(&args.address).await?;
@@ -525,8 +631,30 @@ async fn main() -> Result<()> {
     if leftovers > 0 {
         eprintln!("removed {leftovers} pod(s) an earlier run left");
     }
+    let mut targets = Vec::new();
+    let arrow_cri = if args.arrow_cri {
+        eprintln!("starting arrow-cri (and a registry to pull its image from)");
+        let (a, t) = ArrowCri::start().await?;
+        targets.push(t);
+        Some(a)
+    } else {
+        None
+    };
+    for handler in &args.handlers {
+        targets.push(Target {
+            label: if args.arrow_cri {
+                format!("containerd/{handler}")
+            } else {
+                handler.clone()
+            },
+            cri: cri.clone(),
+            handler: handler.clone(),
+            image: args.image.clone(),
+        });
+    }
+    let labels: Vec<String> = targets.iter().map(|t| t.label.clone()).collect();
 
-    println!("== Arrow CRI benchmark: {} ==", args.handlers.join(" vs "));
+    println!("== Arrow CRI benchmark: {} ==", labels.join(" vs "));
     println!("KVM: {}", kvm_flavour());
     println!("CPUs: {}   host kernel: {}", cpu_count(), host_kernel());
     println!(
@@ -544,8 +672,9 @@ async fn main() -> Result<()> {
     // Warm-up: one untimed pod each.
     eprintln!("warm-up: one untimed pod per runtime");
     let mut warmups = Vec::new();
-    for handler in &args.handlers {
-        let r = start_stop(&cri, handler, &args.image, timeout).await;
+    for t in &targets {
+        let handler = &t.label;
+        let r = start_stop(&t.cri, &t.handler, &t.image, timeout).await;
         match &r {
             Ok(s) => eprintln!("  {handler}: first output after {:.0} ms", s.total),
             Err(e) => eprintln!("  {handler}: FAILED: {e:#}"),
@@ -555,11 +684,12 @@ async fn main() -> Result<()> {
 
     // Timed runs, the runtimes taking turns.
     eprintln!("timed: {} pods per runtime, taking turns", args.runs);
-    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); args.handlers.len()];
-    let mut failures: Vec<Vec<String>> = vec![Vec::new(); args.handlers.len()];
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); targets.len()];
+    let mut failures: Vec<Vec<String>> = vec![Vec::new(); targets.len()];
     for i in 0..args.runs {
-        for (h, handler) in args.handlers.iter().enumerate() {
-            match start_stop(&cri, handler, &args.image, timeout).await {
+        for (h, t) in targets.iter().enumerate() {
+            let handler = &t.label;
+            match start_stop(&t.cri, &t.handler, &t.image, timeout).await {
                 Ok(s) => {
                     eprintln!(
                         "  {}/{} {handler}: start {:.0} ms, stop+remove {:.0} ms{}",
@@ -591,18 +721,23 @@ async fn main() -> Result<()> {
             "memory: {} idle pods per runtime at once, {:.0} s to settle",
             args.idle, args.settle
         );
-        for handler in &args.handlers {
-            let r = idle_memory(&cri, handler, &args.image, args.idle, settle).await;
+        for t in &targets {
+            let r = idle_memory(&t.cri, &t.handler, &t.image, args.idle, settle).await;
             if let Err(e) = &r {
-                eprintln!("  {handler}: FAILED: {e:#}");
+                eprintln!("  {}: FAILED: {e:#}", t.label);
             }
             memory.push(r);
         }
     }
+    let mut daemon = None;
+    if let (Some(a), Some(t), true) = (&arrow_cri, targets.first(), args.daemon_pods > 0) {
+        eprintln!("arrow-cri's own memory with {} pods", args.daemon_pods);
+        daemon = Some(daemon_memory(a, t, args.daemon_pods).await);
+    }
 
     // ---- the report ----
     println!("warm-up (untimed, one pod per runtime):");
-    for (handler, r) in args.handlers.iter().zip(&warmups) {
+    for (handler, r) in labels.iter().zip(&warmups) {
         match r {
             Ok(s) => {
                 print!("  {handler:<6} first output after {:>8.1} ms", s.total);
@@ -626,7 +761,7 @@ async fn main() -> Result<()> {
     println!();
 
     let table = Table {
-        handlers: &args.handlers,
+        handlers: &labels,
         label_width: 34,
     };
     println!(
@@ -652,7 +787,7 @@ async fn main() -> Result<()> {
         // Below the 2 ms polling step a ratio means nothing.
         println!("{}", table.row(label, &stats, 2.0));
     }
-    for (h, handler) in args.handlers.iter().enumerate() {
+    for (h, handler) in labels.iter().enumerate() {
         let vms: Vec<(u64, bool)> = samples[h].iter().filter_map(|s| s.vm).collect();
         if vms.is_empty() {
             continue;
@@ -669,7 +804,7 @@ async fn main() -> Result<()> {
             vms.len() - fresh
         );
     }
-    for (handler, f) in args.handlers.iter().zip(&failures) {
+    for (handler, f) in labels.iter().zip(&failures) {
         if !f.is_empty() {
             println!("{handler}: {} of {} timed pods FAILED:", f.len(), args.runs);
             for e in f {
@@ -687,7 +822,7 @@ async fn main() -> Result<()> {
             args.settle
         );
         println!("  host PSS (MiB) of the pod's shim and every process under it (arrow: + arrow-vmm, which maps guest RAM)");
-        for (handler, r) in args.handlers.iter().zip(&memory) {
+        for (handler, r) in labels.iter().zip(&memory) {
             match r {
                 Ok(pods) => {
                     for m in pods {
@@ -728,5 +863,23 @@ async fn main() -> Result<()> {
         );
         println!("{}", table.row("PSS PER IDLE POD", &stats, 0.0));
     }
+    match daemon {
+        Some(Ok((idle, loaded, peak))) => {
+            println!();
+            println!(
+                "arrow-cri daemon RSS: {:.1} MiB with no pod, {:.1} MiB with {} pods running (peak {:.1} MiB)",
+                mib(idle),
+                mib(loaded),
+                args.daemon_pods,
+                mib(peak)
+            );
+        }
+        Some(Err(e)) => println!(
+            "arrow-cri daemon RSS with {} pods: FAILED: {e:#}",
+            args.daemon_pods
+        ),
+        None => {}
+    }
+    drop(arrow_cri);
     Ok(())
 }
