@@ -199,7 +199,7 @@ fn check_kvm(host: &Host) -> Line {
 
 /// The ELF machine of an x86-64 executable and whether it is static; `None`
 /// if `data` is no ELF64 little-endian file.
-fn elf_info(data: &[u8]) -> Option<(u16, bool)> {
+pub(crate) fn elf_info(data: &[u8]) -> Option<(u16, bool)> {
     if data.get(..6)? != b"\x7fELF\x02\x01" {
         return None;
     }
@@ -220,7 +220,7 @@ fn elf_info(data: &[u8]) -> Option<(u16, bool)> {
     Some((machine, !dynamic))
 }
 
-const EM_X86_64: u16 = 62;
+pub(crate) const EM_X86_64: u16 = 62;
 
 fn check_kernel(host: &Host) -> Vec<Line> {
     const WHAT: &str = "kernel";

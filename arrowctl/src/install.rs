@@ -307,6 +307,18 @@ pub fn install(plan: &InstallPlan) -> Result<Vec<Change>> {
                     path: src.clone(),
                     what: format!("{e}: build it with hack/build.sh, or pass --from DIR"),
                 })?;
+                // The guest has no dynamic loader: refuse cargo's dynamic
+                // builds (target/release) before anything is installed.
+                if name == "arrow-init"
+                    && crate::check::elf_info(&data) != Some((crate::check::EM_X86_64, true))
+                {
+                    return Err(Error::Refused {
+                        path: src,
+                        what: "not a static x86-64 executable; arrow-init must be static: \
+                               install hack/build.sh's build (target/arrow)"
+                            .into(),
+                    });
+                }
                 files.push((prefix.join(name), Kind::Binary, data, Some(0o755)));
             }
         }
@@ -500,6 +512,36 @@ mod tests {
         assert!(!p.record.exists());
     }
 
+    /// The smallest "static x86-64 executable" the check accepts.
+    fn static_elf() -> Vec<u8> {
+        let mut elf = vec![0u8; 64];
+        elf[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        elf[18] = 62;
+        elf
+    }
+
+    #[test]
+    fn refuses_a_dynamic_arrow_init() {
+        let dir = tempfile::tempdir().unwrap();
+        let from = dir.path().join("from");
+        fs::create_dir_all(&from).unwrap();
+        for name in BINARIES {
+            fs::write(from.join(name), name).unwrap();
+        }
+        // This test binary is dynamic.
+        fs::copy(std::env::current_exe().unwrap(), from.join("arrow-init")).unwrap();
+        let p = InstallPlan {
+            binaries: Some((from, dir.path().join("bin"))),
+            kernel: None,
+            containerd: None,
+            k3s: None,
+            record: dir.path().join("install.json"),
+        };
+        let err = install(&p).unwrap_err();
+        assert!(err.to_string().contains("must be static"), "{err}");
+        assert!(!dir.path().join("bin").exists());
+    }
+
     #[test]
     fn binaries_and_kernel_round_trip() {
         let dir = tempfile::tempdir().unwrap();
@@ -510,6 +552,7 @@ mod tests {
         for name in BINARIES {
             fs::write(from.join(name), format!("new {name}")).unwrap();
         }
+        fs::write(from.join("arrow-init"), static_elf()).unwrap();
         // An older arrow-vmm is there already; the kernel is a symlink.
         fs::write(prefix.join("arrow-vmm"), "old").unwrap();
         fs::write(dir.path().join("vmlinux-old"), "old kernel").unwrap();
