@@ -165,8 +165,13 @@ fn check_kvm(host: &Host) -> Line {
             Status::Fail,
             WHAT,
             format!(
-                "{} does not answer as KVM (API version {version}, want 12)",
-                host.dev_kvm.display()
+                "{} does not answer as KVM ({}): load kvm_intel, kvm_amd or kvm_pvm",
+                host.dev_kvm.display(),
+                if version < 0 {
+                    "KVM_GET_API_VERSION fails".to_string()
+                } else {
+                    format!("API version {version}, want 12")
+                }
             ),
         );
     }

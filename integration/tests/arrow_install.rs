@@ -440,7 +440,8 @@ fn check_with_kvm_hidden() {
         assert!(stdout.ends_with("fix the FAIL lines\n"), "{stdout}");
     }
     // Outside, /dev/kvm is untouched.
-    assert!(check_command().status().unwrap().success());
+    let outside = check_command().output().unwrap();
+    assert!(outside.status.success(), "{}", text(&outside));
 }
 
 /// hack/containerd.sh with `ARROW_CONTAINERD_CONFIG` = `config`.
