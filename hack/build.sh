@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds arrow-vmm, the containerd shim and the static arrow-init (release),
-# and arrow-cri, and puts them in $ARROW_BIN_DIR (default target/arrow/),
+# arrow-cri and the operator's `arrow` command, and puts them in $ARROW_BIN_DIR (default target/arrow/),
 # where arrow-vmm finds arrow-init and the shim finds arrow-vmm (and the
 # arrow-cri end-to-end test finds arrow-cri and the shim).
 set -euo pipefail
@@ -24,9 +24,13 @@ cargo build --profile release-init --locked -p guest-init --bin arrow-init --tar
 # resolver), built as `cargo test` builds it so the two share their work.
 log "building arrow-cri"
 env -u RUSTFLAGS cargo build --release --locked -p cri-server --bin arrow-cri
+# `arrow` (install, check): dynamic too, built as `cargo test` builds it.
+log "building arrow"
+env -u RUSTFLAGS cargo build --release --locked -p arrowctl --bin arrow
 mkdir -p "$ARROW_BIN_DIR"
 install -m 0755 target/$target/release/arrow-vmm "$ARROW_BIN_DIR/arrow-vmm"
 install -m 0755 target/$target/release-init/arrow-init "$ARROW_BIN_DIR/arrow-init"
 install -m 0755 target/$target/release/containerd-shim-arrow-v1 "$ARROW_BIN_DIR/containerd-shim-arrow-v1"
 install -m 0755 "${CARGO_TARGET_DIR:-target}/release/arrow-cri" "$ARROW_BIN_DIR/arrow-cri"
+install -m 0755 "${CARGO_TARGET_DIR:-target}/release/arrow" "$ARROW_BIN_DIR/arrow"
 log "binaries in $ARROW_BIN_DIR: $(cd "$ARROW_BIN_DIR" && ls | tr '\n' ' ')"

@@ -22,6 +22,13 @@
 # Images: hack/images.sh imports the test images into it.
 # Environment: ARROW_CONTAINERD_PATH is put in front of containerd's PATH
 # (e.g. a directory with a freshly built containerd-shim-arrow-v1).
+# ARROW_TEST_SUBNET is the pods' CNI subnet (default 10.213.0.0/16: not
+# containerd's stock 10.88.0.0/16, nor k3s's, kind's or flannel's); start
+# refuses when something else on the host already routes it.
+# ARROW_CONTAINERD_CONFIG names a config to start with instead of the one
+# this script writes (integration/tests/arrow_install.rs: containerd's
+# stock config edited by `arrow install`); it must use this script's root,
+# state, socket and CNI directory, so stop cleans up after it the same way.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -30,12 +37,12 @@ run=${ARROW_TEST_RUN:-/run/arrow-test}
 state=$run/containerd
 sock=$state/containerd.sock
 etc=/etc/arrow-test
-config=$etc/containerd/config.toml
+config=${ARROW_CONTAINERD_CONFIG:-$etc/containerd/config.toml}
 cni_conf_dir=$etc/cni/net.d
 cni_bin_dir=/usr/lib/cni
 cni_network=arrow-test
 bridge=arrow0
-subnet=10.88.0.0/16
+subnet=${ARROW_TEST_SUBNET:-10.213.0.0/16}
 logfile=$run/containerd.log
 pidfile=$run/containerd.pid
 lockfile=$run/containerd.lock
@@ -58,7 +65,10 @@ write_unjailed_shim() {
 }
 
 write_config() {
-  mkdir -p "$(dirname "$config")" "$cni_conf_dir"
+  mkdir -p "$cni_conf_dir"
+  write_cni_config
+  [ -z "${ARROW_CONTAINERD_CONFIG:-}" ] || return 0
+  mkdir -p "$(dirname "$config")"
   cat >"$config.tmp" <<EOF
 # Written by hack/containerd.sh: Arrow's private test containerd.
 version = 2
@@ -142,6 +152,9 @@ disabled_plugins = [
     platforms = ["linux/amd64"]
 EOF
   mv "$config.tmp" "$config"
+}
+
+write_cni_config() {
   # Pods get an address on bridge $bridge; no masquerading: they reach
   # this machine and each other, nothing further.
   cat >"$cni_conf_dir/10-$cni_network.conflist.tmp" <<EOF
@@ -180,6 +193,14 @@ pid_of_ours() {
 
 answers() { ctr_ version >/dev/null 2>&1; }
 
+# Routes of this host that overlap the pods' subnet, other than our
+# bridge's own (the default route aside): with one, a pod IP would be
+# reachable through the wrong interface, or not at all.
+routes_over_subnet() {
+  { ip -4 route show root "$subnet"; ip -4 route show match "$subnet"; } 2>/dev/null |
+    grep -v '^default ' | grep -vw "dev $bridge" || true
+}
+
 start() {
   require_root
   command -v containerd >/dev/null || { echo "containerd not installed: run hack/deps.sh" >&2; exit 1; }
@@ -190,6 +211,14 @@ start() {
   if pid_of_ours >/dev/null; then
     log "containerd (pid $(pid_of_ours)) does not answer: restarting it"
     stop_daemon
+  fi
+  local clash
+  clash=$(routes_over_subnet)
+  if [ -n "$clash" ]; then
+    echo "the test pods' subnet $subnet is already routed on this host:" >&2
+    printf '  %s\n' "$clash" >&2
+    echo "pick a free one with ARROW_TEST_SUBNET=a.b.0.0/16 (or remove that route)" >&2
+    exit 1
   fi
   write_config
   mkdir -p "$root" "$state" "$run"

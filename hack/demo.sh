@@ -60,14 +60,24 @@ for _ in $(seq 1200); do
   sleep 0.1
 done
 [ -n "$ip" ] || { stop_pod; log "ERROR: the pod got no IP"; exit 1; }
-log "pod IP $ip; GET http://$ip:8080/ from the host"
+# GET / from $1:$2 through bash's /dev/tcp; fails quietly while nothing
+# listens there yet.
+http_get() {
+  { exec 3<>"/dev/tcp/$1/$2"; } 2>/dev/null || return 1
+  printf 'GET / HTTP/1.0\r\n\r\n' >&3
+  cat <&3
+}
+# One progress line: a dot per refused try until the server answers.
+printf '==> pod IP %s; waiting for http://%s:8080/ ' "$ip" "$ip" >&2
 page=""
 for _ in $(seq 120); do
-  if page=$(exec 3<>"/dev/tcp/$ip/8080" && printf 'GET / HTTP/1.0\r\n\r\n' >&3 && cat <&3) 2>/dev/null; then
+  if page=$(http_get "$ip" 8080) && [ -n "$page" ]; then
     break
   fi
+  printf '.' >&2
   sleep 0.5
 done
+printf '\n' >&2
 stop_pod
 [ -n "$page" ] || { log "ERROR: no answer from $ip:8080"; exit 1; }
 printf '%s\n' "$page"

@@ -34,6 +34,29 @@ pub const BUSYBOX_IMAGE: &str = "localhost/arrow/busybox:latest";
 /// The sandbox image: the static arrow-pause as /pause.
 pub const PAUSE_IMAGE: &str = "localhost/arrow/pause:latest";
 
+/// The pods' CNI subnet in `hack/containerd.sh` when `ARROW_TEST_SUBNET`
+/// does not name another: not containerd's stock `10.88.0.0/16`, so the
+/// tests run beside a containerd with its default bridge.
+pub const DEFAULT_POD_SUBNET: &str = "10.213.0.0/16";
+
+/// Whether `ip` is in the pods' subnet (`ARROW_TEST_SUBNET` or
+/// [`DEFAULT_POD_SUBNET`]).
+pub fn in_pod_subnet(ip: &str) -> bool {
+    let subnet = std::env::var("ARROW_TEST_SUBNET").unwrap_or_else(|_| DEFAULT_POD_SUBNET.into());
+    let Some((net, len)) = subnet.split_once('/') else {
+        return false;
+    };
+    let (Ok(net), Ok(len), Ok(ip)) = (
+        net.parse::<std::net::Ipv4Addr>(),
+        len.parse::<u32>(),
+        ip.parse::<std::net::Ipv4Addr>(),
+    ) else {
+        return false;
+    };
+    let mask = u32::MAX.checked_shl(32 - len.min(32)).unwrap_or(0);
+    u32::from(ip) & mask == u32::from(net) & mask
+}
+
 /// What a `ctr` run gave.
 #[derive(Debug)]
 pub struct CtrOutput {
@@ -227,5 +250,21 @@ impl Containerd {
         let client = CriClient::connect(&self.address).await?;
         client.wait_ready(Duration::from_secs(30)).await?;
         Ok(client)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_subnet_membership() {
+        if std::env::var_os("ARROW_TEST_SUBNET").is_some() {
+            return;
+        }
+        assert!(in_pod_subnet("10.213.0.5"));
+        assert!(in_pod_subnet("10.213.255.254"));
+        assert!(!in_pod_subnet("10.88.0.5"));
+        assert!(!in_pod_subnet("not an address"));
     }
 }

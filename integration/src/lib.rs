@@ -38,10 +38,19 @@ fn must_exist(path: PathBuf, what: &str) -> PathBuf {
     path
 }
 
+/// Where `hack/build.sh` stages the binaries (`$ARROW_BIN_DIR`).
+pub fn bin_dir() -> PathBuf {
+    env_or("ARROW_BIN_DIR", workspace_root().join("target/arrow"))
+}
+
 /// `arrow-vmm`, as staged by `hack/build.sh`.
 pub fn arrow_vmm() -> PathBuf {
-    let dir = env_or("ARROW_BIN_DIR", workspace_root().join("target/arrow"));
-    must_exist(dir.join("arrow-vmm"), "arrow-vmm")
+    must_exist(bin_dir().join("arrow-vmm"), "arrow-vmm")
+}
+
+/// The operator's `arrow` command, as staged by `hack/build.sh`.
+pub fn arrow_cli() -> PathBuf {
+    must_exist(bin_dir().join("arrow"), "arrow")
 }
 
 /// The guest kernel built by `hack/build-kernel.sh`.

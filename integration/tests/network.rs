@@ -1,6 +1,6 @@
 //! Pod networking end to end: pods of runtime handler `arrow` under the
 //! private containerd (hack/containerd.sh) and its CNI network (bridge
-//! `arrow0`, host-local 10.88.0.0/16), with `runc` pods as the control. The
+//! `arrow0`, host-local 10.213.0.0/16), with `runc` pods as the control. The
 //! pod IP must answer from inside the microVM, from the host and from other
 //! pods; the pod's DNS settings must reach the guest; and stopping pods must
 //! leave no tap, tc filter or network namespace behind. Needs root and KVM;
