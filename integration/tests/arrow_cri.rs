@@ -990,11 +990,9 @@ fn footprint(daemon: &Daemon) -> Footprint {
     }
 }
 
-// Found by this test, not fixed yet: every pod leaves its shim's socket
-// file in /run/containerd/s (50 cycles: 264 -> 314 entries); all else
-// counted stays equal.
+// Found by this test first: every pod left its shim's socket file in
+// /run/containerd/s (50 cycles: 264 -> 314 entries).
 #[test]
-#[ignore = "containerd-shim-arrow-v1 leaves one socket file per pod in /run/containerd/s: fix the shim, then enable"]
 fn arrow_cri_50_pod_cycles_leave_nothing() {
     e2e(cycles(50));
 }

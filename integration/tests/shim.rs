@@ -374,6 +374,13 @@ async fn pod_through_cri() {
         .unwrap();
 }
 
+/// The ttrpc sockets of every shim, live or left behind.
+fn shim_sockets() -> std::collections::BTreeSet<std::ffi::OsString> {
+    fs::read_dir("/run/containerd/s")
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default()
+}
+
 /// The pod's `arrow-vmm` is jailed (see `vmm-core/src/bin/arrow-vmm/jail.rs`):
 /// its keeper (the process the shim started) holds no privilege, the VMM
 /// (the keeper's child, PID 1 of its own PID namespace) keeps only the
@@ -581,6 +588,7 @@ fn twenty_pod_cycles_leave_nothing_behind() {
 async fn twenty_pod_cycles() {
     let containerd = Containerd::shared();
     let cri = containerd.cri().await.unwrap();
+    let shim_sockets_before = shim_sockets();
     for i in 0..20 {
         let pod = cri
             .run_pod_sandbox(&unique_name("cycle"), "arrow")
@@ -599,6 +607,11 @@ async fn twenty_pod_cycles() {
     tokio::task::spawn_blocking(settle_then_assert_nothing_left)
         .await
         .unwrap();
+    let left: Vec<_> = shim_sockets()
+        .difference(&shim_sockets_before)
+        .cloned()
+        .collect();
+    assert!(left.is_empty(), "shim sockets left: {left:?}");
 }
 
 /// The pid of the first process whose command line contains every needle.

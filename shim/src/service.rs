@@ -2,6 +2,7 @@
 //! launch the pod's shim), the serving shim itself, and `delete` (clean up
 //! after a shim that died).
 
+use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -12,7 +13,7 @@ use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::publisher::RemotePublisher;
-use containerd_shim::{Config, Error, Flags, StartOpts};
+use containerd_shim::{socket_address, Config, Error, Flags, StartOpts};
 use oci_spec::runtime::Spec;
 
 use crate::network::{self, PodNetworkMode};
@@ -28,6 +29,10 @@ pub struct ArrowShim {
     namespace: String,
     id: String,
     bundle: String,
+    /// containerd's address, from which the pod shim's socket is derived.
+    containerd_address: String,
+    /// This shim's ttrpc socket (`-socket`, only when serving).
+    socket: String,
     exit: Arc<ExitSignal>,
 }
 
@@ -50,6 +55,8 @@ impl Shim for ArrowShim {
             namespace: args.namespace.clone(),
             id: args.id.clone(),
             bundle: args.bundle.clone(),
+            containerd_address: args.address.clone(),
+            socket: args.socket.clone(),
             exit: Arc::new(ExitSignal::default()),
         }
     }
@@ -96,6 +103,9 @@ impl Shim for ArrowShim {
                         Err(e) => log::warn!("network of {}: {e}", self.id),
                     }
                 }
+                // The dead shim could not remove its socket.
+                let socket = socket_address(&self.containerd_address, &self.namespace, &self.id);
+                remove_dead_socket(&socket);
                 pod.clean_up()
             }
         };
@@ -110,11 +120,73 @@ impl Shim for ArrowShim {
         })
     }
 
+    /// Returns once the pod is shut down, with the socket file gone:
+    /// containerd may delete the bundle (where the library looks for the
+    /// address to remove) before this process gets there, and every pod
+    /// would leave a file in /run/containerd/s.
     async fn wait(&mut self) {
         self.exit.wait().await;
+        if !self.socket.is_empty() {
+            remove_socket_file(&self.socket);
+        }
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
         TaskService::new(publisher, &self.namespace, self.exit.clone())
+    }
+}
+
+/// The filesystem path of a `unix://` ttrpc address.
+fn socket_path(address: &str) -> &Path {
+    Path::new(address.strip_prefix("unix://").unwrap_or(address))
+}
+
+/// Removes the socket file at `address`, if it is one (never another kind
+/// of file someone put there).
+fn remove_socket_file(address: &str) {
+    let path = socket_path(address);
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if let Err(e) = std::fs::remove_file(path) {
+                log::warn!("removing the socket {}: {e}", path.display());
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Removes the socket file at `address` if nothing listens on it any more.
+fn remove_dead_socket(address: &str) {
+    let path = socket_path(address);
+    match std::os::unix::net::UnixStream::connect(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => remove_socket_file(address),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn only_sockets_nobody_serves_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("live");
+        let _listener = UnixListener::bind(&live).unwrap();
+        let dead = dir.path().join("dead");
+        drop(UnixListener::bind(&dead).unwrap());
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, b"not a socket").unwrap();
+        for p in [&live, &dead, &plain] {
+            remove_dead_socket(&format!("unix://{}", p.display()));
+        }
+        assert!(live.exists(), "a served socket was removed");
+        assert!(!dead.exists(), "a dead socket was kept");
+        assert!(plain.exists(), "a regular file was removed");
+        remove_socket_file(&format!("unix://{}", plain.display()));
+        assert!(plain.exists());
+        remove_socket_file(&live.display().to_string());
+        assert!(!live.exists());
     }
 }
