@@ -55,7 +55,8 @@ impl Monitor {
     /// The status line and body of `GET path`.
     fn get(&self, path: &str) -> (String, String) {
         let mut conn = TcpStream::connect(&self.addr).expect("connecting to arrow monitor");
-        conn.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
         write!(conn, "GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", self.addr).unwrap();
         let mut text = String::new();
         conn.read_to_string(&mut text).unwrap();
@@ -134,7 +135,10 @@ fn assert_plausible(s: &BTreeMap<String, f64>, pod: &str, text: &str) {
     assert!(pss > 0.0 && pss <= rss, "{pod}: PSS {pss}, RSS {rss}");
     let vcpu = get("arrow_pod_vcpu_seconds_total", "");
     let cpu = get("arrow_pod_vmm_cpu_seconds_total", "");
-    assert!(vcpu > 0.0 && cpu >= vcpu, "{pod}: vCPU {vcpu} s, VMM {cpu} s");
+    assert!(
+        vcpu > 0.0 && cpu >= vcpu,
+        "{pod}: vCPU {vcpu} s, VMM {cpu} s"
+    );
     let ready = get("arrow_pod_start_phase_seconds", ",phase=\"vmm_ready\"");
     let agent = get("arrow_pod_start_phase_seconds", ",phase=\"agent_ready\"");
     assert!(
