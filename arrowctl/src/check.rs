@@ -209,11 +209,11 @@ pub(crate) fn elf_info(data: &[u8]) -> Option<(u16, bool)> {
         return None;
     }
     let u16_at = |off: usize| {
-        data.get(off..off + 2)
+        data.get(off..off.checked_add(2)?)
             .map(|b| u16::from_le_bytes([b[0], b[1]]))
     };
     let u32_at = |off: usize| {
-        data.get(off..off + 4)
+        data.get(off..off.checked_add(4)?)
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     };
     let machine = u16_at(18)?;

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use arrowctl::check::{self, Host};
 use arrowctl::containerd_config::ConfigVersion;
 use arrowctl::install::{self, InstallPlan, Kind, Outcome, Undo};
-use arrowctl::{k3s_template, runtimeclass};
+use arrowctl::{k3s_template, monitor, runtimeclass};
 
 const CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
 const PREFIX: &str = "/usr/local/bin";
@@ -17,7 +17,7 @@ const PREFIX: &str = "/usr/local/bin";
 #[derive(Parser)]
 #[command(
     name = "arrow",
-    about = "Run Kubernetes pods as KVM microVMs: install, check, RuntimeClass"
+    about = "Run Kubernetes pods as KVM microVMs: install, check, RuntimeClass, metrics"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -76,6 +76,16 @@ enum Cmd {
     },
     /// Print the Kubernetes RuntimeClass (deploy/runtimeclass.yaml).
     Runtimeclass,
+    /// Serve the node's pod metrics to Prometheus: GET /metrics.
+    Monitor {
+        /// Address to listen on.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8090")]
+        listen: String,
+        /// The shim's state directory (default $ARROW_STATE_DIR, else
+        /// /run/arrow).
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
 }
 
 /// The cache arrow-vmm reads the guest kernel and templates from.
@@ -270,6 +280,22 @@ fn run_check(containerd: PathBuf, prefix: PathBuf, kernel: Option<PathBuf>) -> b
     passed
 }
 
+fn run_monitor(listen: &str, state_dir: Option<PathBuf>) -> Result<()> {
+    let listener =
+        std::net::TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
+    let sources = monitor::Sources::host(state_dir);
+    eprintln!(
+        "arrow monitor: serving http://{}/metrics for the pods in {}",
+        listener
+            .local_addr()
+            .map_or(listen.to_string(), |a| a.to_string()),
+        sources.state_dir.display()
+    );
+    monitor::Monitor::new(sources)
+        .serve(listener)
+        .context("serving")
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -292,6 +318,7 @@ fn main() -> ExitCode {
             print!("{}", runtimeclass::MANIFEST);
             Ok(true)
         }
+        Cmd::Monitor { listen, state_dir } => run_monitor(&listen, state_dir).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

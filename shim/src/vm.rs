@@ -14,7 +14,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use containerd_shim::asynchronous::monitor::{monitor_subscribe, monitor_unsubscribe};
 use containerd_shim::monitor::{Subject, Topic};
@@ -23,7 +23,7 @@ use nix::sys::socket::{getsockopt, sockopt};
 use nix::unistd::Pid;
 use proto::agent::StreamKind;
 use proto::client::{AgentClient, ClientError};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::cgroup::{self, CgroupError, CgroupPath, PodCgroup};
@@ -136,6 +136,10 @@ impl PodDir {
     pub fn cgroup_record(&self) -> PathBuf {
         self.root.join("cgroups")
     }
+    /// What the VM is and how it started ([`VmRecord`]), for `arrow monitor`.
+    pub fn vm_record(&self) -> PathBuf {
+        self.root.join("vm.json")
+    }
 
     /// Kills a VMM a dead shim left (by its pid file, if it is still an
     /// arrow-vmm), removes the cgroups the shim created for it (see
@@ -154,6 +158,32 @@ impl PodDir {
             log::warn!("{e}");
         }
         crate::share::remove_tree(&self.root)
+    }
+}
+
+/// What the shim knows of a pod's VM once it is ready, written to
+/// [`PodDir::vm_record`] for `arrow monitor` (which reads the same fields;
+/// keep them in step with `arrowctl/src/monitor.rs`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// The guest's memory size.
+    pub guest_memory_bytes: u64,
+    pub vcpus: u8,
+    /// Restored from a template (true) or booted (false).
+    pub cloned: bool,
+    /// From spawning arrow-vmm to its ready line (a restore or a boot).
+    pub vmm_ready_ms: u64,
+    /// From the ready line to the agent connected and `InitClone` done.
+    pub agent_ready_ms: u64,
+}
+
+impl VmRecord {
+    /// Writes the record whole (a temporary file renamed over it), so a
+    /// reader never sees half of it.
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        let tmp = path.with_extension("json.tmp");
+        fs::write(&tmp, serde_json::to_vec(self)?)?;
+        fs::rename(&tmp, path)
     }
 }
 
@@ -274,6 +304,7 @@ impl PodVm {
                 });
             }
         }
+        let spawn_at = Instant::now();
         let spawned = match cgroup {
             Some(path) => PodCgroup::prepare(path, &dir.cgroup_record())
                 .and_then(|cgroup| cgroup.spawn(&mut cmd))
@@ -334,6 +365,7 @@ impl PodVm {
             ready.ready_ms,
             if ready.cloned { "clone" } else { "fresh boot" }
         );
+        let ready_at = Instant::now();
         let uds = dir.vsock();
         let hostname = hostname.to_string();
         let cloned = ready.cloned;
@@ -354,11 +386,24 @@ impl PodVm {
         .map_err(|e| VmError::NotReady(e.to_string()))
         .and_then(|r| r);
         match connected {
-            Ok(agent) => Ok(PodVm {
-                agent: Arc::new(agent),
-                cloned,
-                ..vm
-            }),
+            Ok(agent) => {
+                let record = VmRecord {
+                    guest_memory_bytes: shape.memory_bytes,
+                    vcpus: shape.vcpus,
+                    cloned,
+                    vmm_ready_ms: millis(ready_at - spawn_at),
+                    agent_ready_ms: millis(ready_at.elapsed()),
+                };
+                // Only the monitor reads it: a pod runs without it.
+                if let Err(e) = record.write(&dir.vm_record()) {
+                    log::warn!("writing {}: {e}", dir.vm_record().display());
+                }
+                Ok(PodVm {
+                    agent: Arc::new(agent),
+                    cloned,
+                    ..vm
+                })
+            }
             Err(e) => {
                 vm.kill();
                 Err(e)
@@ -548,6 +593,10 @@ fn read_ready_line<R: Read>(stdout: Option<R>) -> Result<ReadyLine, String> {
     Ok(ready)
 }
 
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// `$ARROW_VMM`, else `arrow-vmm` next to the shim binary.
 fn vmm_binary() -> Result<PathBuf, VmError> {
     if let Some(path) = std::env::var_os("ARROW_VMM") {
@@ -628,6 +677,32 @@ mod tests {
         connect_vmm(&path, parent, 1024, Duration::from_secs(5)).unwrap();
         server.join().unwrap();
         let _ = fs::remove_file(&path);
+    }
+
+    #[test]
+    fn vm_record_is_written_whole_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.json");
+        let record = VmRecord {
+            guest_memory_bytes: 256 << 20,
+            vcpus: 2,
+            cloned: true,
+            vmm_ready_ms: 412,
+            agent_ready_ms: 35,
+        };
+        record.write(&path).unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        // The exact text arrowctl's monitor tests parse.
+        assert_eq!(
+            text,
+            r#"{"guest_memory_bytes":268435456,"vcpus":2,"cloned":true,"vmm_ready_ms":412,"agent_ready_ms":35}"#
+        );
+        assert_eq!(serde_json::from_str::<VmRecord>(&text).unwrap(), record);
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temporary left"
+        );
     }
 
     #[test]
