@@ -38,7 +38,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use serde::Deserialize;
+use proto::vm_record::VmRecord;
 
 /// The state directory the shim keeps pods in (`$ARROW_STATE_DIR` replaces
 /// it, as for the shim).
@@ -54,16 +54,6 @@ pub enum MonitorError {
     Io { path: PathBuf, source: io::Error },
     #[error("{}: {what}", path.display())]
     Parse { path: PathBuf, what: String },
-}
-
-/// `shim/src/vm.rs` `VmRecord`, as `vm.json` holds it.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-pub struct VmRecord {
-    pub guest_memory_bytes: u64,
-    pub vcpus: u8,
-    pub cloned: bool,
-    pub vmm_ready_ms: u64,
-    pub agent_ready_ms: u64,
 }
 
 /// The memory figures of `/proc/<pid>/smaps_rollup`, in bytes.
@@ -335,7 +325,7 @@ impl Sources {
         };
         let record_path = dir.join("vm.json");
         let record = match read_optional(&record_path) {
-            Ok(Some(text)) => match serde_json::from_str::<VmRecord>(&text) {
+            Ok(Some(text)) => match VmRecord::parse(&text) {
                 Ok(record) => Some(record),
                 Err(e) => {
                     errors.push(parse_error(&record_path, e.to_string()).to_string());

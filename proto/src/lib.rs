@@ -2,11 +2,15 @@
 //! frame format, the hybrid-vsock connect handshake and a host-side client.
 //!
 //! `agent.proto` is the contract; this crate is its one implementation of the
-//! wire format, shared by the shim (host) and arrow-init (guest).
+//! wire format, shared by the shim (host) and arrow-init (guest). Beside
+//! it, with feature `vm-record`, the pod VM record the shim writes for
+//! `arrow monitor`.
 
 pub mod client;
 pub mod frame;
 pub mod hybrid;
+#[cfg(feature = "vm-record")]
+pub mod vm_record;
 
 /// Types generated from `agent.proto` (package `arrow.agent.v1`).
 pub mod agent {

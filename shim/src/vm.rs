@@ -23,7 +23,8 @@ use nix::sys::socket::{getsockopt, sockopt};
 use nix::unistd::Pid;
 use proto::agent::StreamKind;
 use proto::client::{AgentClient, ClientError};
-use serde::{Deserialize, Serialize};
+use proto::vm_record::VmRecord;
+use serde::Deserialize;
 use tokio::sync::watch;
 
 use crate::cgroup::{self, CgroupError, CgroupPath, PodCgroup};
@@ -158,32 +159,6 @@ impl PodDir {
             log::warn!("{e}");
         }
         crate::share::remove_tree(&self.root)
-    }
-}
-
-/// What the shim knows of a pod's VM once it is ready, written to
-/// [`PodDir::vm_record`] for `arrow monitor` (which reads the same fields;
-/// keep them in step with `arrowctl/src/monitor.rs`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VmRecord {
-    /// The guest's memory size.
-    pub guest_memory_bytes: u64,
-    pub vcpus: u8,
-    /// Restored from a template (true) or booted (false).
-    pub cloned: bool,
-    /// From spawning arrow-vmm to its ready line (a restore or a boot).
-    pub vmm_ready_ms: u64,
-    /// From the ready line to the agent connected and `InitClone` done.
-    pub agent_ready_ms: u64,
-}
-
-impl VmRecord {
-    /// Writes the record whole (a temporary file renamed over it), so a
-    /// reader never sees half of it.
-    pub fn write(&self, path: &Path) -> std::io::Result<()> {
-        let tmp = path.with_extension("json.tmp");
-        fs::write(&tmp, serde_json::to_vec(self)?)?;
-        fs::rename(&tmp, path)
     }
 }
 
@@ -677,32 +652,6 @@ mod tests {
         connect_vmm(&path, parent, 1024, Duration::from_secs(5)).unwrap();
         server.join().unwrap();
         let _ = fs::remove_file(&path);
-    }
-
-    #[test]
-    fn vm_record_is_written_whole_and_reads_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("vm.json");
-        let record = VmRecord {
-            guest_memory_bytes: 256 << 20,
-            vcpus: 2,
-            cloned: true,
-            vmm_ready_ms: 412,
-            agent_ready_ms: 35,
-        };
-        record.write(&path).unwrap();
-        let text = fs::read_to_string(&path).unwrap();
-        // The exact text arrowctl's monitor tests parse.
-        assert_eq!(
-            text,
-            r#"{"guest_memory_bytes":268435456,"vcpus":2,"cloned":true,"vmm_ready_ms":412,"agent_ready_ms":35}"#
-        );
-        assert_eq!(serde_json::from_str::<VmRecord>(&text).unwrap(), record);
-        assert_eq!(
-            fs::read_dir(dir.path()).unwrap().count(),
-            1,
-            "no temporary left"
-        );
     }
 
     #[test]
