@@ -81,16 +81,16 @@ for t in "${targets[@]}"; do
     -timeout=10 -rss_limit_mb=1536 -max_len=16384 >"$out" 2>&1 || rc=$?
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$out" | tail -n 1)
   rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$out" | tail -n 1)
-  cov=$(grep -o 'cov: [0-9]*' "$out" | tail -n 1 | cut -d' ' -f2)
-  ft=$(grep -o 'ft: [0-9]*' "$out" | tail -n 1 | cut -d' ' -f2)
-  corp=$(grep -o 'corp: [0-9]*' "$out" | tail -n 1 | cut -d' ' -f2)
+  cov=$(grep -ao 'cov: [0-9]*' "$out" | tail -n 1 | cut -d' ' -f2)
+  ft=$(grep -ao 'ft: [0-9]*' "$out" | tail -n 1 | cut -d' ' -f2)
+  corp=$(grep -ao 'corp: [0-9]*' "$out" | tail -n 1 | cut -d' ' -f2)
   crash="none"
   if [ "$rc" -ne 0 ]; then
-    crash=$(grep -o "$artifacts/[^ ]*" "$out" | tail -n 1)
+    crash=$(grep -ao "$artifacts/[^ ]*" "$out" | tail -n 1)
     crash=${crash:-"exit $rc, see $out"}
     failed+=("$t")
     echo "$0: $t failed: $crash" >&2
-    grep -m 1 -A 1 -E 'panicked at|^==[0-9]+== ERROR' "$out" >&2 || true
+    grep -a -m 1 -A 1 -E 'panicked at|^==[0-9]+== ERROR' "$out" >&2 || true
     echo "  log: $out; reproduce: $bin_dir/$t <artifact>" >&2
   fi
   mapfile -t -O "${#stats[@]}" stats < <(sed -n 's/^arrow-fuzz stat //p' "$out")
