@@ -383,4 +383,29 @@ mod tests {
         assert!(read_state(&dir, &here).is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// The same CPU under the other KVM flavour cannot restore a snapshot:
+    /// kvm_pvm's CPUID is masked and its XSAVE state legacy-only, while
+    /// hardware KVM's has AVX and friends on, so each refuses the other's.
+    #[test]
+    fn snapshots_from_the_other_kvm_flavour_are_refused() {
+        let dir = std::env::temp_dir().join(format!("arrow-snapflavour-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pvm = HostSignature::current(KvmFlavour::Pvm);
+        let amd = HostSignature::current(KvmFlavour::Hardware("kvm_amd"));
+        for (taken, here) in [(&pvm, &amd), (&amd, &pvm)] {
+            let mut snap = sample();
+            snap.host = taken.clone();
+            write_state(&dir, &snap).unwrap();
+            match read_state(&dir, here) {
+                Err(SnapshotError::Host { taken: t, here: h }) => {
+                    assert_eq!(t, taken.to_string());
+                    assert_eq!(h, here.to_string());
+                }
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+            assert!(read_state(&dir, taken).is_ok());
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -244,6 +244,11 @@ mod tests {
         let mut other = inputs(b"kernel", &args);
         other.memory_bytes *= 2;
         assert_ne!(base, other.key());
+        // A template made under kvm_pvm is never found under hardware KVM
+        // (and the other way round): the flavour is part of the key.
+        let mut other = inputs(b"kernel", &args);
+        other.flavour = "hardware KVM (kvm_amd)";
+        assert_ne!(base, other.key());
         let none: Vec<String> = vec![];
         assert_ne!(base, inputs(b"kernel", &none).key());
         let fs = vec!["virtio-fs tag=arrow".to_owned()];
