@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The VM-level tests on hardware KVM: built here, run inside the L1 of
+# hack/hwkvm.sh, where /dev/kvm is kvm_amd (nested SVM under QEMU's
+# emulation). hack/test.sh runs them after `cargo test`, which ran the same
+# tests on this machine's kvm_pvm; together they cover both KVM flavours.
+#
+# What runs there: every vmm-core test (unit tests, the bare-metal guest's
+# VMM, snapshot and device tests, `arrow-vmm serve` boot-then-clone), and the
+# end-to-end tests that boot the Linux guest into arrow-init without
+# containerd: `arrow-vmm run` (microvm), templates and clones (templates),
+# and the agent configuring a guest NIC joined to a pod network namespace
+# (network_vm). The shim's tests under containerd stay on the host only:
+# see the README's "KVM flavours" for why.
+#
+# Usage: hack/test-hwkvm.sh [TEST-BINARY-FILTER...]
+# Needs ARROW_KERNEL and ARROW_ROOTFS (as hack/test.sh exports them) and the
+# binaries of hack/build.sh. Prints each binary's result and the time taken.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+require_root
+cd "$ARROW_ROOT"
+: "${ARROW_KERNEL:?set ARROW_KERNEL (hack/build-kernel.sh prints it)}"
+: "${ARROW_ROOTFS:?set ARROW_ROOTFS (hack/mkrootfs-busybox.sh prints it)}"
+
+log "building the VM tests"
+# The same flags as `cargo test` in hack/test.sh, so nothing is rebuilt.
+# The same command as `cargo test` in hack/test.sh (the whole workspace, so
+# features resolve the same and nothing is rebuilt), then only the chosen
+# binaries: every vmm-core test target and three of integration's.
+executables=$(cargo test --release --locked --workspace --no-run --message-format=json |
+  jq -r 'select(.reason == "compiler-artifact" and .executable != null and .profile.test == true)
+    | select((.package_id | test("/vmm-core#|vmm-core[ @]"))
+      or ((.package_id | test("/integration#|integration[ @]"))
+        and (.target.name | IN("microvm", "templates", "network_vm"))))
+    | .executable' | sort -u)
+if [ $# -gt 0 ]; then
+  executables=$(for f in "$@"; do grep -F -- "$f" <<<"$executables"; done | sort -u)
+fi
+[ -n "$executables" ] || { echo "$0: no test binaries match" >&2; exit 1; }
+
+# The runner inside the L1: each binary in turn (the end-to-end ones with
+# their boots serialised, as on the host), all of them even when one fails.
+runner=$(cat <<'EOF'
+set -u
+[ -d /sys/module/kvm_amd ] || { echo "not on kvm_amd" >&2; exit 1; }
+failed=()
+for bin in "$@"; do
+  name=$(basename "$bin")
+  start=$(date +%s)
+  echo "=== $name (kvm_amd)"
+  if "$bin" --test-threads=1 2>&1; then status=ok; else status=FAILED; failed+=("$name"); fi
+  echo "=== $name: $status in $(( $(date +%s) - start )) s"
+done
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "failed on kvm_amd: ${failed[*]}"
+  exit 1
+fi
+echo "all VM tests passed on kvm_amd"
+EOF
+)
+start=$(date +%s)
+# shellcheck disable=SC2086 # one word per binary path
+"$ARROW_ROOT/hack/hwkvm.sh" bash -c "$runner" hwkvm-tests $executables
+log "VM tests on kvm_amd passed in $(( $(date +%s) - start )) s"
