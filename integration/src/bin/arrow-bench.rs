@@ -14,6 +14,10 @@
 //! `arrow-bench jail [N]`: `arrow-vmm serve` as the shim runs it, cloning
 //! the template, jailed and with `--no-confine` in turn: process start to
 //! the ready line, and the jail's own set-up (`--timings` phase "jailed").
+//! `arrow-bench headlines [VMM_RUNS] [LINUX_RUNS] [CLONE_RUNS] [AT_ONCE]`:
+//! `vmm`, `linux` and `clones` in turn, then their headline figures as
+//! tab-separated `headline` lines, which `hack/bench.sh flavours` sets side
+//! by side for kvm_pvm and hardware KVM.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
@@ -26,18 +30,24 @@ use integration::{arrow_vmm, busybox_rootfs, hardware_kvm, kernel};
 struct Stats(Vec<f64>);
 
 impl Stats {
+    /// The median, or None without samples.
+    fn median(&self) -> Option<f64> {
+        let mut v = self.0.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        match v.len() {
+            0 => None,
+            n if n % 2 == 1 => Some(v[n / 2]),
+            n => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+        }
+    }
+
     fn show(&mut self, what: &str, unit: &str, reference: Option<&str>) {
         self.0.sort_by(|a, b| a.total_cmp(b));
-        let v = &self.0;
-        if v.is_empty() {
+        let Some(median) = self.median() else {
             println!("{what:<44} no samples");
             return;
-        }
-        let median = if v.len() % 2 == 1 {
-            v[v.len() / 2]
-        } else {
-            (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
         };
+        let v = &self.0;
         println!(
             "{what:<44} median {median:>9.2} {unit:<3} min {:>9.2}  max {:>9.2}  (n={}){}",
             v[0],
@@ -47,6 +57,20 @@ impl Stats {
                 .map(|r| format!("   reference: {r}"))
                 .unwrap_or_default()
         );
+    }
+}
+
+/// One figure of the side-by-side table: what, median, unit.
+struct Headline(&'static str, Option<f64>, &'static str);
+
+impl Headline {
+    /// The line `hack/bench.sh flavours` reads: `headline<TAB>what<TAB>value<TAB>unit`.
+    fn line(&self) -> String {
+        let value = self
+            .1
+            .map(|v| format!("{v:.1}"))
+            .unwrap_or_else(|| "-".into());
+        format!("headline\t{}\t{value}\t{}", self.0, self.2)
     }
 }
 
@@ -77,7 +101,7 @@ fn flavour() -> &'static str {
     }
 }
 
-fn bench_vmm(runs: usize) -> anyhow::Result<()> {
+fn bench_vmm(runs: usize) -> anyhow::Result<Vec<Headline>> {
     let dir = std::env::temp_dir().join(format!("arrow-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let (guest, spinner) = (dir.join("guest.elf"), dir.join("spin.elf"));
@@ -146,10 +170,17 @@ fn bench_vmm(runs: usize) -> anyhow::Result<()> {
     );
     rss.show("VMM RSS while the guest runs", "MiB", None);
     pss.show("VMM PSS while the guest runs", "MiB", None);
-    Ok(())
+    Ok(vec![
+        Headline(
+            "VMM start -> first guest output (bare-metal guest)",
+            first_output.median(),
+            "ms",
+        ),
+        Headline("VMM peak RSS (bare-metal guest)", peak.median(), "MiB"),
+    ])
 }
 
-fn bench_linux(runs: usize) -> anyhow::Result<()> {
+fn bench_linux(runs: usize) -> anyhow::Result<Vec<Headline>> {
     let (mut ready, mut output, mut total) = (Stats(vec![]), Stats(vec![]), Stats(vec![]));
     let (mut rss, mut pss) = (Stats(vec![]), Stats(vec![]));
     for _ in 0..runs {
@@ -215,7 +246,11 @@ fn bench_linux(runs: usize) -> anyhow::Result<()> {
     );
     rss.show("VMM RSS while the guest idles", "MiB", None);
     pss.show("VMM PSS while the guest idles", "MiB", None);
-    Ok(())
+    Ok(vec![Headline(
+        "Linux boot: VMM start -> arrow-init ready",
+        ready.median(),
+        "ms",
+    )])
 }
 
 /// Sums the fields of the mappings in /proc/PID/smaps whose path ends with
@@ -265,7 +300,7 @@ fn vm_command(args: &[&str]) -> Command {
     cmd
 }
 
-fn bench_clones(runs: usize, at_once: usize) -> anyhow::Result<()> {
+fn bench_clones(runs: usize, at_once: usize) -> anyhow::Result<Vec<Headline>> {
     let start = Instant::now();
     let out = vm_command(&["template", "create", "--timings"]).output()?;
     if !out.status.success() {
@@ -384,7 +419,17 @@ fn bench_clones(runs: usize, at_once: usize) -> anyhow::Result<()> {
     guest_pss.show("per idle clone: guest RAM PSS", "MiB", None);
     guest_private.show("per idle clone: guest RAM private (written)", "MiB", None);
     guest_shared.show("per idle clone: guest RAM shared w/ template", "MiB", None);
-    Ok(())
+    Ok(vec![
+        Headline("template creation (boot + snapshot)", Some(creation), "ms"),
+        Headline("clone: VMM start -> VM restored", restored.median(), "ms"),
+        Headline("clone: VMM start -> arrow-init ready", ready.median(), "ms"),
+        Headline("idle clone: process PSS", pss.median(), "MiB"),
+        Headline(
+            "idle clone: guest RAM private",
+            guest_private.median(),
+            "MiB",
+        ),
+    ])
 }
 
 /// One `arrow-vmm serve` clone (as the shim starts it) to its ready line:
@@ -452,22 +497,57 @@ fn bench_jail(runs: usize) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let runs =
-        |default: usize| -> usize { args.get(2).and_then(|n| n.parse().ok()).unwrap_or(default) };
+    let arg = |i: usize, default: usize| -> usize {
+        args.get(i).and_then(|n| n.parse().ok()).unwrap_or(default)
+    };
     match args.get(1).map(String::as_str) {
-        Some("vmm") => bench_vmm(runs(30)),
-        Some("linux") => bench_linux(runs(3)),
-        Some("clones") => {
-            let at_once = args.get(3).and_then(|n| n.parse().ok()).unwrap_or(20);
-            bench_clones(runs(20), at_once)
+        Some("vmm") => bench_vmm(arg(2, 30)).map(drop),
+        Some("linux") => bench_linux(arg(2, 3)).map(drop),
+        Some("clones") => bench_clones(arg(2, 20), arg(3, 20)).map(drop),
+        Some("jail") => bench_jail(arg(2, 20)),
+        Some("headlines") => {
+            let mut headlines = bench_vmm(arg(2, 30))?;
+            println!();
+            headlines.extend(bench_linux(arg(3, 3))?);
+            println!();
+            headlines.extend(bench_clones(arg(4, 20), arg(5, 20))?);
+            println!();
+            println!("flavour\t{}", flavour());
+            for h in &headlines {
+                println!("{}", h.line());
+            }
+            Ok(())
         }
-        Some("jail") => bench_jail(runs(20)),
         _ => {
             eprintln!("usage: arrow-bench vmm [RUNS] | linux [RUNS] | clones [RUNS] [AT_ONCE] | jail [RUNS]");
+            eprintln!(
+                "       arrow-bench headlines [VMM_RUNS] [LINUX_RUNS] [CLONE_RUNS] [AT_ONCE]"
+            );
             if !Path::new("/dev/kvm").exists() {
                 eprintln!("(and /dev/kvm is missing)");
             }
             std::process::exit(2);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_even_and_no_samples() {
+        assert_eq!(Stats(vec![3.0, 1.0, 2.0]).median(), Some(2.0));
+        assert_eq!(Stats(vec![4.0, 1.0, 2.0, 3.0]).median(), Some(2.5));
+        assert_eq!(Stats(vec![]).median(), None);
+    }
+
+    #[test]
+    fn headline_lines_are_tab_separated() {
+        assert_eq!(
+            Headline("boot", Some(12.345), "ms").line(),
+            "headline\tboot\t12.3\tms"
+        );
+        assert_eq!(Headline("rss", None, "MiB").line(), "headline\trss\t-\tMiB");
     }
 }
