@@ -19,6 +19,14 @@
 //!   phases' durations, written by the shim once the VM is ready.
 //! - `/proc/<vmm>/smaps_rollup` (RSS, PSS), `/proc/<vmm>/stat` (CPU time)
 //!   and `/proc/<vmm>/task/*/stat` of the `vcpu*` threads (vCPU time).
+//! - `vmm/counters.json` ([`VmCounters`]): the virtio-net and virtio-fs
+//!   counters, which the VMM itself rewrites every second. The VMM handles
+//!   a hostile guest's input, so this file is untrusted: it is opened
+//!   without following a symlink (`O_NOFOLLOW`; the `vmm` directory itself
+//!   is the shim's, the VMM cannot replace it) or blocking on a FIFO,
+//!   must be a regular file of at most [`COUNTERS_MAX_LEN`] bytes, and is
+//!   parsed strictly. A bad one is a scrape error and drops only that
+//!   pod's device series.
 //!
 //! A pod that goes away while it is read is left out silently; a file that
 //! is there but cannot be read or understood counts in
@@ -26,8 +34,9 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -38,6 +47,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use proto::vm_counters::{VmCounters, MAX_LEN as COUNTERS_MAX_LEN};
 use proto::vm_record::VmRecord;
 
 /// The state directory the shim keeps pods in (`$ARROW_STATE_DIR` replaces
@@ -120,6 +130,9 @@ pub struct PodFigures {
     pub record: Option<VmRecord>,
     /// None if they could not be read (counted as an error).
     pub vmm: Option<VmmFigures>,
+    /// The devices' counters: None before the VMM first wrote them, or if
+    /// the file is bad (counted as an error).
+    pub devices: Option<VmCounters>,
 }
 
 /// Everything one scrape found.
@@ -179,6 +192,37 @@ fn read_optional(path: &Path) -> Result<Option<String>, MonitorError> {
             source,
         }),
     }
+}
+
+/// Reads and parses the VMM's counters file as untrusted input (see the
+/// module doc): Ok(None) if it is not there (yet).
+pub fn read_counters(path: &Path) -> Result<Option<VmCounters>, MonitorError> {
+    let io_error = |source| MonitorError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = match fs::OpenOptions::new()
+        .read(true)
+        // A symlink fails with ELOOP; a FIFO opens without a writer.
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_error(e)),
+    };
+    let meta = file.metadata().map_err(io_error)?;
+    if !meta.is_file() {
+        return Err(parse_error(path, "not a regular file"));
+    }
+    let mut bytes = Vec::new();
+    // One byte past the cap tells a file that is too long.
+    file.take(COUNTERS_MAX_LEN as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_error)?;
+    VmCounters::parse(&bytes)
+        .map(Some)
+        .map_err(|e| parse_error(path, e.to_string()))
 }
 
 fn parse_error(path: &Path, what: impl Into<String>) -> MonitorError {
@@ -338,11 +382,20 @@ impl Sources {
                 None
             }
         };
+        // The VMM's own directory (the shim's `PodDir::vmm_dir`).
+        let devices = match read_counters(&dir.join("vmm").join(proto::vm_counters::FILE_NAME)) {
+            Ok(devices) => devices,
+            Err(e) => {
+                errors.push(e.to_string());
+                None
+            }
+        };
         Some(PodFigures {
             namespace: namespace.to_string(),
             pod: pod.to_string(),
             record,
             vmm: figures,
+            devices,
         })
     }
 
@@ -468,9 +521,85 @@ pub fn encode_scrape(scrape: &Scrape, errors_total: u64) -> Result<String, std::
         "CPU time of the whole VMM process (vCPUs, devices, main thread)",
         cpu_seconds,
     );
+    register_device_series(&mut registry, scrape);
     let mut text = String::new();
     encode(&mut text, &registry)?;
     Ok(text)
+}
+
+/// A device counter series: its name (`_total` is added), help, and the
+/// value a pod's counters give it (None: the pod lacks the device).
+type DeviceSeries = (&'static str, &'static str, fn(&VmCounters) -> Option<u64>);
+
+/// The devices' counters, one series each, as the VMM counts them.
+const DEVICE_SERIES: [DeviceSeries; 11] = [
+    (
+        "arrow_pod_net_rx_bytes",
+        "Bytes the pod's NIC delivered to the guest (without virtio-net headers)",
+        |c| c.net.map(|n| n.rx_bytes),
+    ),
+    (
+        "arrow_pod_net_tx_bytes",
+        "Bytes the guest sent out through the pod's NIC (without virtio-net headers)",
+        |c| c.net.map(|n| n.tx_bytes),
+    ),
+    (
+        "arrow_pod_net_rx_frames",
+        "Frames the pod's NIC delivered to the guest (several merged tap frames count once)",
+        |c| c.net.map(|n| n.rx_frames),
+    ),
+    (
+        "arrow_pod_net_tx_frames",
+        "Frames the guest sent out through the pod's NIC",
+        |c| c.net.map(|n| n.tx_frames),
+    ),
+    (
+        "arrow_pod_net_rx_dropped_frames",
+        "Frames for the guest the VMM dropped (malformed guest buffers, frames too big for them)",
+        |c| c.net.map(|n| n.rx_dropped),
+    ),
+    (
+        "arrow_pod_net_tx_dropped_frames",
+        "Frames from the guest the VMM dropped (malformed chains or headers, tap errors)",
+        |c| c.net.map(|n| n.tx_dropped),
+    ),
+    (
+        "arrow_pod_fs_requests",
+        "FUSE requests the guest sent to the pod's virtio-fs share",
+        |c| c.fs.map(|f| f.requests),
+    ),
+    (
+        "arrow_pod_fs_errors",
+        "virtio-fs requests answered with an error number (lookups of missing names included)",
+        |c| c.fs.map(|f| f.errors),
+    ),
+    (
+        "arrow_pod_fs_unanswered_requests",
+        "virtio-fs requests the VMM could not answer (malformed)",
+        |c| c.fs.map(|f| f.unanswered),
+    ),
+    (
+        "arrow_pod_fs_read_bytes",
+        "File data the guest read from the pod's virtio-fs share",
+        |c| c.fs.map(|f| f.read_bytes),
+    ),
+    (
+        "arrow_pod_fs_write_bytes",
+        "File data the guest wrote to the pod's virtio-fs share",
+        |c| c.fs.map(|f| f.write_bytes),
+    ),
+];
+
+fn register_device_series(registry: &mut Registry, scrape: &Scrape) {
+    for (name, help, value) in DEVICE_SERIES {
+        let family = Family::<Labels, Counter<u64>>::default();
+        for pod in &scrape.pods {
+            if let Some(v) = pod.devices.as_ref().and_then(value) {
+                family.get_or_create(&labels(pod)).inc_by(v);
+            }
+        }
+        registry.register(name, help, family);
+    }
 }
 
 /// The monitor: gathers and encodes on each scrape, counts errors.
@@ -615,6 +744,9 @@ Swap:                  0 kB
     /// `vm.json` exactly as the shim writes it (its test checks the text).
     const VM_JSON: &str = r#"{"guest_memory_bytes":268435456,"vcpus":2,"cloned":true,"vmm_ready_ms":412,"agent_ready_ms":35}"#;
 
+    /// A `counters.json` as the VMM writes it.
+    const COUNTERS_JSON: &str = r#"{"net":{"rx_frames":10,"rx_bytes":1500,"rx_dropped":1,"tx_frames":12,"tx_bytes":2000,"tx_dropped":2},"fs":{"requests":300,"errors":20,"unanswered":3,"read_bytes":1048576,"write_bytes":4096}}"#;
+
     fn stat_line(pid: u32, comm: &str, ppid: u32, utime: u64, stime: u64) -> String {
         format!(
             "{pid} ({comm}) S {ppid} {pid} {pid} 0 -1 4194560 1200 0 0 0 {utime} {stime} 0 0 20 0 3 0 \
@@ -714,6 +846,7 @@ Swap:                  0 kB
         let s = |rest: &str| state.join(rest);
         write(&s("k8s.io/a/vmm.pid"), "100");
         write(&s("k8s.io/a/vm.json"), VM_JSON);
+        write(&s("k8s.io/a/vmm/counters.json"), COUNTERS_JSON);
         write(&s("k8s.io/b/vmm.pid"), "200\n");
         write(&s("k8s.io/gone/vmm.pid"), "4242");
         write(&s("k8s.io/gone/vm.json"), VM_JSON);
@@ -747,8 +880,12 @@ Swap:                  0 kB
         assert_eq!(vmm.memory.rss_bytes, 45312 * 1024);
         assert_eq!(vmm.cpu_seconds, 4.0);
         assert_eq!(vmm.vcpu_seconds, 3.0);
+        let devices = a.devices.unwrap();
+        assert_eq!(devices.net.unwrap().tx_bytes, 2000);
+        assert_eq!(devices.fs.unwrap().read_bytes, 1 << 20);
         let b = &scrape.pods[1];
         assert_eq!(b.record, None, "not written yet: no error");
+        assert_eq!(b.devices, None, "not written yet: no error");
         assert_eq!(b.vmm.unwrap().cpu_seconds, 1.0);
         assert_eq!(b.vmm.unwrap().vcpu_seconds, 0.0);
         assert_eq!(scrape.errors.len(), 1, "{:?}", scrape.errors);
@@ -796,6 +933,20 @@ Swap:                  0 kB
                 format!("arrow_pod_start_phase_seconds{{{a},phase=\"agent_ready\"}}"),
                 0.035,
             ),
+            (format!("arrow_pod_net_rx_bytes_total{{{a}}}"), 1500.0),
+            (format!("arrow_pod_net_tx_bytes_total{{{a}}}"), 2000.0),
+            (format!("arrow_pod_net_rx_frames_total{{{a}}}"), 10.0),
+            (format!("arrow_pod_net_tx_frames_total{{{a}}}"), 12.0),
+            (format!("arrow_pod_net_rx_dropped_frames_total{{{a}}}"), 1.0),
+            (format!("arrow_pod_net_tx_dropped_frames_total{{{a}}}"), 2.0),
+            (format!("arrow_pod_fs_requests_total{{{a}}}"), 300.0),
+            (format!("arrow_pod_fs_errors_total{{{a}}}"), 20.0),
+            (
+                format!("arrow_pod_fs_unanswered_requests_total{{{a}}}"),
+                3.0,
+            ),
+            (format!("arrow_pod_fs_read_bytes_total{{{a}}}"), 1048576.0),
+            (format!("arrow_pod_fs_write_bytes_total{{{a}}}"), 4096.0),
         ];
         for (series, value) in expect {
             assert_eq!(s.get(&series), Some(&value), "{series} in\n{text}");
@@ -803,10 +954,72 @@ Swap:                  0 kB
         // Pod b has no record yet: only its process figures.
         assert!(s.contains_key(r#"arrow_pod_vmm_rss_bytes{namespace="k8s.io",pod="b"}"#));
         assert!(!s.contains_key(r#"arrow_pod_cloned{namespace="k8s.io",pod="b"}"#));
+        assert!(!text.contains(r#"fs_requests_total{namespace="k8s.io",pod="b"}"#));
+        assert!(
+            text.contains("# TYPE arrow_pod_net_rx_bytes counter"),
+            "{text}"
+        );
         assert!(!text.contains("gone") && !text.contains("starting") && !text.contains("reused"));
         // The error count adds up over scrapes.
         let again = samples(&monitor.scrape().unwrap());
         assert_eq!(again.get("arrow_monitor_scrape_errors_total"), Some(&2.0));
+    }
+
+    #[test]
+    fn counters_files_are_read_as_untrusted_input() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = |name: &str| tmp.path().join(name);
+        assert!(read_counters(&path("missing")).unwrap().is_none());
+        write(&path("good"), COUNTERS_JSON);
+        assert_eq!(
+            read_counters(&path("good"))
+                .unwrap()
+                .unwrap()
+                .fs
+                .unwrap()
+                .requests,
+            300
+        );
+        // A symlink (even to a good file), a FIFO (no writer: must not
+        // block), a directory, a file past the cap, garbage.
+        std::os::unix::fs::symlink(path("good"), path("link")).unwrap();
+        let fifo =
+            std::ffi::CString::new(path("fifo").into_os_string().into_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo reads the NUL-terminated path only.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        fs::create_dir(path("dir")).unwrap();
+        write(
+            &path("long"),
+            &format!("{COUNTERS_JSON}{}", " ".repeat(COUNTERS_MAX_LEN)),
+        );
+        write(&path("garbage"), "{\"net\":{\"rx_frames\":-1}}");
+        for bad in ["link", "fifo", "dir", "long", "garbage"] {
+            assert!(read_counters(&path(bad)).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_bad_counters_file_drops_only_that_pods_device_series() {
+        let (_tmp, sources) = fake_host();
+        let b = sources.state_dir.join("k8s.io/b/vmm");
+        fs::create_dir_all(&b).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", b.join("counters.json")).unwrap();
+        let scrape = sources.gather();
+        assert_eq!(scrape.errors.len(), 2, "{:?}", scrape.errors);
+        assert!(scrape
+            .errors
+            .iter()
+            .any(|e| e.contains("b/vmm/counters.json")));
+        let text = encode_scrape(&scrape, 2).unwrap();
+        let s = samples(&text);
+        let b = r#"namespace="k8s.io",pod="b""#;
+        assert!(s.contains_key(&format!("arrow_pod_vmm_rss_bytes{{{b}}}")));
+        assert!(!text.contains(&format!("arrow_pod_fs_requests_total{{{b}}}")));
+        let a = r#"namespace="k8s.io",pod="a""#;
+        assert_eq!(
+            s.get(&format!("arrow_pod_fs_requests_total{{{a}}}")),
+            Some(&300.0)
+        );
     }
 
     #[test]

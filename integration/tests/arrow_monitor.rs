@@ -1,11 +1,13 @@
 //! `arrow monitor` end to end: with two `arrow` pods running under the test
 //! containerd (through its CRI plugin), a scrape of `/metrics` has each
-//! pod's series with plausible values; once the pods are removed, their
-//! series are gone. Needs root and KVM; skipped with a message otherwise.
+//! pod's series with plausible values, and its device counters grow with
+//! the HTTP requests the test sends the pod and the file the pod writes;
+//! once the pods are removed, their series are gone. Needs root and KVM;
+//! skipped with a message otherwise.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -95,6 +97,37 @@ fn pod_series(name: &str, pod: &str, extra: &str) -> String {
     format!("{name}{{namespace=\"{NAMESPACE}\",pod=\"{pod}\"{extra}}}")
 }
 
+/// Where the pods' busybox httpd listens, for network traffic.
+const HTTP_PORT: u16 = 8080;
+
+/// The device counters of a pod with a NIC and a share.
+const DEVICE_SERIES: [&str; 11] = [
+    "arrow_pod_net_rx_bytes_total",
+    "arrow_pod_net_tx_bytes_total",
+    "arrow_pod_net_rx_frames_total",
+    "arrow_pod_net_tx_frames_total",
+    "arrow_pod_net_rx_dropped_frames_total",
+    "arrow_pod_net_tx_dropped_frames_total",
+    "arrow_pod_fs_requests_total",
+    "arrow_pod_fs_errors_total",
+    "arrow_pod_fs_unanswered_requests_total",
+    "arrow_pod_fs_read_bytes_total",
+    "arrow_pod_fs_write_bytes_total",
+];
+
+/// What the traffic between two scrapes must make grow.
+const GROWING_SERIES: [&str; 6] = [
+    "arrow_pod_net_rx_bytes_total",
+    "arrow_pod_net_tx_bytes_total",
+    "arrow_pod_net_rx_frames_total",
+    "arrow_pod_net_tx_frames_total",
+    "arrow_pod_fs_requests_total",
+    "arrow_pod_fs_write_bytes_total",
+];
+
+/// The bytes the pod's `dd` writes between the two scrapes.
+const WRITTEN: f64 = 16.0 * 4096.0;
+
 /// The series every running pod has once its VM is ready.
 const POD_SERIES: [&str; 8] = [
     "arrow_pod_vm_memory_bytes",
@@ -109,10 +142,56 @@ const POD_SERIES: [&str; 8] = [
 
 fn has_all_series(s: &BTreeMap<String, f64>, pod: &str) -> bool {
     let vcpu = s.get(&pod_series("arrow_pod_vcpu_seconds_total", pod, ""));
-    POD_SERIES.iter().all(|name| {
+    POD_SERIES.iter().chain(&DEVICE_SERIES).all(|name| {
         s.keys()
             .any(|k| k.starts_with(&format!("{name}{{namespace=\"{NAMESPACE}\",pod=\"{pod}\"")))
     }) && vcpu.is_some_and(|&v| v > 0.0)
+}
+
+/// A pod's value of `name`, 0 if it has none.
+fn value(s: &BTreeMap<String, f64>, name: &str, pod: &str) -> f64 {
+    s.get(&pod_series(name, pod, "")).copied().unwrap_or(0.0)
+}
+
+/// The device counters as soon as they are published (the pod's
+/// container may still be starting): the share has served requests, none
+/// malformed; the NIC's bytes fit its frames.
+fn assert_devices_plausible(s: &BTreeMap<String, f64>, pod: &str, text: &str) {
+    let get = |name: &str| value(s, name, pod);
+    let requests = get("arrow_pod_fs_requests_total");
+    assert!(requests > 0.0, "{pod}: no FUSE request yet\n{text}");
+    assert!(
+        get("arrow_pod_fs_errors_total") <= requests,
+        "{pod}\n{text}"
+    );
+    assert_eq!(get("arrow_pod_fs_unanswered_requests_total"), 0.0, "{pod}");
+    let frames = get("arrow_pod_net_rx_frames_total");
+    assert!(
+        get("arrow_pod_net_rx_bytes_total") >= frames * 42.0,
+        "{pod}: at least an ARP frame's bytes per frame\n{text}"
+    );
+}
+
+/// One HTTP GET of the pod's index page from the host, retried while
+/// httpd starts; the body.
+fn http_get(ip: &str) -> String {
+    let addr: SocketAddr = format!("{ip}:{HTTP_PORT}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let attempt = (|| -> std::io::Result<String> {
+            let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+            conn.write_all(b"GET / HTTP/1.0\r\nHost: pod\r\n\r\n")?;
+            let mut text = String::new();
+            conn.read_to_string(&mut text)?;
+            Ok(text)
+        })();
+        match attempt {
+            Ok(text) => return text,
+            Err(e) if Instant::now() > deadline => panic!("GET http://{addr}/: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+        }
+    }
 }
 
 fn assert_plausible(s: &BTreeMap<String, f64>, pod: &str, text: &str) {
@@ -187,7 +266,12 @@ async fn monitor_two_pods(containerd: &Containerd) {
                 &[
                     "sh",
                     "-c",
-                    "i=0; while [ $i -lt 3000 ]; do i=$((i+1)); done; sleep 600",
+                    // httpd puts itself in the background.
+                    &format!(
+                        "mkdir -p /tmp/www && echo monitored > /tmp/www/index.html && \
+                         httpd -p {HTTP_PORT} -h /tmp/www && \
+                         i=0; while [ $i -lt 3000 ]; do i=$((i+1)); done; sleep 600"
+                    ),
                 ],
                 "busy/0.log",
             )
@@ -212,6 +296,7 @@ async fn monitor_two_pods(containerd: &Containerd) {
     eprintln!("{text}");
     for id in &ids {
         assert_plausible(&s, id, &text);
+        assert_devices_plausible(&s, id, &text);
     }
     assert!(s.get("arrow_pods").is_some_and(|&n| n >= 2.0), "{text}");
     assert_eq!(
@@ -219,6 +304,65 @@ async fn monitor_two_pods(containerd: &Containerd) {
         Some(&0.0),
         "{text}"
     );
+
+    // Traffic after that scrape: HTTP requests from the host to each pod
+    // (frames both ways on its NIC) and a file written and synced in it
+    // (FUSE writes on its share). The VMM publishes every second, so the
+    // counters show it within a few.
+    let before = s;
+    for (pod, container) in &pods {
+        let status = cri.pod_sandbox_status(&pod.id).await.unwrap();
+        let ip = status.network.map(|n| n.ip).unwrap_or_default();
+        assert!(!ip.is_empty(), "{} has no IP", pod.id);
+        let page = tokio::task::spawn_blocking(move || http_get(&ip))
+            .await
+            .unwrap();
+        assert!(page.contains("monitored"), "{page}");
+        let out = cri
+            .exec_sync(
+                container,
+                &[
+                    "sh",
+                    "-c",
+                    "dd if=/dev/zero of=/tmp/counted bs=4096 count=16 2>/dev/null && sync",
+                ],
+                60,
+            )
+            .await
+            .unwrap();
+        assert_eq!(out.exit_code, 0, "{out:?}");
+    }
+    let grown = |s: &BTreeMap<String, f64>, id: &str| {
+        GROWING_SERIES
+            .iter()
+            .all(|name| value(s, name, id) > value(&before, name, id))
+            && value(s, "arrow_pod_fs_write_bytes_total", id)
+                >= value(&before, "arrow_pod_fs_write_bytes_total", id) + WRITTEN
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (text, after) = loop {
+        let (text, s) = tokio::task::block_in_place(|| monitor.scrape());
+        if ids.iter().all(|id| grown(&s, id)) || Instant::now() > deadline {
+            break (text, s);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    eprintln!("{text}");
+    for id in &ids {
+        for name in DEVICE_SERIES {
+            eprintln!(
+                "{id}: {name} {} -> {}",
+                value(&before, name, id),
+                value(&after, name, id)
+            );
+            // Counters never go back.
+            assert!(
+                value(&after, name, id) >= value(&before, name, id),
+                "{id}: {name}"
+            );
+        }
+        assert!(grown(&after, id), "{id}: the traffic did not show\n{text}");
+    }
 
     for (pod, id) in &pods {
         cri.stop_container(id, 0).await.unwrap();

@@ -4,11 +4,13 @@
 //! `agent.proto` is the contract; this crate is its one implementation of the
 //! wire format, shared by the shim (host) and arrow-init (guest). Beside
 //! it, with feature `vm-record`, the pod VM record the shim writes for
-//! `arrow monitor`.
+//! `arrow monitor` and the device counters the VMM publishes for it.
 
 pub mod client;
 pub mod frame;
 pub mod hybrid;
+#[cfg(feature = "vm-record")]
+pub mod vm_counters;
 #[cfg(feature = "vm-record")]
 pub mod vm_record;
 

@@ -133,6 +133,11 @@ impl PodDir {
     pub fn console_log(&self) -> PathBuf {
         self.vmm_dir().join("console.log")
     }
+    /// The devices' live counters, which the VMM rewrites every second
+    /// ([`proto::vm_counters`]), for `arrow monitor`.
+    pub fn counters(&self) -> PathBuf {
+        self.vmm_dir().join(proto::vm_counters::FILE_NAME)
+    }
     /// The cgroup directories the shim created for the VMM, one a line.
     pub fn cgroup_record(&self) -> PathBuf {
         self.root.join("cgroups")
@@ -241,6 +246,8 @@ impl PodVm {
             .arg(share.view())
             .arg("--console-log")
             .arg(dir.console_log())
+            .arg("--counters")
+            .arg(dir.counters())
             .arg("--jail")
             .arg(dir.jail())
             .arg("--exit-on-stdin-eof")
@@ -668,6 +675,10 @@ mod tests {
         assert_eq!(
             d.console_log(),
             PathBuf::from("/run/arrow/k8s.io/pod1/vmm/console.log")
+        );
+        assert_eq!(
+            d.counters(),
+            PathBuf::from("/run/arrow/k8s.io/pod1/vmm/counters.json")
         );
         assert_eq!(d.jail(), PathBuf::from("/run/arrow/k8s.io/pod1/jail"));
     }

@@ -33,7 +33,7 @@ use crate::snapshot::{
     VsockSnapshot,
 };
 use crate::vcpu::{Vcpu, VcpuControl, VcpuError, VcpuHandle};
-use crate::virtio::fs::{FsError, VirtioFs, MAX_HANDLES, MAX_INODES};
+use crate::virtio::fs::{FsError, FsStats, VirtioFs, MAX_HANDLES, MAX_INODES};
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::net::{format_mac, NetError, NetStats, Tap, VirtioNet};
 use crate::virtio::persist::MmioTransportState;
@@ -872,6 +872,12 @@ impl Vm {
     /// The virtio-net device's traffic counters, if the VM has one.
     pub fn net_stats(&self) -> Option<NetStats> {
         let (_, dev) = self.net.as_ref()?;
+        Some(dev.lock().unwrap_or_else(|e| e.into_inner()).stats())
+    }
+
+    /// The virtio-fs device's counters, if the VM has one.
+    pub fn fs_stats(&self) -> Option<FsStats> {
+        let (_, dev) = self.fs.as_ref()?;
         Some(dev.lock().unwrap_or_else(|e| e.into_inner()).stats())
     }
 

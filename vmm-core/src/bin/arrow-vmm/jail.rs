@@ -4,8 +4,8 @@
 //! the same absolute paths as on the host (so nothing else in the VMM
 //! changes): `/dev/kvm`, the kernel and arrow-init read-only, the template
 //! (read-only, or the template cache read-write for the process that
-//! creates it), the pod's share, the directory of its own sockets and
-//! console log, and a `/proc` with only its own processes
+//! creates it), the pod's share, the directory of its own sockets,
+//! console log and device counters, and a `/proc` with only its own processes
 //! (`subset=pid`: no `/proc/sys`, no `/proc/sysrq-trigger`).
 //!
 //! A process cannot enter a new PID namespace itself, only its children

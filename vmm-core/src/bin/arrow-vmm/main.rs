@@ -7,6 +7,7 @@
 //! bare-metal test guest used by tests and benchmarks.
 
 mod confine;
+mod counters;
 mod guest;
 mod jail;
 mod paths;

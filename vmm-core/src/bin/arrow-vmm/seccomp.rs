@@ -13,8 +13,9 @@
 //!   the virtio-fs passthrough's file calls, including the per-thread
 //!   `setresuid`/`setresgid` it serves each request with.
 //! - **controller** (the main thread, once the guest is ready): waits for
-//!   the VM's end, stops it (kicking the vCPUs with a signal) and tears it
-//!   down. Before the ready line it has created or cloned the VM (files,
+//!   the VM's end, publishing the device counters every second meanwhile
+//!   (one file, opened write-only with fixed flags, renamed into place),
+//!   stops it (kicking the vCPUs with a signal) and tears it down. Before the ready line it has created or cloned the VM (files,
 //!   KVM's VM-level calls, the template cache); the only guest it talked to
 //!   then is a template's freshly booted one, which has run nothing but
 //!   arrow-init, while a clone's guest is never read by it.
@@ -294,14 +295,17 @@ const DEVICES: &[i64] = &[
 ];
 
 /// The main thread once the guest is ready, besides [`COMMON`]: waiting,
-/// the stop (eventfd writes, thread joins) and the teardown (closing the
-/// VM's descriptors, removing its vsock socket).
+/// the stop (eventfd writes, thread joins), the teardown (closing the
+/// VM's descriptors, removing its vsock socket), and publishing the
+/// device counters (`counters.rs`: a temporary file renamed over the
+/// last; its `openat` is in [`rules`], with its flags fixed).
 const CONTROLLER: &[i64] = &[
     libc::SYS_read,
     libc::SYS_close,
     libc::SYS_unlink,
     libc::SYS_unlinkat,
     libc::SYS_epoll_ctl,
+    libc::SYS_rename,
 ];
 
 /// The signal and stdin watchers, besides [`COMMON`].
@@ -391,7 +395,14 @@ fn rules(thread: VmmThread) -> anyhow::Result<BTreeMap<i64, Vec<SeccompRule>>> {
                 .collect::<anyhow::Result<_>>()?;
             rules.insert(libc::SYS_ioctl, ioctls);
         }
-        VmmThread::Controller | VmmThread::Watcher => {}
+        VmmThread::Controller => {
+            // Only the counters file's open: no reading, no directories.
+            rules.insert(
+                libc::SYS_openat,
+                vec![arg_eq(2, crate::counters::OPEN_FLAGS as u64)?],
+            );
+        }
+        VmmThread::Watcher => {}
     }
     Ok(rules)
 }
@@ -516,6 +527,46 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    /// The controller's filter lets the counters file be published and
+    /// refuses any other open (refused calls get EPERM here, as above).
+    #[test]
+    fn the_controller_may_publish_the_counters_and_open_nothing_else() {
+        let dir = std::env::temp_dir().join(format!("arrow-seccomp-ctl-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(proto::vm_counters::FILE_NAME);
+        std::fs::write(dir.join("other"), b"x").unwrap();
+        let (p, d) = (path.clone(), dir.clone());
+        std::thread::spawn(move || {
+            // SAFETY: prctl with integer arguments, as above.
+            assert_eq!(
+                unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
+                0
+            );
+            let filter = SeccompFilter::new(
+                rules(VmmThread::Controller).unwrap(),
+                SeccompAction::Errno(libc::EPERM as u32),
+                SeccompAction::Allow,
+                TargetArch::x86_64,
+            )
+            .unwrap();
+            let program: BpfProgram = filter.try_into().unwrap();
+            seccompiler::apply_filter(&program).unwrap();
+            crate::counters::CountersFile::new(&p)
+                .write(&proto::vm_counters::VmCounters::default())
+                .unwrap();
+            let refused = |r: std::io::Result<std::fs::File>| {
+                r.unwrap_err().raw_os_error() == Some(libc::EPERM)
+            };
+            assert!(refused(std::fs::File::open(d.join("other"))));
+            assert!(refused(std::fs::File::create(d.join("other"))));
+        })
+        .join()
+        .unwrap();
+        assert!(std::fs::read(&path).unwrap().starts_with(b"{"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -31,6 +31,7 @@ use anyhow::{bail, Context};
 use vmm_core::devices::console_log::ConsoleLog;
 
 use crate::confine;
+use crate::counters::{CountersFile, PUBLISH_INTERVAL};
 use crate::jail::{Access, Jail, JailPath};
 use crate::paths;
 use crate::seccomp::{self, Enforcement, SeccompPolicy, VmmThread};
@@ -57,6 +58,12 @@ pub struct ServeArgs {
     /// file is kept at most 1 MiB long, holding the newest output.
     #[arg(long, value_name = "FILE")]
     console_log: Option<PathBuf>,
+    /// Publish the devices' counters to this file (`proto::vm_counters`),
+    /// rewritten whole every second and when the VM stops. Jailed, it
+    /// must be in the vsock socket's directory, the only one the VMM may
+    /// write.
+    #[arg(long, value_name = "FILE")]
+    counters: Option<PathBuf>,
     /// Boot afresh instead of cloning the matching template.
     #[arg(long)]
     no_template: bool,
@@ -209,9 +216,15 @@ fn canonical(path: &Path) -> anyhow::Result<PathBuf> {
 /// The vsock socket's path with its directory resolved (the socket itself
 /// may not exist yet).
 fn absolute_socket_path(path: &Path) -> anyhow::Result<PathBuf> {
+    absolute_file_path(path, "--vsock-uds")
+}
+
+/// `path` with its directory resolved (the file itself may not exist
+/// yet); `option` names it in errors.
+fn absolute_file_path(path: &Path, option: &str) -> anyhow::Result<PathBuf> {
     let name = path
         .file_name()
-        .with_context(|| format!("--vsock-uds {}: no file name", path.display()))?;
+        .with_context(|| format!("{option} {}: no file name", path.display()))?;
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
@@ -257,6 +270,17 @@ fn jail_plan(args: &ServeArgs, config: &VmConfig, key: &str) -> anyhow::Result<J
             entries.push(JailPath::new(log, Access::ReadWrite));
         }
     }
+    if let Some(counters) = &args.counters {
+        // Replaced by a rename, so its directory must be writable: only
+        // the sockets' is, and no other is bound for it.
+        if counters.parent() != Some(socket_dir.as_path()) {
+            bail!(
+                "--counters {}: must be in the vsock socket's directory {}",
+                counters.display(),
+                socket_dir.display()
+            );
+        }
+    }
     let root = match &args.jail {
         Some(dir) => dir.clone(),
         None => {
@@ -295,6 +319,9 @@ pub fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
         // The jail holds these at their host paths: make them absolute
         // and free of symlinks first.
         args.vsock_uds = absolute_socket_path(&args.vsock_uds)?;
+        if let Some(counters) = &args.counters {
+            args.counters = Some(absolute_file_path(counters, "--counters")?);
+        }
         if let Some(kernel) = &args.machine.kernel {
             args.machine.kernel = Some(canonical(kernel)?);
         }
@@ -393,13 +420,27 @@ pub fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
         .context("writing the ready line")?;
     drop(stdout);
     timings.mark("ready");
-    // From here on the main thread only waits, stops and tears down.
+    // From here on the main thread only waits, publishes the counters,
+    // stops and tears down.
     if let Some(policy) = &seccomp {
         policy.apply(VmmThread::Controller)?;
     }
 
-    let exit = vm.wait(None).unwrap_or(VmExit::Stopped);
+    let mut counters = args.counters.as_deref().map(CountersFile::new);
+    let exit = loop {
+        let Some(file) = counters.as_mut() else {
+            break vm.wait(None).unwrap_or(VmExit::Stopped);
+        };
+        file.publish(&vm);
+        if let Some(exit) = vm.wait(Some(PUBLISH_INTERVAL)) {
+            break exit;
+        }
+    };
     vm.stop();
+    // The final figures, with the devices stopped.
+    if let Some(file) = counters.as_mut() {
+        file.publish(&vm);
+    }
     if let Some(net) = vm.net_stats() {
         eprintln!(
             "arrow-vmm: network: {} frames in ({} bytes, {} more merged into them, held {} \

@@ -20,6 +20,7 @@
 use std::collections::{HashMap, HashSet};
 use std::ffi::CStr;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -126,11 +127,30 @@ impl Live {
     }
 }
 
+/// File data the guest moved through the file system, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FsIo {
+    /// Returned by reads.
+    pub read_bytes: u64,
+    /// Taken by writes.
+    pub write_bytes: u64,
+}
+
+/// Adds `n` bytes to a counter (wrapping: a counter of bytes cannot
+/// reach 2^64 in practice, and a wrap must not panic a debug build).
+fn count(counter: &AtomicU64, n: usize) {
+    counter.fetch_add(n as u64, Ordering::Relaxed);
+}
+
 /// `PassthroughFs` with bounded inodes and handles (see the module doc).
 pub struct BoundedFs {
     inner: PassthroughFs,
     limits: FsLimits,
     live: Mutex<Live>,
+    /// [`FsIo`]'s counters: atomics, since the file system is shared
+    /// (`&self`) with the FUSE server; one relaxed add per read or write.
+    read_bytes: AtomicU64,
+    write_bytes: AtomicU64,
 }
 
 impl BoundedFs {
@@ -145,7 +165,17 @@ impl BoundedFs {
             inner,
             limits,
             live: Mutex::default(),
+            read_bytes: AtomicU64::new(0),
+            write_bytes: AtomicU64::new(0),
         })
+    }
+
+    /// The file data read and written since the file system was set up.
+    pub fn io(&self) -> FsIo {
+        FsIo {
+            read_bytes: self.read_bytes.load(Ordering::Relaxed),
+            write_bytes: self.write_bytes.load(Ordering::Relaxed),
+        }
     }
 
     /// The bounds.
@@ -395,8 +425,11 @@ impl FileSystem for BoundedFs {
         lock_owner: Option<u64>,
         flags: u32,
     ) -> io::Result<usize> {
-        self.inner
-            .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
+        let n = self
+            .inner
+            .read(ctx, inode, handle, w, size, offset, lock_owner, flags)?;
+        count(&self.read_bytes, n);
+        Ok(n)
     }
 
     fn write(
@@ -412,7 +445,7 @@ impl FileSystem for BoundedFs {
         flags: u32,
         fuse_flags: u32,
     ) -> io::Result<usize> {
-        self.inner.write(
+        let n = self.inner.write(
             ctx,
             inode,
             handle,
@@ -423,7 +456,9 @@ impl FileSystem for BoundedFs {
             delayed_write,
             flags,
             fuse_flags,
-        )
+        )?;
+        count(&self.write_bytes, n);
+        Ok(n)
     }
 
     fn flush(&self, ctx: &Context, inode: u64, handle: u64, lock_owner: u64) -> io::Result<()> {

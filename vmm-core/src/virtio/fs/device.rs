@@ -34,6 +34,25 @@ pub(super) struct Active {
     pub(super) queues: Vec<Queue>,
 }
 
+/// Counters of the device's work since it was created (a guest reset of
+/// the device does not clear them, so they only grow).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FsStats {
+    /// FUSE requests taken from the queues, both of them, answered or not.
+    pub requests: u64,
+    /// Requests answered with an error number: refusals (`EROFS`,
+    /// `ENFILE`) and the host's errors, a lookup of a missing name
+    /// (`ENOENT`, the guest's negative dentries) included.
+    pub errors: u64,
+    /// Requests that got no answer: malformed descriptor chains or
+    /// requests the server could not decode or reply to.
+    pub unanswered: u64,
+    /// File data returned by reads, in bytes.
+    pub read_bytes: u64,
+    /// File data taken by writes, in bytes.
+    pub write_bytes: u64,
+}
+
 /// A virtio-fs device sharing one host directory.
 pub struct VirtioFs {
     tag: String,
@@ -57,6 +76,11 @@ pub struct VirtioFs {
     /// loop: a reset comes from a vCPU thread, whose seccomp filter allows
     /// no file system calls.
     pub(super) destroy_pending: bool,
+    /// [`FsStats`]'s request counters, kept by the event loop (the bytes
+    /// are the file system's, see [`BoundedFs::io`]).
+    pub(super) requests: u64,
+    pub(super) errors: u64,
+    pub(super) unanswered: u64,
 }
 
 impl VirtioFs {
@@ -137,6 +161,9 @@ impl VirtioFs {
             kick_evt,
             session_open: false,
             destroy_pending: false,
+            requests: 0,
+            errors: 0,
+            unanswered: 0,
         })
     }
 
@@ -163,6 +190,18 @@ impl VirtioFs {
     /// The inodes and open files the guest holds now.
     pub fn usage(&self) -> FsUsage {
         self.fs.usage()
+    }
+
+    /// What the device has served so far.
+    pub fn stats(&self) -> FsStats {
+        let io = self.fs.io();
+        FsStats {
+            requests: self.requests,
+            errors: self.errors,
+            unanswered: self.unanswered,
+            read_bytes: io.read_bytes,
+            write_bytes: io.write_bytes,
+        }
     }
 
     /// Forgets every inode and open file of the guest's FUSE session.

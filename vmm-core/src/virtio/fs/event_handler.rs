@@ -42,9 +42,18 @@ impl VirtioFs {
                 served,
                 Ok(Served { opcode: Some(op), .. }) if op == Opcode::Destroy as u32
             );
+            // Plain adds: the event loop is the only writer, under the
+            // device's lock.
+            self.requests = self.requests.wrapping_add(1);
             let len = match served {
-                Ok(served) => served.len,
+                Ok(served) => {
+                    if served.error {
+                        self.errors = self.errors.wrapping_add(1);
+                    }
+                    served.len
+                }
                 Err(e) => {
+                    self.unanswered = self.unanswered.wrapping_add(1);
                     warn!("virtio-fs: queue {index}, chain {head}: {e}");
                     0
                 }

@@ -38,8 +38,8 @@ mod tests;
 use std::io;
 use std::path::PathBuf;
 
-pub use bounded::{FsLimits, FsUsage, MAX_HANDLES, MAX_INODES};
-pub use device::VirtioFs;
+pub use bounded::{FsIo, FsLimits, FsUsage, MAX_HANDLES, MAX_INODES};
+pub use device::{FsStats, VirtioFs};
 pub use persist::VirtioFsState;
 
 /// The virtio device ID of virtio-fs.

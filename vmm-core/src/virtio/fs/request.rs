@@ -17,6 +17,7 @@ use std::mem::size_of;
 use fuse_backend_rs::abi::fuse_abi::{AccessIn, InHeader, Opcode, OpenIn, OutHeader};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
 use virtio_queue::DescriptorChain;
+use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::device::SharedFs;
 use crate::virtio::GuestMemory;
@@ -45,6 +46,9 @@ pub struct Served {
     /// to know whether a FUSE session is open (see
     /// [`VirtioFs::has_fuse_session`](super::VirtioFs::has_fuse_session)).
     pub opcode: Option<u32>,
+    /// Whether the reply carries an error number (`fuse_out_header.error`
+    /// non-zero), for the device's counters.
+    pub error: bool,
 }
 
 /// Serves the request in `chain`.
@@ -60,6 +64,7 @@ pub fn handle_chain(
         .read_obj::<InHeader>()
         .ok()
         .map(|header| header.opcode);
+    let header = reply_header_addr(&chain);
     let mut writer = VirtioFsWriter::new(mem, chain).map_err(RequestError::Chain)?;
     if read_only {
         if let Some(unique) = refused_when_read_only(&reader) {
@@ -72,6 +77,7 @@ pub fn handle_chain(
             return Ok(Served {
                 len: reply.len,
                 opcode,
+                error: true,
             });
         }
     }
@@ -83,7 +89,32 @@ pub fn handle_chain(
     Ok(Served {
         len: u32::try_from(written).unwrap_or(u32::MAX),
         opcode,
+        error: written >= size_of::<OutHeader>() && reply_is_error(mem, header),
     })
+}
+
+/// Where the reply's `fuse_out_header` goes: the chain's first
+/// device-writable descriptor, if it holds a whole header (Linux gives the
+/// header a descriptor of its own).
+fn reply_header_addr(chain: &DescriptorChain<&GuestMemory>) -> Option<GuestAddress> {
+    chain
+        .clone()
+        .writable()
+        .next()
+        .filter(|d| d.len() as usize >= size_of::<OutHeader>())
+        .map(|d| d.addr())
+}
+
+/// Whether the reply header the server just wrote at `header` holds an
+/// error. fuse-backend-rs does not hand the header back, so it is read
+/// from guest memory: a guest that rewrites it meanwhile only skews its
+/// own error count, which it could do anyway by sending failing requests.
+fn reply_is_error(mem: &GuestMemory, header: Option<GuestAddress>) -> bool {
+    // `fuse_out_header`: len (u32), error (i32), unique (u64).
+    header
+        .and_then(|addr| addr.checked_add(4))
+        .and_then(|error| mem.read_obj::<i32>(error).ok())
+        .is_some_and(|error| error != 0)
 }
 
 /// The `unique` of a request a read-only device must refuse, or `None` if

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use event_manager::{EventManager, SubscriberOps};
 use fuse_backend_rs::abi::fuse_abi::{
     AccessIn, BatchForgetIn, CreateIn, Dirent, EntryOut, ForgetOne, InHeader, InitIn, InitOut,
-    MkdirIn, Opcode, OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn, KERNEL_MINOR_VERSION,
+    MkdirIn, Opcode, OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn, WriteIn, KERNEL_MINOR_VERSION,
     KERNEL_VERSION, ROOT_ID,
 };
 use virtio_bindings::virtio_mmio as regs;
@@ -414,6 +414,90 @@ fn init_lookup_open_read_through_the_event_loop() {
     assert_eq!(made.header.error, 0);
     assert!(dir.join("made-by-guest").is_dir());
 
+    drop(g);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn counters_follow_requests_errors_and_file_data() {
+    let dir = temp_dir("stats");
+    std::fs::write(dir.join("hello.txt"), HELLO).unwrap();
+    let mem = new_mem();
+    let mut g = Guest::start(&mem, VirtioFs::new("share", &dir, false).unwrap());
+    let stats = |g: &Guest| g.dev.lock().unwrap().stats();
+    assert_eq!(stats(&g), FsStats::default());
+
+    g.init();
+    // Errors: a missing name, and a write to a handle that does not exist.
+    assert_eq!(g.lookup(ROOT_ID, "missing").header.error, -libc::ENOENT);
+    let created: EntryOut = g.create(ROOT_ID, "new.txt").obj();
+    let other = g.create(ROOT_ID, "other.txt");
+    let (entry, open) = other.body.split_at(size_of::<EntryOut>());
+    let other = EntryOut::from_slice(entry).unwrap().nodeid;
+    let fh = OpenOut::from_slice(&open[..size_of::<OpenOut>()])
+        .unwrap()
+        .fh;
+    let data = b"twelve bytes";
+    let mut write = WriteIn {
+        fh,
+        size: data.len() as u32,
+        ..Default::default()
+    }
+    .as_slice()
+    .to_vec();
+    write.extend_from_slice(data);
+    assert_eq!(g.call(Opcode::Write, other, &write, 256).header.error, 0);
+    assert_eq!(std::fs::read(dir.join("other.txt")).unwrap(), data);
+    let bad_write = {
+        let mut w = WriteIn {
+            fh: 0xdead,
+            size: 1,
+            ..Default::default()
+        }
+        .as_slice()
+        .to_vec();
+        w.push(b'x');
+        w
+    };
+    assert_ne!(
+        g.call(Opcode::Write, created.nodeid, &bad_write, 256)
+            .header
+            .error,
+        0
+    );
+    let hello: EntryOut = g.lookup(ROOT_ID, "hello.txt").obj();
+    let open: OpenOut = g.open(hello.nodeid, libc::O_RDONLY).obj();
+    let read = g.call(
+        Opcode::Read,
+        hello.nodeid,
+        read_in(open.fh, 4096).as_slice(),
+        8192,
+    );
+    assert_eq!(read.body, HELLO);
+    // No reply: not an error.
+    g.forget(hello.nodeid, 1);
+    // No reply buffer at all: unanswered.
+    let lookup = g.request_bytes(Opcode::Lookup, ROOT_ID, b"hello.txt\0");
+    mem.write_slice(&lookup, GuestAddress(g.in_buf)).unwrap();
+    let in_buf = g.in_buf;
+    g.req.add_chain(&[(in_buf, lookup.len() as u32, false)]);
+    assert_eq!(g.kick_and_wait(REQUEST_QUEUE_INDEX), 0);
+
+    assert_eq!(
+        stats(&g),
+        FsStats {
+            // init, lookup, 2 creates, 2 writes, lookup, open, read,
+            // forget, the chain without a reply buffer.
+            requests: 11,
+            errors: 2,
+            unanswered: 1,
+            read_bytes: HELLO.len() as u64,
+            write_bytes: data.len() as u64,
+        }
+    );
+    // A reset of the device keeps them.
+    g.dev.lock().unwrap().reset();
+    assert_eq!(stats(&g).requests, 11);
     drop(g);
     std::fs::remove_dir_all(&dir).unwrap();
 }
