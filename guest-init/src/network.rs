@@ -17,7 +17,7 @@ use std::net::IpAddr;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use proto::agent::ConfigureNetwork;
 
-use crate::supervisor::ProcError;
+use crate::error::AgentError;
 
 /// The loopback interface's index: always 1 in a network namespace.
 const LOOPBACK_INDEX: u32 = 1;
@@ -176,7 +176,7 @@ pub trait Rtnetlink {
 /// Applies a validated plan: per interface MAC and MTU (live, or down and
 /// up again if the driver refuses a live MAC change), up,
 /// addresses; then the routes in order.
-pub fn apply(nl: &mut dyn Rtnetlink, plan: &Plan) -> Result<(), ProcError> {
+pub fn apply(nl: &mut dyn Rtnetlink, plan: &Plan) -> Result<(), AgentError> {
     // A kernel without IPv6 has no rtnetlink handler for it: the request
     // fails with EOPNOTSUPP (EAFNOSUPPORT from some paths). Arrow's kernel
     // always has IPv4 (CONFIG_INET).
@@ -191,12 +191,12 @@ pub fn apply(nl: &mut dyn Rtnetlink, plan: &Plan) -> Result<(), ProcError> {
     for link in &plan.links {
         let index = nl
             .link_index(&link.name)
-            .map_err(|e| ProcError::Guest(format!("looking up {}: {e}", link.name)))?
-            .ok_or_else(|| ProcError::InterfaceNotFound(link.name.clone()))?;
+            .map_err(|e| AgentError::Guest(format!("looking up {}: {e}", link.name)))?
+            .ok_or_else(|| AgentError::InterfaceNotFound(link.name.clone()))?;
         indices.push((link.name.as_str(), index));
         if link.mac.is_some() || link.mtu.is_some() {
             let set_err =
-                |e: io::Error| ProcError::Guest(format!("setting MAC/MTU of {}: {e}", link.name));
+                |e: io::Error| AgentError::Guest(format!("setting MAC/MTU of {}: {e}", link.name));
             let set = Change::SetLink {
                 index,
                 mac: link.mac,
@@ -215,19 +215,19 @@ pub fn apply(nl: &mut dyn Rtnetlink, plan: &Plan) -> Result<(), ProcError> {
             }
         }
         nl.request(&Change::SetUp { index, up: true })
-            .map_err(|e| ProcError::Guest(format!("bringing {} up: {e}", link.name)))?;
+            .map_err(|e| AgentError::Guest(format!("bringing {} up: {e}", link.name)))?;
         for &(ip, prefix) in &link.addresses {
             match nl.request(&Change::AddAddress { index, ip, prefix }) {
                 Ok(()) => {}
                 Err(e) if family_missing(&ip, &e) => {
-                    return Err(ProcError::FailedPrecondition(format!(
+                    return Err(AgentError::FailedPrecondition(format!(
                         "{ip}/{prefix} on {}: the guest kernel has no {} support",
                         link.name,
                         family_name(&ip)
                     )))
                 }
                 Err(e) => {
-                    return Err(ProcError::Guest(format!(
+                    return Err(AgentError::Guest(format!(
                         "adding {ip}/{prefix} to {}: {e}",
                         link.name
                     )))
@@ -238,7 +238,7 @@ pub fn apply(nl: &mut dyn Rtnetlink, plan: &Plan) -> Result<(), ProcError> {
     for r in &plan.routes {
         // Validated: every route's device is in the plan.
         let Some(&(_, index)) = indices.iter().find(|(name, _)| *name == r.device) else {
-            return Err(ProcError::InvalidArgument(format!(
+            return Err(AgentError::InvalidArgument(format!(
                 "route through unknown interface {:?}",
                 r.device
             )));
@@ -249,7 +249,7 @@ pub fn apply(nl: &mut dyn Rtnetlink, plan: &Plan) -> Result<(), ProcError> {
         }) {
             Ok(()) => {}
             Err(e) if family_missing(&r.destination, &e) => {
-                return Err(ProcError::FailedPrecondition(format!(
+                return Err(AgentError::FailedPrecondition(format!(
                     "route to {}/{}: the guest kernel has no {} support",
                     r.destination,
                     r.prefix_len,
@@ -258,7 +258,7 @@ pub fn apply(nl: &mut dyn Rtnetlink, plan: &Plan) -> Result<(), ProcError> {
             }
             Err(e) => {
                 let via = r.gateway.map(|g| format!(" via {g}")).unwrap_or_default();
-                return Err(ProcError::Guest(format!(
+                return Err(AgentError::Guest(format!(
                     "adding route {}/{}{via} dev {}: {e}",
                     r.destination, r.prefix_len, r.device
                 )));
@@ -277,9 +277,9 @@ fn family_name(ip: &IpAddr) -> &'static str {
 }
 
 /// ConfigureNetwork in the guest: validate, open a netlink socket, apply.
-pub fn configure(req: &ConfigureNetwork) -> Result<(), ProcError> {
-    let plan = plan(req).map_err(ProcError::InvalidArgument)?;
-    let mut nl = RtnlSocket::open().map_err(|source| ProcError::Internal {
+pub fn configure(req: &ConfigureNetwork) -> Result<(), AgentError> {
+    let plan = plan(req).map_err(AgentError::InvalidArgument)?;
+    let mut nl = RtnlSocket::open().map_err(|source| AgentError::Internal {
         what: "opening a netlink socket",
         source,
     })?;
