@@ -198,11 +198,12 @@ pid_of_ours() {
 
 answers() { ctr_ version >/dev/null 2>&1; }
 
-# Routes of this host that overlap the pods' subnet, other than our
+# Routes of this host that overlap the pods' subnets, other than our
 # bridge's own (the default route aside): with one, a pod IP would be
 # reachable through the wrong interface, or not at all.
 routes_over_subnet() {
-  { ip -4 route show root "$subnet"; ip -4 route show match "$subnet"; } 2>/dev/null |
+  { ip -4 route show root "$subnet"; ip -4 route show match "$subnet"
+    ip -6 route show root "$subnet6"; ip -6 route show match "$subnet6"; } 2>/dev/null |
     grep -v '^default ' | grep -vw "dev $bridge" || true
 }
 
@@ -220,9 +221,9 @@ start() {
   local clash
   clash=$(routes_over_subnet)
   if [ -n "$clash" ]; then
-    echo "the test pods' subnet $subnet is already routed on this host:" >&2
+    echo "the test pods' subnet $subnet or $subnet6 is already routed on this host:" >&2
     printf '  %s\n' "$clash" >&2
-    echo "pick a free one with ARROW_TEST_SUBNET=a.b.0.0/16 (or remove that route)" >&2
+    echo "pick a free one with ARROW_TEST_SUBNET=a.b.0.0/16 or ARROW_TEST_SUBNET6=fdXX::/64 (or remove that route)" >&2
     exit 1
   fi
   write_config
