@@ -276,14 +276,55 @@ fn family_name(ip: &IpAddr) -> &'static str {
     }
 }
 
-/// ConfigureNetwork in the guest: validate, open a netlink socket, apply.
+/// ConfigureNetwork in the guest: validate, open a netlink socket, apply;
+/// then each interface whose MAC was set gets its IPv6 link-local address,
+/// made from that MAC (see [`boot_up`]).
 pub fn configure(req: &ConfigureNetwork) -> Result<(), AgentError> {
     let plan = plan(req).map_err(AgentError::InvalidArgument)?;
     let mut nl = RtnlSocket::open().map_err(|source| AgentError::Internal {
         what: "opening a netlink socket",
         source,
     })?;
-    apply(&mut nl, &plan)
+    apply(&mut nl, &plan)?;
+    for link in plan.links.iter().filter(|l| l.mac.is_some()) {
+        set_addr_gen_mode(&link.name, AddrGenMode::Eui64).map_err(|e| {
+            AgentError::Guest(format!("IPv6 link-local address of {}: {e}", link.name))
+        })?;
+    }
+    Ok(())
+}
+
+/// How the kernel makes an interface's IPv6 link-local address (its
+/// `addr_gen_mode` sysctl).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AddrGenMode {
+    /// fe80::/64 from the MAC (EUI-64), the kernel's default.
+    Eui64,
+    /// None.
+    None,
+}
+
+impl AddrGenMode {
+    fn sysctl_value(self) -> &'static str {
+        match self {
+            Self::Eui64 => "0",
+            Self::None => "1",
+        }
+    }
+}
+
+fn addr_gen_mode_path(interface: &str) -> String {
+    format!("/proc/sys/net/ipv6/conf/{interface}/addr_gen_mode")
+}
+
+/// Sets `interface`'s link-local address generation; switching it back to
+/// EUI-64 on an up interface makes the address at once. A kernel without
+/// IPv6 has no such file: nothing to do.
+fn set_addr_gen_mode(interface: &str, mode: AddrGenMode) -> io::Result<()> {
+    match std::fs::write(addr_gen_mode_path(interface), mode.sysctl_value()) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
 }
 
 /// The NIC arrow-init brings up at boot, if the VM has one.
@@ -295,6 +336,11 @@ pub const BOOT_NIC: &str = "eth0";
 /// here it is part of the template, and a clone only changes the MAC
 /// (live: virtio-net allows that) and adds addresses. With no address the
 /// NIC sends nothing meanwhile. Returns whether a NIC came up.
+///
+/// The kernel makes an IPv6 link-local address from the MAC when the NIC
+/// comes up, and keeps it when the MAC changes: every clone would share
+/// the template's on the pod network. So the NIC comes up without one, and
+/// [`configure`] has the kernel make it once the pod's MAC is set.
 pub fn boot_up() -> io::Result<bool> {
     let mut nl = RtnlSocket::open()?;
     nl.request(&Change::SetUp {
@@ -303,6 +349,7 @@ pub fn boot_up() -> io::Result<bool> {
     })?;
     match nl.link_index(BOOT_NIC)? {
         Some(index) => {
+            set_addr_gen_mode(BOOT_NIC, AddrGenMode::None)?;
             nl.request(&Change::SetUp { index, up: true })?;
             Ok(true)
         }
@@ -634,6 +681,17 @@ mod tests {
                 _ => Ok(()),
             }
         }
+    }
+
+    #[test]
+    fn addr_gen_modes_are_the_kernels_numbers() {
+        // include/uapi/linux/if_link.h: IN6_ADDR_GEN_MODE_EUI64 = 0, _NONE = 1.
+        assert_eq!(AddrGenMode::Eui64.sysctl_value(), "0");
+        assert_eq!(AddrGenMode::None.sysctl_value(), "1");
+        assert_eq!(
+            addr_gen_mode_path("eth0"),
+            "/proc/sys/net/ipv6/conf/eth0/addr_gen_mode"
+        );
     }
 
     #[test]
