@@ -25,6 +25,8 @@
 # ARROW_TEST_SUBNET is the pods' CNI subnet (default 10.213.0.0/16: not
 # containerd's stock 10.88.0.0/16, nor k3s's, kind's or flannel's); start
 # refuses when something else on the host already routes it.
+# ARROW_TEST_SUBNET6 is their IPv6 subnet (default fd88::/64, a unique local
+# one; pods are dual-stack as in a dual-stack cluster).
 # ARROW_CONTAINERD_CONFIG names a config to start with instead of the one
 # this script writes (integration/tests/arrow_install.rs: containerd's
 # stock config edited by `arrow install`); it must use this script's root,
@@ -43,6 +45,7 @@ cni_bin_dir=/usr/lib/cni
 cni_network=arrow-test
 bridge=arrow0
 subnet=${ARROW_TEST_SUBNET:-10.213.0.0/16}
+subnet6=${ARROW_TEST_SUBNET6:-fd88::/64}
 logfile=$run/containerd.log
 pidfile=$run/containerd.pid
 lockfile=$run/containerd.lock
@@ -155,8 +158,10 @@ EOF
 }
 
 write_cni_config() {
-  # Pods get an address on bridge $bridge; no masquerading: they reach
-  # this machine and each other, nothing further.
+  # Pods get an address of each family on bridge $bridge (dual stack, as a
+  # Kubernetes dual-stack cluster's CNI gives them; IPv4 first, so it is the
+  # pod's primary IP); no masquerading: they reach this machine and each
+  # other, nothing further.
   cat >"$cni_conf_dir/10-$cni_network.conflist.tmp" <<EOF
 {
   "cniVersion": "1.0.0",
@@ -170,8 +175,8 @@ write_cni_config() {
       "hairpinMode": true,
       "ipam": {
         "type": "host-local",
-        "ranges": [[{ "subnet": "$subnet" }]],
-        "routes": [{ "dst": "0.0.0.0/0" }]
+        "ranges": [[{ "subnet": "$subnet" }], [{ "subnet": "$subnet6" }]],
+        "routes": [{ "dst": "0.0.0.0/0" }, { "dst": "::/0" }]
       }
     },
     { "type": "loopback" }
@@ -193,11 +198,12 @@ pid_of_ours() {
 
 answers() { ctr_ version >/dev/null 2>&1; }
 
-# Routes of this host that overlap the pods' subnet, other than our
+# Routes of this host that overlap the pods' subnets, other than our
 # bridge's own (the default route aside): with one, a pod IP would be
 # reachable through the wrong interface, or not at all.
 routes_over_subnet() {
-  { ip -4 route show root "$subnet"; ip -4 route show match "$subnet"; } 2>/dev/null |
+  { ip -4 route show root "$subnet"; ip -4 route show match "$subnet"
+    ip -6 route show root "$subnet6"; ip -6 route show match "$subnet6"; } 2>/dev/null |
     grep -v '^default ' | grep -vw "dev $bridge" || true
 }
 
@@ -215,9 +221,9 @@ start() {
   local clash
   clash=$(routes_over_subnet)
   if [ -n "$clash" ]; then
-    echo "the test pods' subnet $subnet is already routed on this host:" >&2
+    echo "the test pods' subnet $subnet or $subnet6 is already routed on this host:" >&2
     printf '  %s\n' "$clash" >&2
-    echo "pick a free one with ARROW_TEST_SUBNET=a.b.0.0/16 (or remove that route)" >&2
+    echo "pick a free one with ARROW_TEST_SUBNET=a.b.0.0/16 or ARROW_TEST_SUBNET6=fdXX::/64 (or remove that route)" >&2
     exit 1
   fi
   write_config

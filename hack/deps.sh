@@ -6,6 +6,7 @@ source "$(dirname "$0")/lib.sh"
 require_root
 apt_ensure protobuf-compiler busybox-static gcc make libc6-dev \
   containerd runc containernetworking-plugins iproute2 \
+  iptables nftables \
   docker-registry
 # Debian's docker-registry starts a system registry on :5000 where systemd
 # runs; the tests start their own on loopback ports, so keep it off.

@@ -7,6 +7,11 @@
 #                                   an empty /tmp; Cmd ["sh"]
 #   localhost/arrow/pause:latest    the static arrow-pause at /pause;
 #                                   Entrypoint ["/pause"] (the sandbox image)
+#   localhost/arrow/nettools:latest the busybox image plus this machine's
+#                                   iptables (legacy and nft back ends,
+#                                   iptables-legacy/-nft, ip6tables-*), nft
+#                                   and iproute2's ip, with the libraries
+#                                   they load; Cmd ["sh"]
 # Each is an OCI image layout tarball written by arrow-image, cached in
 # $ARROW_CACHE/images under a key of its inputs (the image's files, the
 # arrow-image binary, this script), so a warm run builds nothing. Import is
@@ -28,6 +33,11 @@ target=x86_64-unknown-linux-gnu
 target_dir=${CARGO_TARGET_DIR:-$ARROW_ROOT/target}
 
 [ -x /bin/busybox ] || { require_root; apt_ensure busybox-static; }
+nettools_bins=(/usr/sbin/xtables-legacy-multi /usr/sbin/xtables-nft-multi /usr/sbin/nft /usr/sbin/ip)
+xtables_ext=/usr/lib/x86_64-linux-gnu/xtables
+for f in "${nettools_bins[@]}"; do
+  [ -x "$f" ] || { require_root; apt_ensure iptables nftables iproute2; break; }
+done
 # One run at a time (test binaries may call this at once).
 mkdir -p "$images_dir"
 exec 9>"$images_dir/.lock"
@@ -99,17 +109,47 @@ stage_pause() {
   install -m 0755 "$ARROW_BIN_DIR/arrow-pause" "$r/pause"
 }
 
+# copy_with_libs ROOT FILE...: each FILE at its own path under ROOT, with
+# the shared libraries (and loader) ldd names for it.
+copy_with_libs() {
+  local r=$1 f lib
+  shift
+  for f in "$@"; do
+    cp -L --parents "$f" "$r/"
+    for lib in $(ldd "$f" | grep -oE '/[^ ]+'); do
+      [ -e "$r$lib" ] || cp -L --parents "$lib" "$r/"
+    done
+  done
+}
+
+stage_nettools() {
+  local r=$1 b
+  stage_busybox "$r"
+  copy_with_libs "$r" "${nettools_bins[@]}" "$xtables_ext"/*.so
+  for b in iptables ip6tables; do
+    ln -sf xtables-legacy-multi "$r/usr/sbin/$b-legacy"
+    ln -sf xtables-legacy-multi "$r/usr/sbin/$b"
+    ln -sf xtables-nft-multi "$r/usr/sbin/$b-nft"
+  done
+  # iptables-legacy takes its lock here.
+  mkdir -p "$r/run"
+}
+
 busybox_tar=$(build_image localhost/arrow/busybox:latest "$(key /bin/busybox)" stage_busybox --cmd sh)
 pause_tar=$(build_image localhost/arrow/pause:latest "$(key "$ARROW_BIN_DIR/arrow-pause")" stage_pause --entrypoint /pause)
+
+nettools_tar=$(build_image localhost/arrow/nettools:latest \
+  "$(key /bin/busybox "${nettools_bins[@]}" "$xtables_ext"/*.so)" stage_nettools --cmd sh)
 
 case "$cmd" in
   build)
     echo "$busybox_tar"
     echo "$pause_tar"
+    echo "$nettools_tar"
     ;;
   import)
     command -v ctr >/dev/null || { echo "ctr not installed: run hack/deps.sh" >&2; exit 1; }
-    for tarball in "$busybox_tar" "$pause_tar"; do
+    for tarball in "$busybox_tar" "$pause_tar" "$nettools_tar"; do
       digest=$(cat "$tarball.digest")
       name=$(tar -xOf "$tarball" index.json | grep -oE '"io.containerd.image.name":"[^"]+"' | cut -d'"' -f4)
       if ctr --address "$address" -n "$namespace" images ls "name==$name" 2>/dev/null | awk 'NR > 1 {print $3}' | grep -qxF "$digest"; then

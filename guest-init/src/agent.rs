@@ -19,9 +19,10 @@ use crate::clone::{self, ClonePlatform};
 use crate::conn::{is_disconnect, Conn, Listener};
 use crate::container::pidns::PidNs;
 use crate::container::Containers;
+use crate::error::AgentError;
 use crate::network;
 use crate::reaper::ExitStatus;
-use crate::supervisor::{ProcError, Supervisor};
+use crate::supervisor::Supervisor;
 use crate::{log_debug, log_error, log_info};
 
 /// Stack of per-connection and per-wait threads (they hold little: a frame
@@ -82,7 +83,7 @@ impl Agent {
     fn dispatch(self: &Arc<Self>, req: Request, out: &Arc<Responder>) {
         let sup = &self.supervisor;
         let result = match req.body {
-            None => Err(ProcError::InvalidArgument(
+            None => Err(AgentError::InvalidArgument(
                 "request body missing or unknown to this agent".into(),
             )),
             Some(Body::WaitProcess(wait)) => {
@@ -96,7 +97,7 @@ impl Agent {
                     });
                 match waiter {
                     Ok(_) => return,
-                    Err(e) => Err(ProcError::Internal {
+                    Err(e) => Err(AgentError::Internal {
                         what: "spawn wait thread",
                         source: e,
                     }),
@@ -118,7 +119,7 @@ impl Agent {
                     .spawn(move || agent.wait_oom(req.id, &out2));
                 match waiter {
                     Ok(_) => return,
-                    Err(e) => Err(ProcError::Internal {
+                    Err(e) => Err(AgentError::Internal {
                         what: "spawn wait-oom thread",
                         source: e,
                     }),
@@ -155,7 +156,7 @@ impl Agent {
                 .map(|()| response::Result::ContainerCreated(ContainerCreated {})),
             Some(Body::RemoveContainer(r)) => self
                 .containers
-                .remove(&r.id, sup)
+                .remove(&r.id, |id| sup.forget_container(id))
                 .map(|()| response::Result::ContainerRemoved(ContainerRemoved {})),
             Some(Body::UpdateContainer(u)) => self
                 .containers
@@ -204,11 +205,11 @@ impl Agent {
         out.send(req.id, result);
     }
 
-    fn configure_network(&self, req: &proto::agent::ConfigureNetwork) -> Result<(), ProcError> {
+    fn configure_network(&self, req: &proto::agent::ConfigureNetwork) -> Result<(), AgentError> {
         if !self.guest_network {
             // Validated all the same, so host tests see the real checks.
-            network::plan(req).map_err(ProcError::InvalidArgument)?;
-            return Err(ProcError::FailedPrecondition(
+            network::plan(req).map_err(AgentError::InvalidArgument)?;
+            return Err(AgentError::FailedPrecondition(
                 "ConfigureNetwork only runs in a guest (this agent serves host tests)".into(),
             ));
         }
@@ -245,7 +246,8 @@ impl Agent {
                 log_info!("shutdown requested, exiting");
                 self.supervisor.kill_all();
                 // Host tests: leave no mount or cgroup behind.
-                self.containers.remove_all(&self.supervisor);
+                self.containers
+                    .remove_all(|id| self.supervisor.forget_container(id));
                 std::process::exit(0);
             }
         }
@@ -303,7 +305,7 @@ struct Responder {
 
 impl Responder {
     /// Sends the answer to call `id`; returns whether it was written.
-    fn send(&self, id: u64, result: Result<response::Result, ProcError>) -> bool {
+    fn send(&self, id: u64, result: Result<response::Result, AgentError>) -> bool {
         let result = result.unwrap_or_else(|e| {
             log_debug!("request {id}: {e}");
             response::Result::Error(e.to_wire())

@@ -13,6 +13,7 @@ pub mod clone;
 pub mod cmdline;
 pub mod conn;
 pub mod container;
+pub mod error;
 pub mod init;
 pub mod mounts;
 pub mod network;

@@ -17,7 +17,7 @@ use std::net::IpAddr;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use proto::agent::ConfigureNetwork;
 
-use crate::supervisor::ProcError;
+use crate::error::AgentError;
 
 /// The loopback interface's index: always 1 in a network namespace.
 const LOOPBACK_INDEX: u32 = 1;
@@ -176,7 +176,7 @@ pub trait Rtnetlink {
 /// Applies a validated plan: per interface MAC and MTU (live, or down and
 /// up again if the driver refuses a live MAC change), up,
 /// addresses; then the routes in order.
-pub fn apply(nl: &mut dyn Rtnetlink, plan: &Plan) -> Result<(), ProcError> {
+pub fn apply(nl: &mut dyn Rtnetlink, plan: &Plan) -> Result<(), AgentError> {
     // A kernel without IPv6 has no rtnetlink handler for it: the request
     // fails with EOPNOTSUPP (EAFNOSUPPORT from some paths). Arrow's kernel
     // always has IPv4 (CONFIG_INET).
@@ -191,12 +191,12 @@ pub fn apply(nl: &mut dyn Rtnetlink, plan: &Plan) -> Result<(), ProcError> {
     for link in &plan.links {
         let index = nl
             .link_index(&link.name)
-            .map_err(|e| ProcError::Guest(format!("looking up {}: {e}", link.name)))?
-            .ok_or_else(|| ProcError::InterfaceNotFound(link.name.clone()))?;
+            .map_err(|e| AgentError::Guest(format!("looking up {}: {e}", link.name)))?
+            .ok_or_else(|| AgentError::InterfaceNotFound(link.name.clone()))?;
         indices.push((link.name.as_str(), index));
         if link.mac.is_some() || link.mtu.is_some() {
             let set_err =
-                |e: io::Error| ProcError::Guest(format!("setting MAC/MTU of {}: {e}", link.name));
+                |e: io::Error| AgentError::Guest(format!("setting MAC/MTU of {}: {e}", link.name));
             let set = Change::SetLink {
                 index,
                 mac: link.mac,
@@ -215,19 +215,19 @@ pub fn apply(nl: &mut dyn Rtnetlink, plan: &Plan) -> Result<(), ProcError> {
             }
         }
         nl.request(&Change::SetUp { index, up: true })
-            .map_err(|e| ProcError::Guest(format!("bringing {} up: {e}", link.name)))?;
+            .map_err(|e| AgentError::Guest(format!("bringing {} up: {e}", link.name)))?;
         for &(ip, prefix) in &link.addresses {
             match nl.request(&Change::AddAddress { index, ip, prefix }) {
                 Ok(()) => {}
                 Err(e) if family_missing(&ip, &e) => {
-                    return Err(ProcError::FailedPrecondition(format!(
+                    return Err(AgentError::FailedPrecondition(format!(
                         "{ip}/{prefix} on {}: the guest kernel has no {} support",
                         link.name,
                         family_name(&ip)
                     )))
                 }
                 Err(e) => {
-                    return Err(ProcError::Guest(format!(
+                    return Err(AgentError::Guest(format!(
                         "adding {ip}/{prefix} to {}: {e}",
                         link.name
                     )))
@@ -238,7 +238,7 @@ pub fn apply(nl: &mut dyn Rtnetlink, plan: &Plan) -> Result<(), ProcError> {
     for r in &plan.routes {
         // Validated: every route's device is in the plan.
         let Some(&(_, index)) = indices.iter().find(|(name, _)| *name == r.device) else {
-            return Err(ProcError::InvalidArgument(format!(
+            return Err(AgentError::InvalidArgument(format!(
                 "route through unknown interface {:?}",
                 r.device
             )));
@@ -249,7 +249,7 @@ pub fn apply(nl: &mut dyn Rtnetlink, plan: &Plan) -> Result<(), ProcError> {
         }) {
             Ok(()) => {}
             Err(e) if family_missing(&r.destination, &e) => {
-                return Err(ProcError::FailedPrecondition(format!(
+                return Err(AgentError::FailedPrecondition(format!(
                     "route to {}/{}: the guest kernel has no {} support",
                     r.destination,
                     r.prefix_len,
@@ -258,7 +258,7 @@ pub fn apply(nl: &mut dyn Rtnetlink, plan: &Plan) -> Result<(), ProcError> {
             }
             Err(e) => {
                 let via = r.gateway.map(|g| format!(" via {g}")).unwrap_or_default();
-                return Err(ProcError::Guest(format!(
+                return Err(AgentError::Guest(format!(
                     "adding route {}/{}{via} dev {}: {e}",
                     r.destination, r.prefix_len, r.device
                 )));
@@ -276,14 +276,55 @@ fn family_name(ip: &IpAddr) -> &'static str {
     }
 }
 
-/// ConfigureNetwork in the guest: validate, open a netlink socket, apply.
-pub fn configure(req: &ConfigureNetwork) -> Result<(), ProcError> {
-    let plan = plan(req).map_err(ProcError::InvalidArgument)?;
-    let mut nl = RtnlSocket::open().map_err(|source| ProcError::Internal {
+/// ConfigureNetwork in the guest: validate, open a netlink socket, apply;
+/// then each interface whose MAC was set gets its IPv6 link-local address,
+/// made from that MAC (see [`boot_up`]).
+pub fn configure(req: &ConfigureNetwork) -> Result<(), AgentError> {
+    let plan = plan(req).map_err(AgentError::InvalidArgument)?;
+    let mut nl = RtnlSocket::open().map_err(|source| AgentError::Internal {
         what: "opening a netlink socket",
         source,
     })?;
-    apply(&mut nl, &plan)
+    apply(&mut nl, &plan)?;
+    for link in plan.links.iter().filter(|l| l.mac.is_some()) {
+        set_addr_gen_mode(&link.name, AddrGenMode::Eui64).map_err(|e| {
+            AgentError::Guest(format!("IPv6 link-local address of {}: {e}", link.name))
+        })?;
+    }
+    Ok(())
+}
+
+/// How the kernel makes an interface's IPv6 link-local address (its
+/// `addr_gen_mode` sysctl).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AddrGenMode {
+    /// fe80::/64 from the MAC (EUI-64), the kernel's default.
+    Eui64,
+    /// None.
+    None,
+}
+
+impl AddrGenMode {
+    fn sysctl_value(self) -> &'static str {
+        match self {
+            Self::Eui64 => "0",
+            Self::None => "1",
+        }
+    }
+}
+
+fn addr_gen_mode_path(interface: &str) -> String {
+    format!("/proc/sys/net/ipv6/conf/{interface}/addr_gen_mode")
+}
+
+/// Sets `interface`'s link-local address generation; switching it back to
+/// EUI-64 on an up interface makes the address at once. A kernel without
+/// IPv6 has no such file: nothing to do.
+fn set_addr_gen_mode(interface: &str, mode: AddrGenMode) -> io::Result<()> {
+    match std::fs::write(addr_gen_mode_path(interface), mode.sysctl_value()) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
 }
 
 /// The NIC arrow-init brings up at boot, if the VM has one.
@@ -295,6 +336,11 @@ pub const BOOT_NIC: &str = "eth0";
 /// here it is part of the template, and a clone only changes the MAC
 /// (live: virtio-net allows that) and adds addresses. With no address the
 /// NIC sends nothing meanwhile. Returns whether a NIC came up.
+///
+/// The kernel makes an IPv6 link-local address from the MAC when the NIC
+/// comes up, and keeps it when the MAC changes: every clone would share
+/// the template's on the pod network. So the NIC comes up without one, and
+/// [`configure`] has the kernel make it once the pod's MAC is set.
 pub fn boot_up() -> io::Result<bool> {
     let mut nl = RtnlSocket::open()?;
     nl.request(&Change::SetUp {
@@ -303,6 +349,7 @@ pub fn boot_up() -> io::Result<bool> {
     })?;
     match nl.link_index(BOOT_NIC)? {
         Some(index) => {
+            set_addr_gen_mode(BOOT_NIC, AddrGenMode::None)?;
             nl.request(&Change::SetUp { index, up: true })?;
             Ok(true)
         }
@@ -634,6 +681,17 @@ mod tests {
                 _ => Ok(()),
             }
         }
+    }
+
+    #[test]
+    fn addr_gen_modes_are_the_kernels_numbers() {
+        // include/uapi/linux/if_link.h: IN6_ADDR_GEN_MODE_EUI64 = 0, _NONE = 1.
+        assert_eq!(AddrGenMode::Eui64.sysctl_value(), "0");
+        assert_eq!(AddrGenMode::None.sysctl_value(), "1");
+        assert_eq!(
+            addr_gen_mode_path("eth0"),
+            "/proc/sys/net/ipv6/conf/eth0/addr_gen_mode"
+        );
     }
 
     #[test]

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use proto::agent::CreateProcess;
 
 use crate::capabilities::{self, CapSets};
-use crate::container::pidns::{InitMounts, PidNs};
+use crate::container::pidns::{InitMounts, PidNs, Spawned};
 use crate::container::Placement;
 use crate::seccomp::Filter;
 
@@ -386,17 +386,6 @@ struct ChildArgs<'a> {
     joined_pid: c_int,
     failed_stage: Option<&'static str>,
     errno: c_int,
-}
-
-/// A started process.
-#[derive(Debug)]
-pub struct Spawned {
-    /// In the agent's PID namespace.
-    pub pid: i32,
-    /// The init of a new PID namespace: its pidfd, which later processes
-    /// join the namespace by (it stays valid after the init is gone, and
-    /// joining then fails with ESRCH).
-    pub pidfd: Option<OwnedFd>,
 }
 
 /// A child stack; uninitialised on purpose: only the pages the child

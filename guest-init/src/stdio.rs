@@ -10,7 +10,8 @@ use proto::agent::{StreamAttach, StreamAttached, StreamKind};
 use proto::{read_frame, write_frame};
 
 use crate::conn::{Conn, Listener};
-use crate::supervisor::{Attachment, ProcError, Process, Supervisor};
+use crate::error::AgentError;
+use crate::supervisor::{Attachment, Process, Supervisor};
 use crate::{log_debug, log_error};
 
 /// Bytes moved per splice(2) call: a whole default pipe buffer.
@@ -40,13 +41,13 @@ fn handle_connection(supervisor: &Supervisor, conn: Conn) {
     };
     let attached = match StreamKind::try_from(attach.kind) {
         Ok(kind) => supervisor.attach(&attach.process_id, kind, &conn),
-        Err(_) => Err(ProcError::InvalidArgument(format!(
+        Err(_) => Err(AgentError::InvalidArgument(format!(
             "unknown stream kind {}",
             attach.kind
         ))),
     };
     let reply = StreamAttached {
-        error: attached.as_ref().err().map(ProcError::to_wire),
+        error: attached.as_ref().err().map(AgentError::to_wire),
     };
     if let Err(e) = write_frame(&mut &*conn, &reply) {
         // Still run the copy below: it notices the dead stream and keeps

@@ -9,12 +9,13 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use proto::agent::{error::Code, CreateProcess, StreamKind};
+use proto::agent::{CreateProcess, StreamKind};
 
 use crate::conn::Conn;
-use crate::container::pidns::PidNs;
+use crate::container::pidns::{PidNs, Spawned};
 use crate::container::Placement;
-use crate::process::{self, ChildStdio, Plan, Spawned};
+use crate::error::AgentError;
+use crate::process::{self, ChildStdio, Plan};
 use crate::reaper::{ExitStatus, Reaper};
 
 /// How long `wait` keeps waiting for output EOF after the process exited,
@@ -22,58 +23,8 @@ use crate::reaper::{ExitStatus, Reaper};
 /// flowing, only the reply stops waiting for it.
 pub const OUTPUT_DRAIN_GRACE: Duration = Duration::from_secs(2);
 
-/// A failed call, carrying its protocol error code.
-#[derive(Debug, thiserror::Error)]
-pub enum ProcError {
-    #[error("process {0:?} not found")]
-    NotFound(String),
-    #[error("process {0:?} already exists")]
-    AlreadyExists(String),
-    #[error("{0}")]
-    InvalidArgument(String),
-    #[error("{0}")]
-    FailedPrecondition(String),
-    #[error("{what}: {source}")]
-    Internal {
-        what: &'static str,
-        source: io::Error,
-    },
-    /// A guest failure, described in full (what failed, on what, why).
-    #[error("{0}")]
-    Guest(String),
-    #[error("container {0:?} not found")]
-    ContainerNotFound(String),
-    #[error("container {0:?} already exists")]
-    ContainerExists(String),
-    #[error("no network interface {0:?} in the guest")]
-    InterfaceNotFound(String),
-}
-
-impl ProcError {
-    /// The protocol code for this error.
-    pub fn code(&self) -> Code {
-        match self {
-            Self::NotFound(_) | Self::ContainerNotFound(_) | Self::InterfaceNotFound(_) => {
-                Code::NotFound
-            }
-            Self::AlreadyExists(_) | Self::ContainerExists(_) => Code::AlreadyExists,
-            Self::InvalidArgument(_) => Code::InvalidArgument,
-            Self::FailedPrecondition(_) => Code::FailedPrecondition,
-            Self::Internal { .. } | Self::Guest(_) => Code::Internal,
-        }
-    }
-
-    /// The protocol form of this error.
-    pub fn to_wire(&self) -> proto::agent::Error {
-        proto::agent::Error {
-            code: self.code() as i32,
-            message: self.to_string(),
-        }
-    }
-}
-
-fn internal(what: &'static str) -> impl FnOnce(io::Error) -> ProcError {
-    move |source| ProcError::Internal { what, source }
+fn internal(what: &'static str) -> impl FnOnce(io::Error) -> AgentError {
+    move |source| AgentError::Internal { what, source }
 }
 
 enum Phase {
@@ -210,11 +161,11 @@ impl Supervisor {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn get(&self, id: &str) -> Result<Arc<Process>, ProcError> {
+    fn get(&self, id: &str) -> Result<Arc<Process>, AgentError> {
         self.table()
             .get(id)
             .cloned()
-            .ok_or_else(|| ProcError::NotFound(id.to_string()))
+            .ok_or_else(|| AgentError::NotFound(id.to_string()))
     }
 
     /// CreateProcess: validates, prepares stdio, executes nothing. A
@@ -224,15 +175,15 @@ impl Supervisor {
         &self,
         req: &CreateProcess,
         placement: Option<&Placement>,
-    ) -> Result<(), ProcError> {
+    ) -> Result<(), AgentError> {
         if req.id.is_empty() {
-            return Err(ProcError::InvalidArgument("process id is empty".into()));
+            return Err(AgentError::InvalidArgument("process id is empty".into()));
         }
         if self.table().contains_key(&req.id) {
-            return Err(ProcError::AlreadyExists(req.id.clone()));
+            return Err(AgentError::AlreadyExists(req.id.clone()));
         }
         let plan = Plan::new(req, self.agent_ids, placement)
-            .map_err(|e| ProcError::InvalidArgument(format!("process {:?}: {e}", req.id)))?;
+            .map_err(|e| AgentError::InvalidArgument(format!("process {:?}: {e}", req.id)))?;
         let mut child_fds = ChildFds::default();
         let mut pty_master = None;
         let stdin = if plan.terminal {
@@ -266,7 +217,7 @@ impl Supervisor {
         });
         let mut table = self.table();
         if table.contains_key(&req.id) {
-            return Err(ProcError::AlreadyExists(req.id.clone()));
+            return Err(AgentError::AlreadyExists(req.id.clone()));
         }
         table.insert(req.id.clone(), process);
         Ok(())
@@ -278,7 +229,7 @@ impl Supervisor {
         id: &str,
         kind: StreamKind,
         conn: &Arc<Conn>,
-    ) -> Result<(Arc<Process>, Attachment), ProcError> {
+    ) -> Result<(Arc<Process>, Attachment), AgentError> {
         let process = self.get(id)?;
         let mut st = process.state();
         let attachment = match kind {
@@ -291,18 +242,18 @@ impl Supervisor {
 
     /// StartProcess: executes a created process, in the PID namespace `ns`
     /// says; returns its pid (and the pidfd of a new namespace's init).
-    pub fn start(&self, id: &str, ns: PidNs<'_>) -> Result<Spawned, ProcError> {
+    pub fn start(&self, id: &str, ns: PidNs<'_>) -> Result<Spawned, AgentError> {
         let process = self.get(id)?;
         let mut st = process.state();
         let plan = match std::mem::replace(&mut st.phase, Phase::Starting) {
             Phase::Created(plan) => plan,
             Phase::Deleted => {
                 st.phase = Phase::Deleted;
-                return Err(ProcError::NotFound(format!("{id} (deleted)")));
+                return Err(AgentError::NotFound(format!("{id} (deleted)")));
             }
             other => {
                 st.phase = other;
-                return Err(ProcError::FailedPrecondition(format!(
+                return Err(AgentError::FailedPrecondition(format!(
                     "process {id:?} was already started"
                 )));
             }
@@ -353,7 +304,7 @@ impl Supervisor {
                 };
                 st.stdin = Stdin::Closed;
                 process.changed.notify_all();
-                Err(ProcError::FailedPrecondition(format!(
+                Err(AgentError::FailedPrecondition(format!(
                     "start process {id:?}: {e}"
                 )))
             }
@@ -361,21 +312,21 @@ impl Supervisor {
     }
 
     /// SignalProcess.
-    pub fn signal(&self, id: &str, signal: i32, all: bool) -> Result<(), ProcError> {
+    pub fn signal(&self, id: &str, signal: i32, all: bool) -> Result<(), AgentError> {
         if !(0..=64).contains(&signal) {
-            return Err(ProcError::InvalidArgument(format!("bad signal {signal}")));
+            return Err(AgentError::InvalidArgument(format!("bad signal {signal}")));
         }
         let process = self.get(id)?;
         let st = process.state();
         let pid = match st.phase {
             Phase::Running(pid) => pid,
             Phase::Created(_) | Phase::Starting => {
-                return Err(ProcError::FailedPrecondition(format!(
+                return Err(AgentError::FailedPrecondition(format!(
                     "process {id:?} is not started"
                 )))
             }
             Phase::Exited { .. } | Phase::Deleted => {
-                return Err(ProcError::NotFound(format!("{id} (already exited)")))
+                return Err(AgentError::NotFound(format!("{id} (already exited)")))
             }
         };
         let target = if all { -pid } else { pid };
@@ -385,9 +336,9 @@ impl Supervisor {
         if unsafe { libc::kill(target, signal) } == -1 {
             let err = io::Error::last_os_error();
             return Err(match err.raw_os_error() {
-                Some(libc::ESRCH) => ProcError::NotFound(format!("{id} (no process left)")),
-                Some(libc::EINVAL) => ProcError::InvalidArgument(format!("bad signal {signal}")),
-                _ => ProcError::Internal {
+                Some(libc::ESRCH) => AgentError::NotFound(format!("{id} (no process left)")),
+                Some(libc::EINVAL) => AgentError::InvalidArgument(format!("bad signal {signal}")),
+                _ => AgentError::Internal {
                     what: "kill",
                     source: err,
                 },
@@ -398,7 +349,7 @@ impl Supervisor {
 
     /// WaitProcess: blocks until the process exited and its output streams
     /// are done (or the drain grace ran out).
-    pub fn wait(&self, id: &str) -> Result<ExitStatus, ProcError> {
+    pub fn wait(&self, id: &str) -> Result<ExitStatus, AgentError> {
         let process = self.get(id)?;
         let mut st = process.state();
         loop {
@@ -414,7 +365,7 @@ impl Supervisor {
                         .unwrap_or_else(PoisonError::into_inner)
                         .0;
                 }
-                Phase::Deleted => return Err(ProcError::NotFound(format!("{id} (deleted)"))),
+                Phase::Deleted => return Err(AgentError::NotFound(format!("{id} (deleted)"))),
                 _ => {
                     st = process
                         .changed
@@ -426,27 +377,27 @@ impl Supervisor {
     }
 
     /// ResizeTty.
-    pub fn resize_tty(&self, id: &str, rows: u32, cols: u32) -> Result<(), ProcError> {
+    pub fn resize_tty(&self, id: &str, rows: u32, cols: u32) -> Result<(), AgentError> {
         let (Ok(rows), Ok(cols)) = (u16::try_from(rows), u16::try_from(cols)) else {
-            return Err(ProcError::InvalidArgument(format!(
+            return Err(AgentError::InvalidArgument(format!(
                 "window size {rows}x{cols} out of range"
             )));
         };
         let process = self.get(id)?;
         let st = process.state();
         if matches!(st.phase, Phase::Exited { .. } | Phase::Deleted) {
-            return Err(ProcError::FailedPrecondition(format!(
+            return Err(AgentError::FailedPrecondition(format!(
                 "process {id:?} exited"
             )));
         }
         let master = st.pty_master.as_ref().ok_or_else(|| {
-            ProcError::FailedPrecondition(format!("process {id:?} has no terminal"))
+            AgentError::FailedPrecondition(format!("process {id:?} has no terminal"))
         })?;
         process::set_window_size(master, rows, cols).map_err(internal("resize tty"))
     }
 
     /// CloseStdin.
-    pub fn close_stdin(&self, id: &str) -> Result<(), ProcError> {
+    pub fn close_stdin(&self, id: &str) -> Result<(), AgentError> {
         let process = self.get(id)?;
         let mut st = process.state();
         match std::mem::replace(&mut st.stdin, Stdin::Closed) {
@@ -461,15 +412,15 @@ impl Supervisor {
     }
 
     /// DeleteProcess.
-    pub fn delete(&self, id: &str) -> Result<(), ProcError> {
+    pub fn delete(&self, id: &str) -> Result<(), AgentError> {
         let mut table = self.table();
         let process = table
             .get(id)
             .cloned()
-            .ok_or_else(|| ProcError::NotFound(id.to_string()))?;
+            .ok_or_else(|| AgentError::NotFound(id.to_string()))?;
         let mut st = process.state();
         if matches!(st.phase, Phase::Running(_) | Phase::Starting) {
-            return Err(ProcError::FailedPrecondition(format!(
+            return Err(AgentError::FailedPrecondition(format!(
                 "process {id:?} is running"
             )));
         }
@@ -486,7 +437,7 @@ impl Supervisor {
     }
 
     /// The container a process runs in (None: a process of the guest).
-    pub fn container_of(&self, id: &str) -> Result<Option<String>, ProcError> {
+    pub fn container_of(&self, id: &str) -> Result<Option<String>, AgentError> {
         Ok(self.get(id)?.container.clone())
     }
 
@@ -527,9 +478,9 @@ impl Supervisor {
     }
 }
 
-fn attach_stdin(st: &mut State, id: &str, conn: &Arc<Conn>) -> Result<Attachment, ProcError> {
+fn attach_stdin(st: &mut State, id: &str, conn: &Arc<Conn>) -> Result<Attachment, AgentError> {
     if matches!(st.phase, Phase::Exited { .. } | Phase::Deleted) {
-        return Err(ProcError::FailedPrecondition(format!(
+        return Err(AgentError::FailedPrecondition(format!(
             "process {id:?} exited"
         )));
     }
@@ -539,25 +490,25 @@ fn attach_stdin(st: &mut State, id: &str, conn: &Arc<Conn>) -> Result<Attachment
             Some(Ok(master)) => master,
             Some(Err(e)) => {
                 st.stdin = Stdin::Tty;
-                return Err(ProcError::Internal {
+                return Err(AgentError::Internal {
                     what: "dup pty",
                     source: e,
                 });
             }
             None => {
                 st.stdin = Stdin::Closed;
-                return Err(ProcError::FailedPrecondition(format!(
+                return Err(AgentError::FailedPrecondition(format!(
                     "process {id:?} exited"
                 )));
             }
         },
         previous => {
             let err = match &previous {
-                Stdin::Attached(_) => ProcError::AlreadyExists(format!("stdin of {id}")),
+                Stdin::Attached(_) => AgentError::AlreadyExists(format!("stdin of {id}")),
                 Stdin::Unavailable => {
-                    ProcError::FailedPrecondition(format!("process {id:?} has no stdin"))
+                    AgentError::FailedPrecondition(format!("process {id:?} has no stdin"))
                 }
-                _ => ProcError::FailedPrecondition(format!("stdin of {id:?} is closed")),
+                _ => AgentError::FailedPrecondition(format!("stdin of {id:?} is closed")),
             };
             st.stdin = previous;
             return Err(err);
@@ -566,9 +517,9 @@ fn attach_stdin(st: &mut State, id: &str, conn: &Arc<Conn>) -> Result<Attachment
     Ok(Attachment::Stdin(File::from(dst)))
 }
 
-fn attach_output(st: &mut State, id: &str, kind: StreamKind) -> Result<Attachment, ProcError> {
+fn attach_output(st: &mut State, id: &str, kind: StreamKind) -> Result<Attachment, AgentError> {
     if !matches!(st.phase, Phase::Created(_)) {
-        return Err(ProcError::FailedPrecondition(format!(
+        return Err(AgentError::FailedPrecondition(format!(
             "output streams of {id:?} must attach before start"
         )));
     }
@@ -579,14 +530,14 @@ fn attach_output(st: &mut State, id: &str, kind: StreamKind) -> Result<Attachmen
         st.stderr_attached
     };
     if attached {
-        return Err(ProcError::AlreadyExists(format!(
+        return Err(AgentError::AlreadyExists(format!(
             "{} of {id}",
             kind.as_str_name()
         )));
     }
     let attachment = match &st.pty_master {
         Some(_) if !is_stdout => {
-            return Err(ProcError::InvalidArgument(format!(
+            return Err(AgentError::InvalidArgument(format!(
                 "terminal process {id:?} has no STDERR stream"
             )))
         }

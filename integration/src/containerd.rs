@@ -33,6 +33,8 @@ pub const NAMESPACE: &str = "k8s.io";
 pub const BUSYBOX_IMAGE: &str = "localhost/arrow/busybox:latest";
 /// The sandbox image: the static arrow-pause as /pause.
 pub const PAUSE_IMAGE: &str = "localhost/arrow/pause:latest";
+/// The busybox image plus iptables (legacy and nft), nft and iproute2's ip.
+pub const NETTOOLS_IMAGE: &str = "localhost/arrow/nettools:latest";
 
 /// The pods' CNI subnet in `hack/containerd.sh` when `ARROW_TEST_SUBNET`
 /// does not name another: not containerd's stock `10.88.0.0/16`, so the

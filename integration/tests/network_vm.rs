@@ -62,7 +62,7 @@ async fn round(fx: &VethPair, round: u32) -> bool {
         .await
         .unwrap()
         .expect("set_up");
-    let (request, left_out) = net.guest.to_request();
+    let (request, left_out) = net.guest.to_request(true);
     assert!(left_out.is_empty(), "{left_out:?}");
     let mac = network::format_mac(&net.guest.mac);
 

@@ -174,18 +174,18 @@ pub struct GuestNetwork {
 }
 
 impl GuestNetwork {
-    /// The agent request for [`GUEST_NIC`], and what it leaves out. The
-    /// guest kernel is built without IPv6, so IPv6 addresses and routes are
-    /// left out (the caller logs them); the guest keeps IPv4. On-link
-    /// routes come before routes through a gateway, so every gateway is
-    /// reachable when its route is added.
-    pub fn to_request(&self) -> (ConfigureNetwork, Vec<String>) {
+    /// The agent request for [`GUEST_NIC`], and what it leaves out. With
+    /// `ipv6` false, IPv6 addresses and routes are left out (the caller logs
+    /// them) and the guest keeps IPv4: for a guest kernel built without
+    /// IPv6, which refuses them. On-link routes come before routes through
+    /// a gateway, so every gateway is reachable when its route is added.
+    pub fn to_request(&self, ipv6: bool) -> (ConfigureNetwork, Vec<String>) {
         let mut left_out = Vec::new();
         let addresses = self
             .addresses
             .iter()
             .filter(|(ip, prefix)| {
-                let keep = ip.is_ipv4();
+                let keep = ipv6 || ip.is_ipv4();
                 if !keep {
                     left_out.push(format!("address {ip}/{prefix}"));
                 }
@@ -200,7 +200,7 @@ impl GuestNetwork {
             .routes
             .iter()
             .filter(|r| {
-                let keep = r.destination.is_ipv4();
+                let keep = ipv6 || r.destination.is_ipv4();
                 if !keep {
                     left_out.push(format!("route {}/{}", r.destination, r.prefix_len));
                 }
@@ -1013,7 +1013,7 @@ mod tests {
                 },
             ],
         };
-        let (req, left_out) = net.to_request();
+        let (req, left_out) = net.to_request(false);
         assert_eq!(left_out, ["address fd00::7/64", "route ::/0"]);
         assert_eq!(req.interfaces.len(), 1);
         let nic = &req.interfaces[0];
@@ -1032,6 +1032,51 @@ mod tests {
         assert_eq!(req.routes[0].source, "10.88.0.7");
         assert_eq!(req.routes[0].metric, 5);
         assert!(req.routes.iter().all(|r| r.device == "eth0"));
+    }
+
+    #[test]
+    fn a_dual_stack_request_keeps_ipv6() {
+        let net = GuestNetwork {
+            mac: [0x0a, 0x58, 0x0a, 0x58, 0, 7],
+            mtu: 1500,
+            addresses: vec![
+                ("10.88.0.7".parse().unwrap(), 16),
+                ("fd88::7".parse().unwrap(), 64),
+            ],
+            routes: vec![
+                GuestRoute {
+                    destination: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+                    prefix_len: 0,
+                    gateway: Some("fd88::1".parse().unwrap()),
+                    source: None,
+                    metric: 1024,
+                },
+                GuestRoute {
+                    destination: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                    prefix_len: 0,
+                    gateway: Some("10.88.0.1".parse().unwrap()),
+                    source: None,
+                    metric: 0,
+                },
+            ],
+        };
+        let (req, left_out) = net.to_request(true);
+        assert!(left_out.is_empty(), "{left_out:?}");
+        let addresses: Vec<(&str, u32)> = req.interfaces[0]
+            .addresses
+            .iter()
+            .map(|a| (a.address.as_str(), a.prefix_len))
+            .collect();
+        assert_eq!(addresses, [("10.88.0.7", 16), ("fd88::7", 64)]);
+        let routes: Vec<(&str, &str, u32)> = req
+            .routes
+            .iter()
+            .map(|r| (r.destination.as_str(), r.gateway.as_str(), r.metric))
+            .collect();
+        assert_eq!(
+            routes,
+            [("::/0", "fd88::1", 1024), ("0.0.0.0/0", "10.88.0.1", 0)]
+        );
     }
 
     #[test]

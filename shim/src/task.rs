@@ -41,7 +41,7 @@ use proto::client::{AgentClient, ClientError};
 use tokio::sync::Mutex;
 
 use crate::cgroup::CgroupPath;
-use crate::network::{self, PodNetworkMode};
+use crate::network::{self, GuestNetwork, PodNetworkMode};
 use crate::oom::{self, OomFilter, OomSink, OOM_MIN_INTERVAL};
 use crate::process::{Exit, Process, StdioPaths};
 use crate::share::{ContainerShare, RootfsMount};
@@ -79,6 +79,36 @@ where
     match tokio::task::spawn_blocking(move || f(&agent)).await {
         Ok(result) => result.map_err(|e| agent_status(context, e)),
         Err(e) => Err(status(Code::INTERNAL, format!("{context}: {e}"))),
+    }
+}
+
+/// Gives the guest's NIC the pod's addresses and routes, IPv6 included. A
+/// guest kernel built without IPv6 (Arrow's before it had it, or a
+/// custom one) refuses IPv6 with FAILED_PRECONDITION before any route is
+/// added; the pod then gets IPv4 alone, and each IPv6 item left out is
+/// logged. Resending is safe: the agent creates or replaces each address
+/// and route.
+async fn configure_guest_network(
+    vm: &PodVm,
+    guest: &GuestNetwork,
+    pod_id: &str,
+) -> TtrpcResult<()> {
+    const WHAT: &str = "configuring the guest network";
+    let (request, _) = guest.to_request(true);
+    let agent = vm.agent();
+    let first = tokio::task::spawn_blocking(move || agent.configure_network(request))
+        .await
+        .map_err(|e| status(Code::INTERNAL, format!("{WHAT}: {e}")))?;
+    match first {
+        Ok(()) => Ok(()),
+        Err(ClientError::FailedPrecondition(m)) if m.contains("no IPv6 support") => {
+            let (request, left_out) = guest.to_request(false);
+            for item in left_out {
+                log::warn!("pod {pod_id}: {item} not configured: the guest kernel has no IPv6");
+            }
+            call(vm.agent(), WHAT, move |a| a.configure_network(request)).await
+        }
+        Err(e) => Err(agent_status(WHAT, e)),
     }
 }
 
@@ -255,15 +285,7 @@ impl TaskService {
             }
         };
         if let Some(guest) = guest_net {
-            let (request, left_out) = guest.to_request();
-            for item in left_out {
-                log::warn!("pod {pod_id}: {item} not configured: the guest kernel has no IPv6");
-            }
-            if let Err(e) = call(vm.agent(), "configuring the guest network", move |a| {
-                a.configure_network(request)
-            })
-            .await
-            {
+            if let Err(e) = configure_guest_network(&vm, &guest, pod_id).await {
                 stop_and_clean(&vm).await;
                 return Err(e);
             }

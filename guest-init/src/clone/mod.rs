@@ -11,7 +11,7 @@ use std::io;
 use proto::agent::{CloneInitialized, InitClone};
 use proto::{CLONE_ENTROPY_MAX, CLONE_ENTROPY_MIN, HOSTNAME_MAX};
 
-use crate::supervisor::ProcError;
+use crate::error::AgentError;
 
 pub use fake::{PlatformCall, RecordingPlatform};
 pub use guest::{rand_pool_info, GuestPlatform};
@@ -38,8 +38,8 @@ pub trait ClonePlatform: Send + Sync {
 pub fn init_clone(
     platform: &dyn ClonePlatform,
     req: &InitClone,
-) -> Result<CloneInitialized, ProcError> {
-    validate(req).map_err(ProcError::InvalidArgument)?;
+) -> Result<CloneInitialized, AgentError> {
+    validate(req).map_err(AgentError::InvalidArgument)?;
     let previous_unix_time_ns = platform
         .wall_clock_ns()
         .map_err(step("read the wall clock"))?;
@@ -92,8 +92,8 @@ fn validate(req: &InitClone) -> Result<(), String> {
     Ok(())
 }
 
-fn step(what: &'static str) -> impl FnOnce(io::Error) -> ProcError {
-    move |source| ProcError::Internal { what, source }
+fn step(what: &'static str) -> impl FnOnce(io::Error) -> AgentError {
+    move |source| AgentError::Internal { what, source }
 }
 
 #[cfg(test)]

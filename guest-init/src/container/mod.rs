@@ -27,13 +27,12 @@ use nix::mount::{mount, MsFlags};
 use proto::agent::{CreateContainer, PidNamespace, Resources, Stats};
 
 use crate::clone::ClonePlatform;
-use crate::process::Spawned;
+use crate::error::AgentError;
 use crate::seccomp::Filter;
-use crate::supervisor::{ProcError, Supervisor};
 use crate::{log_error, log_info};
 use cgroup::Cgroup;
 use oom::OomWatcher;
-use pidns::{InitMounts, PidNs};
+use pidns::{InitMounts, PidNs, Spawned};
 use spec::{ContainerSpec, SysctlPlan};
 
 /// FreezeContainer's wait for cgroup.events.
@@ -195,8 +194,8 @@ pub struct Containers {
     oom: Arc<OomWatcher>,
 }
 
-fn guest_err(msg: String) -> ProcError {
-    ProcError::Guest(msg)
+fn guest_err(msg: String) -> AgentError {
+    AgentError::Guest(msg)
 }
 
 impl Containers {
@@ -213,23 +212,23 @@ impl Containers {
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn get(&self, id: &str) -> Result<Arc<Container>, ProcError> {
+    fn get(&self, id: &str) -> Result<Arc<Container>, AgentError> {
         self.table()
             .get(id)
             .cloned()
-            .ok_or_else(|| ProcError::ContainerNotFound(id.to_string()))
+            .ok_or_else(|| AgentError::ContainerNotFound(id.to_string()))
     }
 
     /// Runs `f` with a ready container locked.
     fn with_ready<T>(
         &self,
         id: &str,
-        f: impl FnOnce(&Container, &mut CState) -> Result<T, ProcError>,
-    ) -> Result<T, ProcError> {
+        f: impl FnOnce(&Container, &mut CState) -> Result<T, AgentError>,
+    ) -> Result<T, AgentError> {
         let c = self.get(id)?;
         let mut st = c.state();
         if st.phase != Phase::Ready {
-            return Err(ProcError::ContainerNotFound(id.to_string()));
+            return Err(AgentError::ContainerNotFound(id.to_string()));
         }
         f(&c, &mut st)
     }
@@ -239,8 +238,8 @@ impl Containers {
     pub fn with_placement<T>(
         &self,
         id: &str,
-        f: impl FnOnce(&Placement) -> Result<T, ProcError>,
-    ) -> Result<T, ProcError> {
+        f: impl FnOnce(&Placement) -> Result<T, AgentError>,
+    ) -> Result<T, AgentError> {
         self.with_ready(id, |c, _| f(&c.placement()))
     }
 
@@ -252,11 +251,11 @@ impl Containers {
     pub fn start_in(
         &self,
         id: &str,
-        start: impl FnOnce(PidNs<'_>) -> Result<Spawned, ProcError>,
-    ) -> Result<i32, ProcError> {
+        start: impl FnOnce(PidNs<'_>) -> Result<Spawned, AgentError>,
+    ) -> Result<i32, AgentError> {
         self.with_ready(id, |c, st| {
             if st.frozen {
-                return Err(ProcError::FailedPrecondition(format!(
+                return Err(AgentError::FailedPrecondition(format!(
                     "container {id:?} is frozen"
                 )));
             }
@@ -284,8 +283,8 @@ impl Containers {
         &self,
         req: &CreateContainer,
         platform: &dyn ClonePlatform,
-    ) -> Result<(), ProcError> {
-        let spec = spec::validate(req).map_err(ProcError::InvalidArgument)?;
+    ) -> Result<(), AgentError> {
+        let spec = spec::validate(req).map_err(AgentError::InvalidArgument)?;
         if let Some(why) = &self.layout.unavailable {
             return Err(guest_err(why.clone()));
         }
@@ -310,7 +309,7 @@ impl Containers {
         {
             let mut table = self.table();
             if table.contains_key(&spec.id) {
-                return Err(ProcError::ContainerExists(spec.id));
+                return Err(AgentError::ContainerExists(spec.id));
             }
             table.insert(spec.id.clone(), Arc::clone(&c));
         }
@@ -462,18 +461,23 @@ impl Containers {
         }
     }
 
-    /// RemoveContainer: its processes are forgotten first (waiting for any
-    /// start in progress), then killed, then the container is undone. A
-    /// failed removal may be retried.
-    pub fn remove(&self, id: &str, supervisor: &Supervisor) -> Result<(), ProcError> {
+    /// RemoveContainer: its processes are forgotten first
+    /// (`forget_processes`, the supervisor's, which returns how many; the
+    /// container's lock is held, so no start is in progress), then killed,
+    /// then the container is undone. A failed removal may be retried.
+    pub fn remove(
+        &self,
+        id: &str,
+        forget_processes: impl FnOnce(&str) -> usize,
+    ) -> Result<(), AgentError> {
         let c = self.get(id)?;
         let mut st = c.state();
         if matches!(st.phase, Phase::Gone | Phase::Creating) {
-            return Err(ProcError::ContainerNotFound(id.to_string()));
+            return Err(AgentError::ContainerNotFound(id.to_string()));
         }
         st.phase = Phase::Removing;
         st.pid_init = None;
-        let forgotten = supervisor.forget_container(id);
+        let forgotten = forget_processes(id);
         self.teardown(&c)
             .map_err(|e| guest_err(format!("remove container {id:?}: {e}")))?;
         st.phase = Phase::Gone;
@@ -483,8 +487,8 @@ impl Containers {
     }
 
     /// UpdateContainer.
-    pub fn update(&self, id: &str, resources: &Resources) -> Result<(), ProcError> {
-        spec::validate_resources(resources).map_err(ProcError::InvalidArgument)?;
+    pub fn update(&self, id: &str, resources: &Resources) -> Result<(), AgentError> {
+        spec::validate_resources(resources).map_err(AgentError::InvalidArgument)?;
         self.with_ready(id, |c, _| {
             c.cgroup
                 .apply(resources)
@@ -493,7 +497,7 @@ impl Containers {
     }
 
     /// FreezeContainer.
-    pub fn freeze(&self, id: &str, frozen: bool) -> Result<(), ProcError> {
+    pub fn freeze(&self, id: &str, frozen: bool) -> Result<(), AgentError> {
         self.with_ready(id, |c, st| {
             let done = c.cgroup.freeze(frozen, FREEZE_TIMEOUT);
             // What the cgroup was told, even if it has not got there yet.
@@ -507,7 +511,7 @@ impl Containers {
     }
 
     /// ContainerStats.
-    pub fn stats(&self, id: &str) -> Result<Stats, ProcError> {
+    pub fn stats(&self, id: &str) -> Result<Stats, AgentError> {
         self.with_ready(id, |c, _| {
             c.cgroup
                 .stats(realtime_ns())
@@ -516,7 +520,7 @@ impl Containers {
     }
 
     /// ListPids.
-    pub fn pids(&self, id: &str) -> Result<Vec<u32>, ProcError> {
+    pub fn pids(&self, id: &str) -> Result<Vec<u32>, AgentError> {
         self.with_ready(id, |c, _| {
             c.cgroup
                 .pids()
@@ -541,10 +545,10 @@ impl Containers {
 
     /// Removes every container (host-test shutdown) and, in host-test
     /// mode, the cgroup made for them.
-    pub fn remove_all(&self, supervisor: &Supervisor) {
+    pub fn remove_all(&self, forget_processes: impl Fn(&str) -> usize) {
         let ids: Vec<String> = self.table().keys().cloned().collect();
         for id in ids {
-            if let Err(e) = self.remove(&id, supervisor) {
+            if let Err(e) = self.remove(&id, &forget_processes) {
                 log_error!("{e}");
             }
         }
@@ -623,6 +627,7 @@ fn release_share_inodes() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::supervisor::Supervisor;
 
     fn temp(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("arrow-ctr-{name}-{}", std::process::id()));
@@ -672,7 +677,7 @@ mod tests {
         let bad = CreateContainer::default();
         assert!(matches!(
             containers.create(&bad, &platform),
-            Err(ProcError::InvalidArgument(_))
+            Err(AgentError::InvalidArgument(_))
         ));
         let ok = CreateContainer {
             id: "c".into(),
@@ -688,12 +693,12 @@ mod tests {
             .unwrap();
         let sup = Supervisor::new(crate::reaper::Reaper::start().unwrap(), null.into());
         assert!(matches!(
-            containers.remove("c", &sup),
-            Err(ProcError::ContainerNotFound(_))
+            containers.remove("c", |id| sup.forget_container(id)),
+            Err(AgentError::ContainerNotFound(_))
         ));
         assert!(matches!(
             containers.stats("c"),
-            Err(ProcError::ContainerNotFound(_))
+            Err(AgentError::ContainerNotFound(_))
         ));
     }
 }

@@ -17,6 +17,17 @@
 use std::ffi::{c_char, c_int, CStr, CString};
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 
+/// A started process.
+#[derive(Debug)]
+pub struct Spawned {
+    /// In the agent's PID namespace.
+    pub pid: i32,
+    /// The init of a new PID namespace: its pidfd, which later processes
+    /// join the namespace by (it stays valid after the init is gone, and
+    /// joining then fails with ESRCH).
+    pub pidfd: Option<OwnedFd>,
+}
+
 /// procfs' `f_type` (statfs(2)).
 const PROC_SUPER_MAGIC: libc::c_long = 0x9fa0;
 
