@@ -16,6 +16,7 @@ use std::net::IpAddr;
 
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use proto::agent::ConfigureNetwork;
+use proto::mac::format_mac;
 
 use crate::error::AgentError;
 
@@ -154,13 +155,6 @@ pub fn plan(req: &ConfigureNetwork) -> Result<Plan, String> {
 fn checked_prefix(ip: &IpAddr, len: u32) -> Option<u8> {
     let max = if ip.is_ipv4() { 32 } else { 128 };
     u8::try_from(len).ok().filter(|&l| u32::from(l) <= max)
-}
-
-fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 /// What applying a plan needs from the kernel. The real one is

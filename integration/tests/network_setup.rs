@@ -30,11 +30,7 @@ fn fixture(tag: &str) -> VethPair {
 }
 
 fn parse_mac(text: &str) -> [u8; 6] {
-    let mut mac = [0u8; 6];
-    for (i, part) in text.split(':').enumerate() {
-        mac[i] = u8::from_str_radix(part, 16).unwrap();
-    }
-    mac
+    proto::mac::parse_mac(text).unwrap_or_else(|| panic!("not a MAC: {text:?}"))
 }
 
 /// An ARP request "who has 10.200.0.1, tell 10.200.0.2" from `mac`,

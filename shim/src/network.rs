@@ -86,6 +86,8 @@ pub enum NetworkError {
         "network namespace {0}: not a namespace file (a /proc/<pid>/ns/net or a bind mount of one)"
     )]
     NotNetns(PathBuf),
+    #[error("port-forward: {what}: {source}")]
+    PortForward { what: String, source: io::Error },
 }
 
 /// Refuses a namespace that is the host's (PID 1's) or the shim's own: the
@@ -333,12 +335,7 @@ fn nic_identity(link: &LinkInfo) -> Result<([u8; 6], u32)> {
     Ok((mac, link.mtu))
 }
 
-pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
+pub use proto::mac::format_mac;
 
 /// The addresses of interface `index` the guest takes: global (and site)
 /// ones; link-local IPv6 addresses are the kernel's own, made per
@@ -422,7 +419,7 @@ fn guest_routes(messages: &[RouteMessage], index: u32) -> Vec<GuestRoute> {
 
 /// Runs `f` on a new thread that entered the network namespace `netns`.
 /// A missing namespace is `Ok(None)` when `missing_ok`.
-fn in_netns<T, F>(netns: &Path, missing_ok: bool, f: F) -> Result<Option<T>>
+pub(crate) fn in_netns<T, F>(netns: &Path, missing_ok: bool, f: F) -> Result<Option<T>>
 where
     T: Send,
     F: FnOnce() -> Result<T> + Send,

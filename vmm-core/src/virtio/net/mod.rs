@@ -137,29 +137,4 @@ pub enum NetError {
     },
 }
 
-/// Formats a MAC address as `xx:xx:xx:xx:xx:xx`.
-pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-/// Parses `xx:xx:xx:xx:xx:xx` (hex, `:` or `-` separated).
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = s.split([':', '-']);
-    for byte in &mut mac {
-        let part = parts.next()?;
-        if part.is_empty() || part.len() > 2 {
-            return None;
-        }
-        *byte = u8::from_str_radix(part, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
-}
-
-/// Whether `mac` may be a NIC's own address: unicast, not all zeroes.
-pub fn mac_is_valid(mac: &[u8; 6]) -> bool {
-    mac[0] & 1 == 0 && mac.iter().any(|&b| b != 0)
-}
+pub use proto::mac::{format_mac, mac_is_valid, parse_mac};
