@@ -5,7 +5,6 @@
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -15,8 +14,9 @@ use vmm_core::exit::VmExit;
 use vmm_core::hypervisor::KvmFlavour;
 use vmm_core::initramfs::Initramfs;
 use vmm_core::virtio::net::{self, Tap};
-use vmm_core::vm::{ConsoleOutput, FsConfig, NetConfig, StopHandle, Vm, VmConfig, VsockConfig};
+use vmm_core::vm::{ConsoleOutput, FsConfig, NetConfig, Vm, VmConfig, VsockConfig};
 
+use crate::cancel::Cancel;
 use crate::paths;
 use crate::template::{TemplateCache, TemplateInputs};
 
@@ -216,60 +216,6 @@ impl Timings {
     /// Time since the command started.
     pub fn elapsed(&self) -> Duration {
         self.start.elapsed()
-    }
-}
-
-/// The command was asked to end (a signal, stdin closed) before the guest
-/// was ready.
-#[derive(Debug, thiserror::Error)]
-#[error("interrupted ({0})")]
-pub struct Interrupted(pub String);
-
-/// A request to end early, shared between the threads that notice one (a
-/// signal, stdin closing) and the one starting and running the VM. It
-/// stops the VM it watches, so waits on the VM end at once.
-#[derive(Default)]
-pub struct Cancel {
-    /// One lock for both, so a request and a new VM to watch never miss
-    /// each other.
-    state: Mutex<CancelState>,
-}
-
-#[derive(Default)]
-struct CancelState {
-    reason: Option<String>,
-    vm: Option<StopHandle>,
-}
-
-impl Cancel {
-    /// Asks to end, for `reason`; the first reason is kept.
-    pub fn request(&self, reason: String) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.reason.get_or_insert(reason);
-        if let Some(vm) = &state.vm {
-            vm.stop();
-        }
-    }
-
-    /// Why an end was asked for, if it was.
-    pub fn reason(&self) -> Option<String> {
-        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.reason.clone()
-    }
-
-    /// `Err(Interrupted)` once an end was asked for.
-    pub fn check(&self) -> Result<(), Interrupted> {
-        self.reason().map_or(Ok(()), |r| Err(Interrupted(r)))
-    }
-
-    /// Stops `vm` on a request (at once if one came already).
-    pub fn watch(&self, vm: &Vm) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let handle = vm.stop_handle();
-        if state.reason.is_some() {
-            handle.stop();
-        }
-        state.vm = Some(handle);
     }
 }
 

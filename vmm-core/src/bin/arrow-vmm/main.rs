@@ -6,6 +6,7 @@
 //! any kernel with its console on stdout; `test-guest` writes the
 //! bare-metal test guest used by tests and benchmarks.
 
+mod cancel;
 mod confine;
 mod counters;
 mod guest;

@@ -14,9 +14,8 @@ use proto::client::AgentClient;
 use proto::{hybrid, STDIO_PORT};
 use vmm_core::vm::{ConsoleOutput, Vm};
 
-use crate::guest::{
-    self, connect_agent, explain_exit, Cancel, Launch, MachineArgs, Origin, Timings,
-};
+use crate::cancel::Cancel;
+use crate::guest::{self, connect_agent, explain_exit, Launch, MachineArgs, Origin, Timings};
 use crate::stdio;
 
 fn unix_time_ns() -> u64 {

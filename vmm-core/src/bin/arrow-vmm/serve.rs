@@ -40,7 +40,8 @@ use vmm_core::exit::VmExit;
 use vmm_core::vm::ConsoleOutput;
 use vmm_core::vm::VmConfig;
 
-use crate::guest::{self, explain_exit, Cancel, Interrupted, Launch, MachineArgs, Origin, Timings};
+use crate::cancel::{Cancel, Interrupted};
+use crate::guest::{self, explain_exit, Launch, MachineArgs, Origin, Timings};
 
 #[derive(clap::Args)]
 pub struct ServeArgs {

@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use vmm_core::snapshot::FORMAT_VERSION;
 use vmm_core::vm::{RestoreConfig, Vm};
 
-use crate::guest::Cancel;
+use crate::cancel::Cancel;
 
 /// What a template is built from.
 pub struct TemplateInputs<'a> {
