@@ -445,7 +445,7 @@ async fn run() {
             container_config(
                 "short",
                 &image,
-                &["sh", "-c", "sleep 6; echo bye; exit 5"],
+                &["sh", "-c", "echo bye; sleep 8; exit 5"],
                 "short.log",
             ),
         )
@@ -456,9 +456,18 @@ async fn run() {
     wait_for_log(&pod.log_file("ticker.log"), "beat", Duration::from_secs(60))
         .await
         .unwrap();
+    // Its output is in the log before the kill: what a container writes
+    // while arrow-cri is down stays in the FIFO only while the container
+    // runs (the shim closes its end at the exit, as containerd's runc shim
+    // does), so a line written and followed by an exit in that window is
+    // lost, under containerd as here.
+    wait_for_log(&pod.log_file("short.log"), "bye", Duration::from_secs(60))
+        .await
+        .unwrap();
     daemon.kill9();
     drop(client);
-    // `short` exits while nobody listens.
+    // `short` exits while nobody listens (unless reaching this point took
+    // longer than its sleep: then its exit was seen live).
     tokio::time::sleep(Duration::from_secs(10)).await;
     daemon.spawn().unwrap();
     let client = CriClient::connect(daemon.socket()).await.unwrap();
@@ -682,7 +691,12 @@ async fn semantics() {
     let mut hog = container_config(
         "hog",
         image,
-        &["awk", r#"BEGIN { s = "x"; while (1) s = s s }"#],
+        // One read(2) into a 64 MiB buffer: the charge fails inside the
+        // kernel, where no page of the program itself is needed, so the
+        // OOM killer comes at once rather than after the thrashing (the
+        // program's text evicted and read back) that a hog running its
+        // own code near the limit goes through.
+        &["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"],
         "hog.log",
     );
     hog.linux.as_mut().unwrap().resources = Some(cri::LinuxContainerResources {
@@ -741,7 +755,7 @@ async fn semantics() {
         client,
         &hog,
         ContainerState::ContainerExited,
-        Duration::from_secs(60),
+        Duration::from_secs(180),
     )
     .await;
     // The OOM event may follow the exit: the reason is settled within moments.
