@@ -8,6 +8,7 @@ pub mod containerd;
 pub mod cri;
 pub mod image;
 pub mod netns;
+pub mod portforward;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
