@@ -23,7 +23,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
@@ -240,7 +240,7 @@ impl Store {
             fs::File::open(&self.root)?.sync_all()
         };
         write().map_err(io_err(&self.root, "saving the image metadata"))?;
-        *self.usage.lock().unwrap() = None;
+        *self.usage.lock().unwrap_or_else(PoisonError::into_inner) = None;
         Ok(())
     }
 
@@ -289,13 +289,18 @@ impl Store {
 
     /// The lock serialising work on one blob or layer (`key`).
     pub fn inflight(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut map = self.inflight.lock().unwrap();
+        let mut map = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
         map.retain(|_, v| Arc::strong_count(v) > 1);
         map.entry(key.to_string()).or_default().clone()
     }
 
     pub fn layer(&self, diff_id: &str) -> Option<LayerRecord> {
-        self.meta.lock().unwrap().layers.get(diff_id).cloned()
+        self.meta
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .layers
+            .get(diff_id)
+            .cloned()
     }
 
     pub fn layer_dir(&self, id: u64) -> PathBuf {
@@ -309,7 +314,7 @@ impl Store {
         diff_id: &str,
         unpacked_bytes: u64,
     ) -> Result<LayerRecord> {
-        let mut meta = self.meta.lock().unwrap();
+        let mut meta = self.meta.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(existing) = meta.layers.get(diff_id) {
             return Ok(existing.clone());
         }
@@ -336,7 +341,7 @@ impl Store {
         tag: Option<String>,
         repo_digest: String,
     ) -> Result<ImageRecord> {
-        let mut meta = self.meta.lock().unwrap();
+        let mut meta = self.meta.lock().unwrap_or_else(PoisonError::into_inner);
         for layer in &record.layers {
             if !meta.layers.contains_key(&layer.diff_id) {
                 return Err(Error::Internal(format!(
@@ -382,13 +387,19 @@ impl Store {
     }
 
     pub fn images(&self) -> Vec<ImageRecord> {
-        self.meta.lock().unwrap().images.values().cloned().collect()
+        self.meta
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .images
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// An image by id (full, or a unique prefix of its hex), tag, or digest
     /// reference; short names are normalised.
     pub fn find(&self, reference: &str) -> Option<ImageRecord> {
-        let meta = self.meta.lock().unwrap();
+        let meta = self.meta.lock().unwrap_or_else(PoisonError::into_inner);
         find_in(&meta, reference).cloned()
     }
 
@@ -399,7 +410,7 @@ impl Store {
 
     /// Containers whose rootfs comes from `image_id`.
     pub fn users(&self, image_id: &str) -> Vec<String> {
-        let meta = self.meta.lock().unwrap();
+        let meta = self.meta.lock().unwrap_or_else(PoisonError::into_inner);
         meta.rootfs
             .iter()
             .filter(|(_, r)| r.image_id == image_id)
@@ -412,7 +423,7 @@ impl Store {
     /// (CRI: RemoveImage is idempotent). The caller holds `gc_lock`.
     pub fn remove_image(&self, reference: &str) -> Result<Option<ImageRecord>> {
         let removed = {
-            let mut meta = self.meta.lock().unwrap();
+            let mut meta = self.meta.lock().unwrap_or_else(PoisonError::into_inner);
             let Some(image) = find_in(&meta, reference).cloned() else {
                 return Ok(None);
             };
@@ -449,7 +460,7 @@ impl Store {
     pub fn gc_locked(&self) -> Result<usize> {
         let mut removed = 0;
         let (keep_layers, keep_blobs) = {
-            let mut meta = self.meta.lock().unwrap();
+            let mut meta = self.meta.lock().unwrap_or_else(PoisonError::into_inner);
             let mut used_diff_ids = BTreeSet::new();
             let mut blobs = BTreeSet::new();
             for image in meta.images.values() {
@@ -505,20 +516,20 @@ impl Store {
             }
         }
         if removed > 0 {
-            *self.usage.lock().unwrap() = None;
+            *self.usage.lock().unwrap_or_else(PoisonError::into_inner) = None;
         }
         Ok(removed)
     }
 
     /// Bytes and inodes the store uses (cached until it changes).
     pub fn usage(&self) -> Result<FsUsage> {
-        if let Some(u) = *self.usage.lock().unwrap() {
+        if let Some(u) = *self.usage.lock().unwrap_or_else(PoisonError::into_inner) {
             return Ok(u);
         }
         let (bytes, inodes) =
             unpack::disk_usage(&self.root).map_err(io_err(&self.root, "measuring the store"))?;
         let u = FsUsage { bytes, inodes };
-        *self.usage.lock().unwrap() = Some(u);
+        *self.usage.lock().unwrap_or_else(PoisonError::into_inner) = Some(u);
         Ok(u)
     }
 
@@ -539,7 +550,7 @@ impl Store {
                 "container id {container_id:?} must be [A-Za-z0-9] joined by single . _ -, at most 76 characters"
             )));
         }
-        let mut meta = self.meta.lock().unwrap();
+        let mut meta = self.meta.lock().unwrap_or_else(PoisonError::into_inner);
         if meta.rootfs.contains_key(container_id) {
             return Err(Error::FailedPrecondition(format!(
                 "container {container_id} already has a root filesystem"
@@ -619,7 +630,7 @@ impl Store {
 
     /// The mounts of an existing container root.
     pub fn rootfs_mounts(&self, container_id: &str) -> Option<Vec<Mount>> {
-        let meta = self.meta.lock().unwrap();
+        let meta = self.meta.lock().unwrap_or_else(PoisonError::into_inner);
         meta.rootfs
             .get(container_id)
             .map(|r| self.mounts_of(container_id, r))
@@ -647,7 +658,7 @@ impl Store {
                 )
             }
         })?;
-        let mut meta = self.meta.lock().unwrap();
+        let mut meta = self.meta.lock().unwrap_or_else(PoisonError::into_inner);
         if meta.rootfs.remove(container_id).is_some() {
             self.save(&meta)?;
         }

@@ -245,12 +245,11 @@ impl<'a> Unpacker<'a> {
         let parts = clean_path(&raw_path).map_err(&refuse)?;
         stats.entries += 1;
         let kind = entry.header().entry_type();
-        if parts.is_empty() {
+        let Some((&name, parent_parts)) = parts.split_last() else {
             // The layer's own root ("./"): nothing to create.
             return Ok(());
-        }
-        let name = *parts.last().unwrap();
-        let parent = join(&parts[..parts.len() - 1]);
+        };
+        let parent = join(parent_parts);
         let wrap = |e: io::Error| UnpackError::Entry {
             path: shown.clone(),
             source: e,
@@ -374,11 +373,10 @@ impl<'a> Unpacker<'a> {
                     .into_owned();
                 let tparts =
                     clean_path(&target).map_err(|r| refuse(format!("hard link target: {r}")))?;
-                if tparts.is_empty() {
+                let Some((&tname, tparent_parts)) = tparts.split_last() else {
                     return Err(refuse("hard link to the layer's root".into()));
-                }
-                let tparent = join(&tparts[..tparts.len() - 1]);
-                let tname = *tparts.last().unwrap();
+                };
+                let tparent = join(tparent_parts);
                 let tfd = open_in_root(self.root, &tparent).map_err(|e| {
                     wrap(io::Error::new(
                         e.kind(),
@@ -432,12 +430,11 @@ impl<'a> Unpacker<'a> {
     /// 0755, root's) when missing, as containerd does for tars that name a
     /// file before its directory.
     fn open_parent(&mut self, rel: &Path, _fresh: bool) -> io::Result<BorrowedFd<'_>> {
-        let hit = matches!(&self.parent_cache, Some((p, _)) if p == rel);
-        if !hit {
-            let fd = ensure_dir(self.root, rel)?;
-            self.parent_cache = Some((rel.to_path_buf(), fd));
-        }
-        Ok(self.parent_cache.as_ref().unwrap().1.as_fd())
+        let cached = match self.parent_cache.take() {
+            Some((path, fd)) if path == rel => (path, fd),
+            _ => (rel.to_path_buf(), ensure_dir(self.root, rel)?),
+        };
+        Ok(self.parent_cache.insert(cached).1.as_fd())
     }
 
     fn finish(&mut self) -> Result<(), UnpackError> {

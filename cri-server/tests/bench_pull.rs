@@ -6,6 +6,9 @@
 //! with its own root, state and socket), alternating, median of 5; then the
 //! disk used by each store for two images sharing all layers but one.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::io::Write;
@@ -136,6 +139,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
 
 impl Drop for Containerd {
     fn drop(&mut self) {
+        // SAFETY: kill(2) with integer arguments, on our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
         // Snapshots are overlay-mounted only while containers run: none here.

@@ -2,6 +2,9 @@
 //! loopback, images built and pushed here, arrow-cri driven over its socket
 //! by k8s-cri's client as crictl or kubelet would.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

@@ -2,6 +2,9 @@
 //! drives it with `proto::client::AgentClient`, as the shim would over vsock.
 //! Needs root for the credential test (we run as root here).
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;

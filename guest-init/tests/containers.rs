@@ -10,6 +10,9 @@
 //! limits and OOM are checked only where that hierarchy offers the
 //! controllers.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::Read;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::os::unix::net::UnixStream;

@@ -3,6 +3,9 @@
 //! virtio NIC. Root only. A test binary of its own: the unit tests' reaper
 //! would reap the `ip` processes this one runs.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io;
 
 use guest_init::network;

@@ -2,6 +2,9 @@
 //! milliseconds, drives the serial port, the i8042, stray port I/O and MMIO,
 //! and ends the VM the way Linux does.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{self, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};

@@ -11,6 +11,9 @@
 //! thread kind runs the seccomp self-test: that thread makes a call its
 //! filter forbids once confined, and the VMM dies of SIGSYS.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

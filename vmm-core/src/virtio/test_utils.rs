@@ -1,6 +1,9 @@
 //! A fake guest driver for device tests: split virtqueues laid out in real
 //! guest memory, filled and read the way a guest driver would.
 
+// Test scaffolding (unit tests, fuzz targets): a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;

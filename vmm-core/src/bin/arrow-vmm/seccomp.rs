@@ -500,10 +500,8 @@ mod tests {
         std::thread::spawn(|| {
             // SAFETY: prctl with integer arguments; needed to install a
             // filter without CAP_SYS_ADMIN.
-            assert_eq!(
-                unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
-                0
-            );
+            let set = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+            assert_eq!(set, 0);
             let filter = SeccompFilter::new(
                 rules(VmmThread::Devices).unwrap(),
                 SeccompAction::Errno(libc::EPERM as u32),
@@ -541,10 +539,8 @@ mod tests {
         let (p, d) = (path.clone(), dir.clone());
         std::thread::spawn(move || {
             // SAFETY: prctl with integer arguments, as above.
-            assert_eq!(
-                unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
-                0
-            );
+            let set = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+            assert_eq!(set, 0);
             let filter = SeccompFilter::new(
                 rules(VmmThread::Controller).unwrap(),
                 SeccompAction::Errno(libc::EPERM as u32),
