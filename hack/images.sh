@@ -50,7 +50,7 @@ flock 9
 # Both are stripped when staged.
 log "building arrow-pause and arrow-image (static)"
 RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static" \
-  cargo build --release --locked -q -p integration --bin arrow-pause --bin arrow-image --target $target
+  cargo build --release --locked -q -p arrow-pause -p arrow-image --target $target
 mkdir -p "$ARROW_BIN_DIR"
 for bin in arrow-pause arrow-image; do
   strip -o "$ARROW_BIN_DIR/.$bin.tmp" "$target_dir/$target/release/$bin"

@@ -91,19 +91,19 @@ impl Registry {
         use std::io::Write;
         let _ = rustls::crypto::ring::default_provider().install_default();
         let sha = |d: &[u8]| format!("sha256:{:x}", Sha256::digest(d));
-        let layer = crate::image::layer_tar(&crate::busybox_rootfs())?;
+        let layer = arrow_image::layer_tar(&crate::busybox_rootfs())?;
         let diff_id = sha(&layer);
         let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(&layer)?;
         let layer_gz = gz.finish()?;
-        let mut settings = crate::image::ImageSettings::new("arrow/busybox:e2e");
+        let mut settings = arrow_image::ImageSettings::new("arrow/busybox:e2e");
         settings.cmd = vec!["sh".into()];
-        let config = serde_json::to_vec(&crate::image::image_config(&settings, &diff_id))?;
+        let config = serde_json::to_vec(&arrow_image::image_config(&settings, &diff_id))?;
         let manifest = serde_json::to_vec(&serde_json::json!({
             "schemaVersion": 2,
-            "mediaType": crate::image::MEDIA_MANIFEST,
-            "config": {"mediaType": crate::image::MEDIA_CONFIG, "digest": sha(&config), "size": config.len()},
-            "layers": [{"mediaType": crate::image::MEDIA_LAYER_GZIP, "digest": sha(&layer_gz), "size": layer_gz.len()}],
+            "mediaType": arrow_image::MEDIA_MANIFEST,
+            "config": {"mediaType": arrow_image::MEDIA_CONFIG, "digest": sha(&config), "size": config.len()},
+            "layers": [{"mediaType": arrow_image::MEDIA_LAYER_GZIP, "digest": sha(&layer_gz), "size": layer_gz.len()}],
         }))?;
         let host = format!("127.0.0.1:{}", self.port);
         let reference = Reference::with_tag(host.clone(), "arrow/busybox".into(), "e2e".into());
@@ -124,7 +124,7 @@ impl Registry {
                 .await?;
         }
         client
-            .push_manifest_raw(&reference, manifest, crate::image::MEDIA_MANIFEST.parse()?)
+            .push_manifest_raw(&reference, manifest, arrow_image::MEDIA_MANIFEST.parse()?)
             .await?;
         Ok(format!("{host}/arrow/busybox:e2e"))
     }

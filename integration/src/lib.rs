@@ -6,7 +6,6 @@ pub mod arrow_cri;
 pub mod bench;
 pub mod containerd;
 pub mod cri;
-pub mod image;
 pub mod netns;
 pub mod portforward;
 

@@ -9,8 +9,8 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use arrow_image::{write_oci_archive, ImageSettings};
 use clap::Parser;
-use integration::image::{write_oci_archive, ImageSettings};
 
 #[derive(Parser)]
 #[command(about = "Writes an OCI image layout tarball from a directory tree")]
