@@ -12,13 +12,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use hyper_util::rt::TokioIo;
-use proto::cri;
-use proto::cri::image_service_client::ImageServiceClient;
-use proto::cri::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-pub use proto::cri::ContainerState;
+pub use k8s_cri::v1::ContainerState;
 
 /// Where pods made by [`CriClient::run_pod_sandbox`] keep their container logs.
 pub const LOG_ROOT: &str = "/var/log/arrow-test/pods";

@@ -21,7 +21,7 @@ use integration::arrow_cri::{Daemon, Registry, BRIDGE, GATEWAY, SUBNET};
 use integration::cri::{
     container_config, log_text, pod_config, read_cri_log, wait_for_log, ContainerState, CriClient,
 };
-use proto::cri;
+use k8s_cri::v1 as cri;
 
 // --------------------------------------------------------------- checks
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use integration::containerd::{skip_unless_root, Containerd, BUSYBOX_IMAGE, NETTOOLS_IMAGE};
 use integration::cri::{container_config, pod_config, unique_name, CriClient, Pod};
-use proto::cri;
+use k8s_cri::v1 as cri;
 
 /// One pod VM at a time: two cores do not run more guests usefully.
 fn serial() -> MutexGuard<'static, ()> {

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use integration::containerd::{skip_unless_root, Containerd, BUSYBOX_IMAGE};
 use integration::cri::{pod_config, unique_name, CriClient, Pod};
 use integration::portforward::{forward_once, Forwarded};
-use proto::cri;
+use k8s_cri::v1 as cri;
 
 /// The tap the shim creates in a pod's network namespace.
 const TAP_NAME: &str = "tap0_arrow";

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use integration::containerd::{skip_unless_root, Containerd, BUSYBOX_IMAGE};
 use integration::cri::{container_config, log_text, read_cri_log, unique_name};
-use proto::cri;
+use k8s_cri::v1 as cri;
 
 const STATE: &str = "/run/arrow/k8s.io";
 /// Pods started and stopped while the attackers run.

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use integration::containerd::{skip_unless_root, Containerd, CtrOutput, BUSYBOX_IMAGE};
 use integration::cri::{container_config, log_text, read_cri_log, unique_name, ContainerState};
-use proto::cri;
+use k8s_cri::v1 as cri;
 
 const ARROW: &str = "io.containerd.arrow.v1";
 const RUNC: &str = "io.containerd.runc.v2";

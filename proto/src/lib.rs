@@ -20,16 +20,6 @@ pub mod agent {
     include!(concat!(env!("OUT_DIR"), "/arrow.agent.v1.rs"));
 }
 
-/// The Kubernetes CRI `runtime.v1` API (`cri/api.proto`, package
-/// `runtime.v1`): messages, the `RuntimeService` and `ImageService` clients
-/// (`runtime_service_client`, `image_service_client`) and servers
-/// (`runtime_service_server`, `image_service_server`). Feature `cri`.
-#[cfg(feature = "cri")]
-pub mod cri {
-    #![allow(clippy::all, clippy::pedantic)]
-    tonic::include_proto!("runtime.v1");
-}
-
 pub use frame::{read_frame, write_frame, FrameError, MAX_FRAME_LEN};
 
 /// The guest's vsock context id.

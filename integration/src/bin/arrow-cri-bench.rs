@@ -102,8 +102,8 @@ impl ArrowCri {
         let cri = CriClient::connect(daemon.socket()).await?;
         cri.image
             .clone()
-            .pull_image(proto::cri::PullImageRequest {
-                image: Some(proto::cri::ImageSpec {
+            .pull_image(k8s_cri::v1::PullImageRequest {
+                image: Some(k8s_cri::v1::ImageSpec {
                     image: image.clone(),
                     ..Default::default()
                 }),
@@ -348,7 +348,7 @@ struct Sample {
 }
 
 /// A kubelet-like pod config (`pod_config`) with this benchmark's label.
-fn bench_pod_config(name: &str) -> proto::cri::PodSandboxConfig {
+fn bench_pod_config(name: &str) -> k8s_cri::v1::PodSandboxConfig {
     let mut config = pod_config(name);
     config.labels.clear();
     config.labels.insert(LABEL.to_string(), "true".to_string());

@@ -23,7 +23,7 @@ use clap::Parser;
 use integration::bench::{cpu_count, host_kernel, kvm_flavour, Summary, Table};
 use integration::containerd::{ADDRESS, BUSYBOX_IMAGE};
 use integration::cri::{container_config, pod_config, unique_name, CriClient, Pod};
-use proto::cri;
+use k8s_cri::v1 as cri;
 
 /// The label on every pod this benchmark makes.
 const LABEL: &str = "arrow-net-bench";

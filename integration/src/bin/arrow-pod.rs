@@ -28,7 +28,7 @@ use integration::cri::{
     self, container_config, pod_config, remove_cgroup_dirs, unique_name, CriClient, Pod,
     CGROUP_PARENT, LOG_ROOT,
 };
-use proto::cri as api;
+use k8s_cri::v1 as api;
 
 /// The label on every pod (and container) `arrow-pod run` makes.
 const LABEL: &str = "arrow-pod";
