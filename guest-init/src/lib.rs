@@ -14,7 +14,6 @@ pub mod cmdline;
 pub mod conn;
 pub mod container;
 pub mod error;
-pub mod forward;
 pub mod init;
 pub mod mounts;
 pub mod network;

@@ -9,7 +9,6 @@ pub mod cgroup;
 pub mod fuzzing;
 pub mod network;
 pub mod oom;
-pub mod port_forward;
 pub mod process;
 pub mod seccomp;
 pub mod service;
