@@ -60,3 +60,19 @@ impl Cancel {
         state.vm = Some(handle);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cancel_keeps_the_first_reason() {
+        let cancel = Cancel::default();
+        assert!(cancel.check().is_ok());
+        cancel.request("SIGTERM".into());
+        cancel.request("stdin closed".into());
+        assert_eq!(cancel.reason().as_deref(), Some("SIGTERM"));
+        let err = cancel.check().unwrap_err();
+        assert_eq!(err.to_string(), "interrupted (SIGTERM)");
+    }
+}

@@ -468,15 +468,4 @@ mod tests {
         let err = net_config(&machine(&["--net-tap-fd", &fd]).unwrap()).unwrap_err();
         assert!(format!("{err:#}").contains("not a tap"), "{err:#}");
     }
-
-    #[test]
-    fn cancel_keeps_the_first_reason() {
-        let cancel = Cancel::default();
-        assert!(cancel.check().is_ok());
-        cancel.request("SIGTERM".into());
-        cancel.request("stdin closed".into());
-        assert_eq!(cancel.reason().as_deref(), Some("SIGTERM"));
-        let err = cancel.check().unwrap_err();
-        assert_eq!(err.to_string(), "interrupted (SIGTERM)");
-    }
 }
