@@ -28,6 +28,8 @@ pub const GUEST_CID: u32 = 3;
 pub const AGENT_PORT: u32 = 1024;
 /// Vsock port of the stdio stream service.
 pub const STDIO_PORT: u32 = 1025;
+/// Vsock port of the port-forward stream service.
+pub const FORWARD_PORT: u32 = 1026;
 
 /// Fewest bytes of entropy `InitClone` accepts (256 bits).
 pub const CLONE_ENTROPY_MIN: usize = 32;

@@ -86,6 +86,8 @@ pub enum NetworkError {
         "network namespace {0}: not a namespace file (a /proc/<pid>/ns/net or a bind mount of one)"
     )]
     NotNetns(PathBuf),
+    #[error("port-forward: {what}: {source}")]
+    PortForward { what: String, source: io::Error },
 }
 
 /// Refuses a namespace that is the host's (PID 1's) or the shim's own: the
@@ -417,7 +419,7 @@ fn guest_routes(messages: &[RouteMessage], index: u32) -> Vec<GuestRoute> {
 
 /// Runs `f` on a new thread that entered the network namespace `netns`.
 /// A missing namespace is `Ok(None)` when `missing_ok`.
-fn in_netns<T, F>(netns: &Path, missing_ok: bool, f: F) -> Result<Option<T>>
+pub(crate) fn in_netns<T, F>(netns: &Path, missing_ok: bool, f: F) -> Result<Option<T>>
 where
     T: Send,
     F: FnOnce() -> Result<T> + Send,
