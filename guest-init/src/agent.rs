@@ -27,7 +27,7 @@ use crate::{log_debug, log_error, log_info};
 
 /// Stack of per-connection and per-wait threads (they hold little: a frame
 /// buffer and a few small structs).
-const THREAD_STACK: usize = 256 * 1024;
+pub(crate) const THREAD_STACK: usize = 256 * 1024;
 
 /// What `Shutdown` does after replying.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,7 +1,7 @@
 //! The `arrow.*` settings arrow-init takes from the kernel command line (the
 //! VMM's only channel to init before the agent is up).
 
-use proto::{AGENT_PORT, STDIO_PORT};
+use proto::{AGENT_PORT, FORWARD_PORT, STDIO_PORT};
 
 /// Settings for this boot.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -10,6 +10,8 @@ pub struct Settings {
     pub agent_port: u32,
     /// Vsock port of the stdio service (`arrow.stdio_port=`).
     pub stdio_port: u32,
+    /// Vsock port of the port-forward service (`arrow.forward_port=`).
+    pub forward_port: u32,
     /// Boot line on the console and debug records in kmsg (`arrow.debug`).
     pub debug: bool,
 }
@@ -19,6 +21,7 @@ impl Default for Settings {
         Self {
             agent_port: AGENT_PORT,
             stdio_port: STDIO_PORT,
+            forward_port: FORWARD_PORT,
             debug: false,
         }
     }
@@ -45,6 +48,10 @@ pub fn parse(cmdline: &str) -> (Settings, Vec<String>) {
             },
             ("stdio_port", Some(v)) => match parse_port(v) {
                 Some(port) => settings.stdio_port = port,
+                None => complaints.push(format!("bad port in {word:?}")),
+            },
+            ("forward_port", Some(v)) => match parse_port(v) {
+                Some(port) => settings.forward_port = port,
                 None => complaints.push(format!("bad port in {word:?}")),
             },
             ("debug", None | Some("1" | "on" | "true" | "yes")) => settings.debug = true,
@@ -103,13 +110,15 @@ mod tests {
 
     #[test]
     fn reads_ports_and_debug() {
-        let (s, complaints) =
-            parse("quiet arrow.agent_port=2000 arrow.stdio_port=2001 arrow.debug");
+        let (s, complaints) = parse(
+            "quiet arrow.agent_port=2000 arrow.stdio_port=2001 arrow.forward_port=2002 arrow.debug",
+        );
         assert_eq!(
             s,
             Settings {
                 agent_port: 2000,
                 stdio_port: 2001,
+                forward_port: 2002,
                 debug: true
             }
         );
@@ -120,9 +129,10 @@ mod tests {
 
     #[test]
     fn bad_values_are_complaints_not_failures() {
-        let (s, complaints) = parse("arrow.agent_port=x arrow.stdio_port=0 arrow.frob=1");
+        let (s, complaints) =
+            parse("arrow.agent_port=x arrow.stdio_port=0 arrow.forward_port=-1 arrow.frob=1");
         assert_eq!(s, Settings::default());
-        assert_eq!(complaints.len(), 3);
+        assert_eq!(complaints.len(), 4);
     }
 
     #[test]

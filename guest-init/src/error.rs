@@ -31,6 +31,10 @@ pub enum AgentError {
     ContainerExists(String),
     #[error("no network interface {0:?} in the guest")]
     InterfaceNotFound(String),
+    /// Something the call needs is not there (a forwarded port nobody
+    /// listens on), described in full.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl AgentError {
@@ -44,6 +48,7 @@ impl AgentError {
             Self::InvalidArgument(_) => Code::InvalidArgument,
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
             Self::Internal { .. } | Self::Guest(_) => Code::Internal,
+            Self::Unavailable(_) => Code::Unavailable,
         }
     }
 

@@ -15,7 +15,7 @@ use crate::conn::Listener;
 use crate::container::{Containers, Layout};
 use crate::reaper::Reaper;
 use crate::supervisor::Supervisor;
-use crate::{cmdline, log, log_error, mounts, network, stdio, vsock};
+use crate::{cmdline, forward, log, log_error, mounts, network, stdio, vsock};
 
 /// PID 1: mounts, agent on vsock, and never returns. A fatal error powers
 /// the VM off; if even that fails, it idles (exiting would panic the kernel).
@@ -63,15 +63,17 @@ fn serve_vsock(
     settings: &cmdline::Settings,
     null: OwnedFd,
 ) -> io::Result<std::convert::Infallible> {
-    let agent_listener = vsock::listen_port(settings.agent_port)?;
-    let stdio_listener = vsock::listen_port(settings.stdio_port)?;
+    let listeners = Listeners {
+        agent: vsock::listen_port(settings.agent_port)?,
+        stdio: vsock::listen_port(settings.stdio_port)?,
+        forward: vsock::listen_port(settings.forward_port)?,
+    };
     if settings.debug {
         console_line("arrow-init: ready\n");
     }
     Err(serve(
         null,
-        agent_listener,
-        stdio_listener,
+        listeners,
         OnShutdown::PowerOff,
         Box::new(GuestPlatform),
         Layout::guest(),
@@ -79,8 +81,8 @@ fn serve_vsock(
     ))
 }
 
-/// Host-test mode: serves the agent on `dir`/agent.sock and stdio on
-/// `dir`/stdio.sock; Shutdown exits. Becomes a child subreaper so orphans
+/// Host-test mode: serves the agent on `dir`/agent.sock, stdio on
+/// `dir`/stdio.sock and port-forward on `dir`/forward.sock; Shutdown exits. Becomes a child subreaper so orphans
 /// come back to it as they would to PID 1. InitClone only records what it
 /// would do, in `dir`/[`CLONE_JOURNAL`]: this runs on the host, whose clock,
 /// random pool and hostname are not ours. Containers live under `dir` too
@@ -102,12 +104,14 @@ pub fn run_unix(dir: &Path) -> io::Result<()> {
         Ok(UnixListener::bind(path)?.into())
     };
     let platform = RecordingPlatform::for_host_tests(&dir.join(CLONE_JOURNAL))?;
-    let agent_listener = bind("agent.sock")?;
-    let stdio_listener = bind("stdio.sock")?;
+    let listeners = Listeners {
+        agent: bind("agent.sock")?,
+        stdio: bind("stdio.sock")?,
+        forward: bind("forward.sock")?,
+    };
     Err(serve(
         null,
-        agent_listener,
-        stdio_listener,
+        listeners,
         OnShutdown::Exit,
         Box::new(platform),
         layout,
@@ -119,12 +123,18 @@ pub fn run_unix(dir: &Path) -> io::Result<()> {
 /// recorded, one line each.
 pub const CLONE_JOURNAL: &str = "clone-platform.log";
 
-/// Starts the reaper and the stdio service, then serves the agent on this
-/// thread; returns only the error that stopped it.
+/// The listening sockets of arrow-init's three services.
+struct Listeners {
+    agent: Listener,
+    stdio: Listener,
+    forward: Listener,
+}
+
+/// Starts the reaper, the stdio and the port-forward services, then serves
+/// the agent on this thread; returns only the error that stopped it.
 fn serve(
     null: OwnedFd,
-    agent_l: Listener,
-    stdio_l: Listener,
+    listeners: Listeners,
     on_shutdown: OnShutdown,
     platform: Box<dyn ClonePlatform>,
     layout: Layout,
@@ -136,6 +146,11 @@ fn serve(
     };
     let supervisor = Arc::new(Supervisor::new(reaper, null));
     let for_stdio = Arc::clone(&supervisor);
+    let Listeners {
+        agent: agent_l,
+        stdio: stdio_l,
+        forward: forward_l,
+    } = listeners;
     let stdio_thread = thread::Builder::new()
         .name("stdio-accept".into())
         .spawn(move || {
@@ -143,6 +158,15 @@ fn serve(
             log_error!("stdio service stopped: {e}");
         });
     if let Err(e) = stdio_thread {
+        return e;
+    }
+    let forward_thread = thread::Builder::new()
+        .name("forward-accept".into())
+        .spawn(move || {
+            let e = forward::serve(forward_l);
+            log_error!("port-forward service stopped: {e}");
+        });
+    if let Err(e) = forward_thread {
         return e;
     }
     let containers = Containers::new(layout);

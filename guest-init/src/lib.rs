@@ -14,6 +14,7 @@ pub mod cmdline;
 pub mod conn;
 pub mod container;
 pub mod error;
+pub mod forward;
 pub mod init;
 pub mod mounts;
 pub mod network;

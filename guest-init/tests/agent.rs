@@ -43,7 +43,8 @@ impl Agent {
             .unwrap();
         let agent = Self { child, dir };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !agent.dir.join("stdio.sock").exists() {
+        // forward.sock is bound last.
+        while !agent.dir.join("forward.sock").exists() {
             assert!(Instant::now() < deadline, "agent did not come up");
             thread::sleep(Duration::from_millis(10));
         }
@@ -61,6 +62,11 @@ impl Agent {
     fn attach(&self, id: &str, kind: StreamKind) -> Result<UnixStream, ClientError> {
         let conn = UnixStream::connect(self.dir.join("stdio.sock")).unwrap();
         AgentClient::attach_stream(conn, id, kind)
+    }
+
+    fn port_forward(&self, port: u16) -> Result<UnixStream, ClientError> {
+        let conn = UnixStream::connect(self.dir.join("forward.sock")).unwrap();
+        proto::client::port_forward_unix_stream(conn, port, Duration::from_secs(10))
     }
 
     /// Attaches `kind` and collects everything until EOF on a thread.
@@ -746,4 +752,55 @@ fn configure_network_is_checked_and_refused_on_a_host() {
         matches!(&err, ClientError::InvalidArgument(m) if m.contains("unicast")),
         "{err:?}"
     );
+}
+
+#[test]
+fn port_forward_serves_parallel_connections_and_refuses_closed_ports() {
+    use std::net::{Shutdown, TcpListener};
+    let agent = Agent::start();
+    // An echo server that upper-cases, one thread per connection.
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    thread::spawn(move || {
+        for s in server.incoming() {
+            let mut s = s.unwrap();
+            thread::spawn(move || {
+                let mut got = Vec::new();
+                s.read_to_end(&mut got).unwrap();
+                s.write_all(&got.to_ascii_uppercase()).unwrap();
+            });
+        }
+    });
+    let clients: Vec<_> = (0..8)
+        .map(|i| {
+            let mut stream = agent.port_forward(port).unwrap();
+            thread::spawn(move || {
+                let data = format!("connection {i} ").repeat(10_000);
+                stream.write_all(data.as_bytes()).unwrap();
+                stream.shutdown(Shutdown::Write).unwrap();
+                let mut back = String::new();
+                stream.read_to_string(&mut back).unwrap();
+                assert_eq!(back, data.to_uppercase());
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    match agent.port_forward(closed) {
+        Err(ClientError::Unavailable(msg)) => assert!(msg.contains("refused"), "{msg}"),
+        other => panic!("closed port: {:?}", other.map(|_| ())),
+    }
+    match agent.port_forward(0) {
+        Err(ClientError::InvalidArgument(_)) => {}
+        other => panic!("port 0: {:?}", other.map(|_| ())),
+    }
+    // The agent still serves.
+    agent.client().ping().unwrap();
 }

@@ -442,6 +442,23 @@ impl CriClient {
         })
     }
 
+    /// The streaming URL for port-forward to `ports` of the pod (see
+    /// [`crate::portforward`]).
+    pub async fn port_forward(&self, pod_id: &str, ports: &[u16]) -> Result<String> {
+        let request = cri::PortForwardRequest {
+            pod_sandbox_id: pod_id.to_string(),
+            port: ports.iter().map(|&p| i32::from(p)).collect(),
+        };
+        let response = self
+            .runtime
+            .clone()
+            .port_forward(request)
+            .await
+            .context("PortForward")?
+            .into_inner();
+        Ok(response.url)
+    }
+
     pub async fn container_stats(&self, id: &str) -> Result<cri::ContainerStats> {
         let request = cri::ContainerStatsRequest {
             container_id: id.to_string(),

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod containerd;
 pub mod cri;
 pub mod netns;
+pub mod portforward;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use integration::containerd::{skip_unless_root, Containerd, BUSYBOX_IMAGE};
 use integration::cri::{pod_config, unique_name, CriClient, Pod};
+use integration::portforward::{forward_once, Forwarded};
 use k8s_cri::v1 as cri;
 
 /// The tap the shim creates in a pod's network namespace.
@@ -135,6 +136,124 @@ fn pod_ip_serves_http_from_the_guest_like_runc() {
                 .unwrap_or_else(|e| panic!("{handler}: {e}"));
             assert_eq!(body.trim(), marker, "{handler} pod at {}", web.ip);
             remove(&cri, &web).await;
+        }
+    });
+}
+
+/// One port-forward through containerd's streaming server: a fresh URL
+/// (tokens are single-use), `request` on the data channel, both channels
+/// back.
+async fn forward(cri: &CriClient, pod_id: &str, port: u16, request: &'static [u8]) -> Forwarded {
+    let url = cri.port_forward(pod_id, &[port]).await.unwrap();
+    tokio::task::spawn_blocking(move || {
+        forward_once(&url, port, request, Duration::from_secs(60)).unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+/// `kubectl port-forward` under containerd: its CRI plugin dials
+/// 127.0.0.1:<port> in the pod's network namespace on the host. For an
+/// arrow pod the shim answers there and carries the connection into the
+/// guest, so a server bound to the guest's loopback only is reachable,
+/// as with runc: one connection, several in parallel, a 4 MiB download
+/// intact, and a closed port reported on the error channel.
+#[test]
+fn port_forward_through_containerd_reaches_the_guest_like_runc() {
+    if skip_unless_root("port_forward_through_containerd_reaches_the_guest_like_runc") {
+        return;
+    }
+    let _serial = serial();
+    block_on(async {
+        let cri = Containerd::shared().cri().await.unwrap();
+        for handler in ["runc", "arrow"] {
+            let marker = format!("forwarded-from-{handler}");
+            let pod = cri
+                .run_pod_sandbox(&unique_name(&format!("pf-{handler}")), handler)
+                .await
+                .unwrap();
+            let script = format!(
+                "mkdir -p /tmp/www && echo {marker} > /tmp/www/index.html && \
+                 dd if=/dev/urandom of=/tmp/www/big bs=64k count=64 2>/dev/null && \
+                 sha256sum /tmp/www/big > /tmp/www/big.sha && \
+                 exec httpd -f -p 127.0.0.1:{HTTP_PORT} -h /tmp/www"
+            );
+            let container = cri
+                .create_container(
+                    &pod,
+                    "web",
+                    BUSYBOX_IMAGE,
+                    &["sh", "-c", &script],
+                    "web/0.log",
+                )
+                .await
+                .unwrap();
+            cri.start_container(&container).await.unwrap();
+
+            // httpd takes a moment to listen in a guest.
+            let get: &[u8] = b"GET / HTTP/1.0\r\nHost: pod\r\n\r\n";
+            let deadline = Instant::now() + Duration::from_secs(120);
+            loop {
+                let f = forward(&cri, &pod.id, HTTP_PORT, get).await;
+                if f.http_body()
+                    .is_some_and(|b| b.trim_ascii() == marker.as_bytes())
+                {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{handler}: no answer through port-forward: {f:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+
+            let parallel: Vec<_> = (0..4)
+                .map(|_| {
+                    let cri = cri.clone();
+                    let pod_id = pod.id.clone();
+                    tokio::spawn(async move { forward(&cri, &pod_id, HTTP_PORT, get).await })
+                })
+                .collect();
+            for f in parallel {
+                let f = f.await.unwrap();
+                assert_eq!(
+                    f.http_body().map(|b| b.trim_ascii().to_vec()),
+                    Some(marker.as_bytes().to_vec()),
+                    "{handler}: parallel forward: {f:?}"
+                );
+            }
+
+            let big = forward(&cri, &pod.id, HTTP_PORT, b"GET /big HTTP/1.0\r\n\r\n").await;
+            let body = big.http_body().unwrap_or_default();
+            assert_eq!(
+                body.len(),
+                64 * 64 * 1024,
+                "{handler}: download size; error: {}",
+                big.error
+            );
+            let want = cri
+                .exec_sync(&container, &["cat", "/tmp/www/big.sha"], 30)
+                .await
+                .unwrap()
+                .stdout_text();
+            let got = format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(body));
+            assert!(
+                want.starts_with(&got),
+                "{handler}: download corrupted: {got} vs {want}"
+            );
+
+            // Nothing listens on port 9: the streaming server says so.
+            let closed = forward(&cri, &pod.id, 9, get).await;
+            assert!(closed.data.is_empty(), "{handler}: {closed:?}");
+            assert!(
+                closed.error.contains("9"),
+                "{handler}: a closed port gave no error: {closed:?}"
+            );
+            println!("{handler}: closed port: {}", closed.error.trim());
+
+            let _ = cri.stop_container(&container, 0).await;
+            let _ = cri.remove_container(&container).await;
+            cri.remove_pod(&pod).await.unwrap();
         }
     });
 }

@@ -20,9 +20,9 @@ use std::time::Duration;
 use crate::agent::{
     error::Code, request, response, CloneInitialized, CloseStdin, ConfigureNetwork, ContainerStats,
     CreateContainer, CreateProcess, DeleteProcess, Exited, FreezeContainer, InitClone, ListPids,
-    Ping, Pong, RemoveContainer, Request, ResizeTty, Resources, Response, Shutdown, SignalProcess,
-    StartProcess, Stats, StreamAttach, StreamAttached, StreamKind, UpdateContainer, WaitOom,
-    WaitProcess,
+    Ping, Pong, PortForwardOpen, PortForwardOpened, RemoveContainer, Request, ResizeTty, Resources,
+    Response, Shutdown, SignalProcess, StartProcess, Stats, StreamAttach, StreamAttached,
+    StreamKind, UpdateContainer, WaitOom, WaitProcess,
 };
 use crate::frame::{read_frame, write_frame, FrameError};
 
@@ -39,6 +39,8 @@ pub enum ClientError {
     FailedPrecondition(String),
     #[error("agent internal error: {0}")]
     Internal(String),
+    #[error("unavailable: {0}")]
+    Unavailable(String),
     #[error("agent connection closed: {0}")]
     ConnectionClosed(String),
     #[error("agent did not answer {call} within {after:?}")]
@@ -63,6 +65,7 @@ impl ClientError {
             Code::NotFound => Self::NotFound(message),
             Code::AlreadyExists => Self::AlreadyExists(message),
             Code::FailedPrecondition => Self::FailedPrecondition(message),
+            Code::Unavailable => Self::Unavailable(message),
             Code::Internal | Code::Unknown => Self::Internal(message),
         }
     }
@@ -562,6 +565,52 @@ pub fn attach_unix_stream(
     stream.set_read_timeout(None)?;
     stream.set_write_timeout(None)?;
     Ok(stream)
+}
+
+/// [`open_port_forward`] on a Unix stream (a fresh hybrid-vsock connection
+/// to [`crate::FORWARD_PORT`]), bounded by `timeout` like
+/// [`attach_unix_stream`]. The stream comes back with no timeouts set.
+pub fn port_forward_unix_stream(
+    stream: UnixStream,
+    port: u16,
+    timeout: Duration,
+) -> Result<UnixStream> {
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let stream = open_port_forward(stream, port).map_err(|e| match e {
+        ClientError::Frame(FrameError::Io(io)) | ClientError::Io(io) if is_timeout(&io) => {
+            ClientError::Timeout {
+                call: "port_forward_open",
+                after: timeout,
+            }
+        }
+        other => other,
+    })?;
+    stream.set_read_timeout(None)?;
+    stream.set_write_timeout(None)?;
+    Ok(stream)
+}
+
+/// Performs the `PortForwardOpen` handshake on a fresh port-forward
+/// connection: once it returns, the stream is a byte pipe to a TCP
+/// connection to `127.0.0.1:port` in the guest.
+///
+/// Reads exactly one frame back, so no stream byte is lost.
+pub fn open_port_forward<S: Read + Write>(mut stream: S, port: u16) -> Result<S> {
+    write_frame(
+        &mut stream,
+        &PortForwardOpen {
+            port: u32::from(port),
+        },
+    )?;
+    stream.flush()?;
+    match read_frame::<PortForwardOpened, _>(&mut stream)? {
+        None => Err(ClientError::ConnectionClosed(
+            "port-forward connection closed during open".into(),
+        )),
+        Some(PortForwardOpened { error: Some(err) }) => Err(ClientError::from_wire(err)),
+        Some(PortForwardOpened { error: None }) => Ok(stream),
+    }
 }
 
 /// Performs the `StreamAttach` handshake on a fresh stdio connection.

@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod fuzzing;
 pub mod network;
 pub mod oom;
+pub mod port_forward;
 pub mod process;
 pub mod seccomp;
 pub mod service;

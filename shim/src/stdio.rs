@@ -177,6 +177,21 @@ impl Write for GuestStream {
     }
 }
 
+impl Read for &GuestStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&self.stream).read(buf)
+    }
+}
+
+impl Write for &GuestStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&self.stream).write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 impl Drop for GuestStream {
     /// Closes the tracking handle too, so the connection closes with the
     /// stream.

@@ -43,12 +43,27 @@ use tokio::sync::Mutex;
 use crate::cgroup::CgroupPath;
 use crate::network::{self, GuestNetwork, PodNetworkMode};
 use crate::oom::{self, OomFilter, OomSink, OOM_MIN_INTERVAL};
+use crate::port_forward::Loopback;
 use crate::process::{Exit, Process, StdioPaths};
 use crate::share::{ContainerShare, RootfsMount};
 use crate::spec::{self, Role, VmShape};
 use crate::stats;
 use crate::stdio::{self, Sink};
 use crate::vm::{PodDir, PodVm, VmNic};
+
+/// Makes containerd's port-forward (a dial to 127.0.0.1:<port> in the pod's
+/// network namespace) reach the guest, for as long as the VM runs.
+async fn serve_port_forward(
+    vm: &Arc<PodVm>,
+    netns: &Path,
+    pod_id: &str,
+) -> Result<(), network::NetworkError> {
+    let path = netns.to_path_buf();
+    let loopback = tokio::task::spawn_blocking(move || Loopback::listen(&path))
+        .await
+        .map_err(|e| network::NetworkError::Thread(e.to_string()))??;
+    loopback.serve(vm, pod_id)
+}
 
 /// The status containerd sees for an error.
 fn status(code: Code, message: impl Into<String>) -> ttrpc::Error {
@@ -61,9 +76,10 @@ fn agent_status(context: &str, err: ClientError) -> ttrpc::Error {
         ClientError::NotFound(_) => Code::NOT_FOUND,
         ClientError::AlreadyExists(_) => Code::ALREADY_EXISTS,
         ClientError::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
-        ClientError::ConnectionClosed(_) | ClientError::Io(_) | ClientError::Frame(_) => {
-            Code::UNAVAILABLE
-        }
+        ClientError::ConnectionClosed(_)
+        | ClientError::Io(_)
+        | ClientError::Frame(_)
+        | ClientError::Unavailable(_) => Code::UNAVAILABLE,
         ClientError::Timeout { .. } => Code::DEADLINE_EXCEEDED,
         _ => Code::INTERNAL,
     };
@@ -288,6 +304,12 @@ impl TaskService {
             if let Err(e) = configure_guest_network(&vm, &guest, pod_id).await {
                 stop_and_clean(&vm).await;
                 return Err(e);
+            }
+        }
+        if let Some(netns) = vm.netns() {
+            // The pod works without it; only port-forward would not.
+            if let Err(e) = serve_port_forward(&vm, netns, pod_id).await {
+                log::warn!("pod {pod_id}: no port-forward: {e}");
             }
         }
         let this = self.clone();

@@ -433,6 +433,15 @@ impl PodVm {
         self.streams.track(stream).map_err(VmError::Connect)
     }
 
+    /// Opens a stream to TCP port `port` on the guest's 127.0.0.1
+    /// (port-forward); it is shut down by [`PodVm::end_connections`]. The
+    /// guest refusing (nothing listens there) is [`ClientError::Unavailable`].
+    pub fn port_forward(&self, port: u16, timeout: Duration) -> Result<GuestStream, VmError> {
+        let stream = connect_vmm(&self.dir.vsock(), self.pid, proto::FORWARD_PORT, timeout)?;
+        let stream = proto::client::port_forward_unix_stream(stream, port, timeout)?;
+        self.streams.track(stream).map_err(VmError::Connect)
+    }
+
     /// Once the VMM exited: fails the agent calls still waiting (long polls
     /// included) and shuts down every stdio stream, whatever the other end
     /// of those connections still does, so nothing the shim runs stays
