@@ -9,7 +9,12 @@
 //! - TCP connect + 1-byte echo + close, a new connection each time;
 //! - HTTP GET of a small page from busybox httpd (a new connection, and a
 //!   fork in the pod, per request);
-//! - throughput host → pod and pod → host: N transfers of `--mib` MiB each.
+//! - throughput host → pod and pod → host: N transfers of `--mib` MiB each;
+//! - and through `PortForward` (what `kubectl port-forward` uses; containerd
+//!   dials 127.0.0.1 in the pod's netns, which for Arrow the shim carries
+//!   into the guest over vsock): the time to the first byte of a fresh
+//!   forward (the CRI call, the WebSocket upgrade, the dial, one byte
+//!   back), and pod → host throughput.
 //!
 //! Median, min and max side by side, and arrow over runc.
 
@@ -23,6 +28,7 @@ use clap::Parser;
 use integration::bench::{cpu_count, host_kernel, kvm_flavour, Summary, Table};
 use integration::containerd::{ADDRESS, BUSYBOX_IMAGE};
 use integration::cri::{container_config, pod_config, unique_name, CriClient, Pod};
+use integration::portforward::forward_until;
 use k8s_cri::v1 as cri;
 
 /// The label on every pod this benchmark makes.
@@ -53,6 +59,9 @@ struct Args {
     /// HTTP GETs per runtime.
     #[arg(long, default_value_t = 20)]
     gets: usize,
+    /// Fresh port-forwards (time to first byte) per runtime.
+    #[arg(long, default_value_t = 10)]
+    forwards: usize,
     /// The static arrow-net-server to run in the pods.
     #[arg(long)]
     server: PathBuf,
@@ -76,6 +85,8 @@ struct Figures {
     http_ms: Vec<f64>,
     upload_mbs: Vec<f64>,
     download_mbs: Vec<f64>,
+    forward_first_byte_ms: Vec<f64>,
+    forward_download_mbs: Vec<f64>,
 }
 
 /// Socket timeouts: a guest that stops answering fails the run, not hangs it.
@@ -267,7 +278,44 @@ async fn measure_pod(cri: &CriClient, pod: &Pod, args: &Args, bin_dir: &Path) ->
         f.upload_mbs.push(up);
         f.download_mbs.push(down);
     }
+    for _ in 0..args.forwards {
+        let first = forwarded_download(cri, &pod.id, 1).await?;
+        f.forward_first_byte_ms.push(first.as_secs_f64() * 1e3);
+    }
+    for i in 0..args.runs {
+        let last = forwarded_download(cri, &pod.id, bytes).await?;
+        let mbs = mb_per_s(bytes, last);
+        eprintln!(
+            "  port-forward {}/{}: pod -> host {mbs:.1} MB/s",
+            i + 1,
+            args.runs
+        );
+        f.forward_download_mbs.push(mbs);
+    }
     Ok(f)
+}
+
+/// `bytes` from the pod's server through a fresh port-forward: the time
+/// from the `PortForward` call to the last byte.
+async fn forwarded_download(cri: &CriClient, pod_id: &str, bytes: u64) -> Result<Duration> {
+    let t0 = Instant::now();
+    let url = cri.port_forward(pod_id, &[BENCH_PORT]).await?;
+    let mut request = vec![b'g'];
+    request.extend_from_slice(&bytes.to_be_bytes());
+    let want = usize::try_from(bytes)?;
+    let (forwarded, last) = tokio::task::spawn_blocking(move || {
+        let f = forward_until(&url, BENCH_PORT, &request, want, IO_TIMEOUT);
+        (f, t0.elapsed())
+    })
+    .await?;
+    let forwarded = forwarded.context("port-forward")?;
+    ensure!(
+        forwarded.data.len() == want,
+        "port-forward: received {} of {bytes} bytes; error channel: {:?}",
+        forwarded.data.len(),
+        forwarded.error
+    );
+    Ok(last)
 }
 
 #[tokio::main]
@@ -329,7 +377,7 @@ async fn main() -> Result<()> {
     };
     println!("{}", table.header(""));
     type Field = fn(&Figures) -> &Vec<f64>;
-    let rows: [(String, Field); 5] = [
+    let rows: [(String, Field); 7] = [
         (
             format!("TCP round trip, 1 byte, us (N={})", args.pings),
             |f| &f.rtt_us,
@@ -349,6 +397,17 @@ async fn main() -> Result<()> {
         (
             format!("pod -> host, MB/s ({} x {} MiB)", args.runs, args.mib),
             |f| &f.download_mbs,
+        ),
+        (
+            format!("port-forward, first byte, ms (N={})", args.forwards),
+            |f| &f.forward_first_byte_ms,
+        ),
+        (
+            format!(
+                "port-forward pod -> host, MB/s ({} x {} MiB)",
+                args.runs, args.mib
+            ),
+            |f| &f.forward_download_mbs,
         ),
     ];
     for (label, field) in rows {
