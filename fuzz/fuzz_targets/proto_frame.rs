@@ -12,7 +12,9 @@ use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 
-use proto::agent::{Request, Response, StreamAttach, StreamAttached};
+use proto::agent::{
+    PortForwardOpen, PortForwardOpened, Request, Response, StreamAttach, StreamAttached,
+};
 use proto::{read_frame, write_frame, FrameError, MAX_FRAME_LEN};
 
 #[derive(Arbitrary, Debug)]
@@ -90,10 +92,12 @@ fn check<M: Message + Default + PartialEq>(input: &Input) {
 }
 
 fuzz_target!(|input: Input| {
-    match input.kind % 4 {
+    match input.kind % 6 {
         0 => check::<Response>(&input),
         1 => check::<Request>(&input),
         2 => check::<StreamAttach>(&input),
-        _ => check::<StreamAttached>(&input),
+        3 => check::<StreamAttached>(&input),
+        4 => check::<PortForwardOpen>(&input),
+        _ => check::<PortForwardOpened>(&input),
     }
 });
