@@ -43,6 +43,42 @@ fi
 runner=$(cat <<'EOF'
 set -u
 [ -d /sys/module/kvm_amd ] || { echo "not on kvm_amd" >&2; exit 1; }
+# Runs a test binary for at most 150 s. A binary still running then is
+# shown (every thread of it and of its children: state, wait channel and
+# kernel stack, to find the open stop hang below) and killed; returns 124.
+run_bounded() {
+  "$1" --test-threads=1 2>&1 &
+  local pid=$! waited=0
+  while kill -0 "$pid" 2>/dev/null; do
+    if [ $waited -ge 150 ]; then
+      echo "=== $(basename "$1"): no result in 150 s; its threads (pid, name, state, wait channel, kernel stack):"
+      local tree=" $pid " grew=1 p pp t
+      while [ $grew = 1 ]; do
+        grew=0
+        for p in /proc/[0-9]*; do
+          p=${p#/proc/}
+          pp=$(awk '{ sub(/.*\) /, ""); print $2 }' "/proc/$p/stat" 2>/dev/null) || continue
+          if [[ "$tree" == *" $pp "* && "$tree" != *" $p "* ]]; then tree+="$p "; grew=1; fi
+        done
+      done
+      for p in $tree; do
+        for t in /proc/"$p"/task/*; do
+          echo "--- ${t#/proc/} $(cat "$t/comm" 2>/dev/null) state=$(awk '{ sub(/.*\) /, ""); print $1 }' "$t/stat" 2>/dev/null) wchan=$(cat "$t/wchan" 2>/dev/null)"
+          cat "$t/stack" 2>/dev/null
+        done
+      done
+      echo "--- the L1 kernel's last lines:"
+      dmesg 2>/dev/null | tail -n 20
+      for p in $tree; do kill -9 "$p" 2>/dev/null; done
+      for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+      kill -0 "$pid" 2>/dev/null && echo "=== pid $pid survived SIGKILL for 10 s (stuck in the kernel)"
+      return 124
+    fi
+    sleep 1
+    waited=$((waited + 1))
+  done
+  wait "$pid"
+}
 failed=()
 for bin in "$@"; do
   name=$(basename "$bin")
@@ -55,7 +91,7 @@ for bin in "$@"; do
   # A test that fails, rather than hangs, is not run again.
   status=FAILED
   for attempt in 1 2 3; do
-    timeout -k 10 150 "$bin" --test-threads=1 2>&1
+    run_bounded "$bin"
     rc=$?
     if [ $rc -eq 0 ]; then status=ok; break; fi
     if [ $rc -ne 124 ] && [ $rc -ne 137 ]; then break; fi
