@@ -222,13 +222,52 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# Each L1 CPU's instruction pointer, named from the kernel's System.map
+# (the L1 boots with nokaslr), read over QEMU's monitor: where a wedged L1
+# is stuck.
+l1_cpus() {
+  python3 - "$run/monitor.sock" "$image/root/boot/System.map-$(cat "$image/release")" <<'PY'
+import bisect, re, socket, sys, time
+sock = socket.socket(socket.AF_UNIX)
+sock.connect(sys.argv[1])
+sock.settimeout(5)
+sock.sendall(b"info registers -a\n")
+time.sleep(2)
+out = b""
+try:
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        out += chunk
+except socket.timeout:
+    pass
+syms = []
+try:
+    for line in open(sys.argv[2]):
+        addr, kind, name = line.split()[:3]
+        if kind in "tTwW":
+            syms.append((int(addr, 16), name))
+    syms.sort()
+except OSError:
+    pass
+addrs = [a for a, _ in syms]
+for cpu, rip in re.findall(rb"CPU#(\d+).*?RIP=([0-9a-f]+)", out, re.S):
+    rip = int(rip, 16)
+    i = bisect.bisect_right(addrs, rip) - 1
+    where = f"{syms[i][1]}+{rip - syms[i][0]:#x}" if i >= 0 else "?"
+    print(f"L1 CPU {int(cpu)}: RIP {rip:#x} {where}")
+PY
+}
+
 summary=$(printf '%s ' "$@" | tr '\n' ' ' | cut -c1-100)
 log "L1 ($(cat "$image/release"), TCG, nested SVM, $cpus CPUs, $memory): $summary"
 started=$(date +%s)
 qemu-system-x86_64 -nodefaults -no-user-config -display none -no-reboot \
   -machine q35 -accel tcg,thread=multi -cpu EPYC,+svm,+npt -smp "$cpus" -m "$memory" \
   -kernel "$image/vmlinuz" -initrd "$image/initramfs.cpio" \
-  -append "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init" \
+  -append "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init nokaslr" \
+  -monitor "unix:$run/monitor.sock,server=on,wait=off" \
   -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
   -virtfs "local,path=$run,mount_tag=xchg,security_model=none,multidevs=remap" \
   -serial "file:$run/console.log" -pidfile "$run/qemu.pid" 2>"$run/qemu.log" &
@@ -242,7 +281,8 @@ timed_out=
 while kill -0 "$qemu_pid" 2>/dev/null; do
   if [ $(( $(date +%s) - started )) -ge "$timeout_s" ]; then
     timed_out=1
-    log "L1 run exceeded ${timeout_s} s: stopping it"
+    log "L1 run exceeded ${timeout_s} s: stopping it; where its CPUs are:"
+    l1_cpus >&2 || true
     kill "$qemu_pid" 2>/dev/null || true
     break
   fi

@@ -39,15 +39,16 @@ if [ "${ARROW_CI_HWKVM:-1}" = 0 ]; then
   log "VM tests on hardware KVM: skipped (ARROW_CI_HWKVM=0)"
 elif [ -d /sys/module/kvm_pvm ]; then
   log "VM tests on hardware KVM (kvm_amd in an L1 under QEMU: hack/test-hwkvm.sh)"
-  # A failing VM test fails the run. An L1 that stops answering (a VM stop
-  # that never completes on QEMU's emulated nested SVM, even for a killed
-  # test: an open bug, README "Testing both flavours") is stopped after
-  # 15 minutes and reported, not counted: its tests gave no verdict.
+  # A failing VM test fails the run. An L1 that wedges (its kernel stuck
+  # at a VM's stop on QEMU's emulated nested SVM: an open bug, README
+  # "Testing both flavours") is stopped after 5 minutes and what it left
+  # without a result runs in a fresh L1, up to three boots; binaries with
+  # no verdict after that are reported, not counted.
   hwkvm_rc=0
-  ARROW_HWKVM_TIMEOUT=${ARROW_HWKVM_TIMEOUT:-900} "$ARROW_ROOT/hack/test-hwkvm.sh" || hwkvm_rc=$?
+  "$ARROW_ROOT/hack/test-hwkvm.sh" || hwkvm_rc=$?
   case $hwkvm_rc in
     0) ;;
-    124) log "WARNING: VM tests on kvm_amd gave no verdict: the L1 stopped answering (see above)" ;;
+    124) log "WARNING: some VM tests on kvm_amd gave no verdict: the L1 wedged three times (see above)" ;;
     *) exit "$hwkvm_rc" ;;
   esac
 else
