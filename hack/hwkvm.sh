@@ -153,6 +153,9 @@ echo /run/hwkvm-modprobe >/proc/sys/kernel/modprobe
 # /dev/net/tun exists only once tun is loaded (opening it cannot load it).
 /sbin/modprobe -d "$modroot" tun || echo "hwkvm stage 2: no tun module" >/dev/console
 [ -c /dev/kvm ] || fail "no /dev/kvm after loading kvm_amd"
+# The kernel's code symbols (Debian's System.map is a placeholder), so the
+# host can name where a wedged L1's CPUs are.
+awk '$2 ~ /^[tT]$/ { print $1, $3 }' /proc/kallsyms >"$x/kallsyms" 2>/dev/null
 echo "hwkvm: $(uname -r), /dev/kvm is kvm_amd (nested=$(cat /sys/module/kvm_amd/parameters/nested)), $(nproc) CPUs" >/dev/console
 /bin/bash "$x/cmd" >"$x/out" 2>"$x/err" </dev/null
 echo $? >"$x/rc.tmp"
@@ -222,11 +225,10 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# Each L1 CPU's instruction pointer, named from the kernel's System.map
-# (the L1 boots with nokaslr), read over QEMU's monitor: where a wedged L1
-# is stuck.
+# Each L1 CPU's instruction pointer, named from the symbols the L1 wrote
+# at boot, read over QEMU's monitor: where a wedged L1 is stuck.
 l1_cpus() {
-  python3 - "$run/monitor.sock" "$image/root/boot/System.map-$(cat "$image/release")" <<'PY'
+  python3 - "$run/monitor.sock" "$run/kallsyms" <<'PY'
 import bisect, re, socket, sys, time
 sock = socket.socket(socket.AF_UNIX)
 sock.connect(sys.argv[1])
@@ -245,9 +247,8 @@ except socket.timeout:
 syms = []
 try:
     for line in open(sys.argv[2]):
-        addr, kind, name = line.split()[:3]
-        if kind in "tTwW":
-            syms.append((int(addr, 16), name))
+        addr, name = line.split()[:2]
+        syms.append((int(addr, 16), name))
     syms.sort()
 except OSError:
     pass
@@ -257,6 +258,7 @@ for cpu, rip in re.findall(rb"CPU#(\d+).*?RIP=([0-9a-f]+)", out, re.S):
     i = bisect.bisect_right(addrs, rip) - 1
     where = f"{syms[i][1]}+{rip - syms[i][0]:#x}" if i >= 0 else "?"
     print(f"L1 CPU {int(cpu)}: RIP {rip:#x} {where}")
+print(out.decode(errors="replace"))
 PY
 }
 
@@ -266,7 +268,7 @@ started=$(date +%s)
 qemu-system-x86_64 -nodefaults -no-user-config -display none -no-reboot \
   -machine q35 -accel tcg,thread=multi -cpu EPYC,+svm,+npt -smp "$cpus" -m "$memory" \
   -kernel "$image/vmlinuz" -initrd "$image/initramfs.cpio" \
-  -append "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init nokaslr" \
+  -append "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init" \
   -monitor "unix:$run/monitor.sock,server=on,wait=off" \
   -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
   -virtfs "local,path=$run,mount_tag=xchg,security_model=none,multidevs=remap" \
