@@ -2,7 +2,8 @@
 # Benchmark (not a test): pod <-> host networking through containerd's CRI
 # and the CNI bridge, Arrow against runc in the same run: TCP round trip,
 # connect latency, HTTP GET latency (busybox httpd) and throughput in both
-# directions over the pod IP. Prints median/min/max side by side and the
+# directions over the pod IP, port-forward (first byte, throughput) and
+# exec round trip (SPDY). Prints median/min/max side by side and the
 # ratios arrow/runc; asserts nothing.
 #
 # Usage: hack/bench-net.sh [N] [-- ARROW-NET-BENCH OPTIONS...]

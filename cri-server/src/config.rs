@@ -7,7 +7,7 @@
 //! root = "/var/lib/arrow-cri"            # images: blobs, layers, metadata
 //! state = "/run/arrow-cri"               # runtime state: pods, containers, their shims
 //! log_level = "info"                     # error|warn|info|debug|trace or a tracing filter
-//! stream_address = "127.0.0.1:0"         # exec/attach/port-forward server (part 3)
+//! stream_address = "127.0.0.1:0"         # exec/attach/port-forward URLs (host:port)
 //!
 //! [cni]                                  # pod networks: the first conflist in conf_dir
 //! conf_dir = "/etc/cni/net.d"

@@ -17,4 +17,5 @@ pub mod runtime;
 pub mod runtime_service;
 pub mod server;
 pub mod store;
+pub mod streaming;
 pub mod unpack;

@@ -16,6 +16,7 @@ use crate::pull::Puller;
 use crate::runtime::{cni::Cni, Runtime as Engine, RuntimeOptions};
 use crate::runtime_service::Runtime;
 use crate::store::Store;
+use crate::streaming::StreamingServer;
 
 /// gRPC messages up to 16 MiB (kubelet's own limit).
 const MAX_MESSAGE: usize = 16 << 20;
@@ -68,6 +69,11 @@ pub async fn run(config: Config) -> Result<()> {
     )
     .await
     .context("starting the runtime")?;
+    let streaming = Arc::new(
+        StreamingServer::start(&config.stream_address, engine.clone())
+            .await
+            .context("starting the streaming server")?,
+    );
     let pods = engine.pods().await.len();
     tracing::info!(
         listen = %config.listen.display(),
@@ -93,7 +99,7 @@ pub async fn run(config: Config) -> Result<()> {
                 .max_encoding_message_size(MAX_MESSAGE),
         )
         .add_service(
-            RuntimeServiceServer::new(Runtime::new(engine))
+            RuntimeServiceServer::new(Runtime::new(engine, streaming))
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
         )

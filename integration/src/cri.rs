@@ -442,6 +442,53 @@ impl CriClient {
         })
     }
 
+    /// The streaming URL of an exec of `cmd` (see [`crate::streaming`]).
+    pub async fn exec(
+        &self,
+        id: &str,
+        cmd: &[&str],
+        tty: bool,
+        stdin: bool,
+        stdout: bool,
+        stderr: bool,
+    ) -> Result<String> {
+        let request = cri::ExecRequest {
+            container_id: id.to_string(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            tty,
+            stdin,
+            stdout,
+            stderr,
+        };
+        let response = self
+            .runtime
+            .clone()
+            .exec(request)
+            .await
+            .context("Exec")?
+            .into_inner();
+        Ok(response.url)
+    }
+
+    /// The streaming URL of an attach to container `id`.
+    pub async fn attach(&self, id: &str, tty: bool, stdin: bool) -> Result<String> {
+        let request = cri::AttachRequest {
+            container_id: id.to_string(),
+            tty,
+            stdin,
+            stdout: true,
+            stderr: !tty,
+        };
+        let response = self
+            .runtime
+            .clone()
+            .attach(request)
+            .await
+            .context("Attach")?
+            .into_inner();
+        Ok(response.url)
+    }
+
     /// The streaming URL for port-forward to `ports` of the pod (see
     /// [`crate::portforward`]).
     pub async fn port_forward(&self, pod_id: &str, ports: &[u16]) -> Result<String> {

@@ -8,6 +8,7 @@ pub mod containerd;
 pub mod cri;
 pub mod netns;
 pub mod portforward;
+pub mod streaming;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

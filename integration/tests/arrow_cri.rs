@@ -21,7 +21,9 @@ use integration::arrow_cri::{Daemon, Registry, BRIDGE, GATEWAY, SUBNET};
 use integration::cri::{
     container_config, log_text, pod_config, read_cri_log, wait_for_log, ContainerState, CriClient,
 };
+use integration::streaming::{self, Script};
 use k8s_cri::v1 as cri;
+use sha2::{Digest, Sha256};
 
 // --------------------------------------------------------------- checks
 
@@ -938,6 +940,191 @@ async fn semantics() {
         "the host port still answers after the pod went"
     );
     drop(events);
+    env.finish();
+}
+
+// ------------------------------------------------------------ streaming
+
+#[test]
+fn arrow_cri_streams_exec_attach_and_port_forward() {
+    e2e(streaming());
+}
+
+fn script(stdin: Option<&str>, tty: bool) -> Script {
+    Script {
+        tty,
+        stdout: true,
+        stderr: !tty,
+        stdin: stdin.map(|s| s.as_bytes().to_vec()),
+        // As kubectl: a terminal's stdin stays open; the shell exits.
+        close_stdin: stdin.is_some() && !tty,
+        resize: tty.then_some((123, 45)),
+        until_stdout_has: None,
+    }
+}
+
+/// Exec, attach and port-forward as crictl and kubelet speak them to the
+/// streaming server, over SPDY/3.1 and over WebSocket, into a real pod.
+async fn streaming() {
+    let env = Env::start().await;
+    let dir = env.dir();
+    let client = env.client.clone();
+    let pod = client
+        .run_pod_sandbox_with(pod_in(&dir, "streams"), "")
+        .await
+        .unwrap();
+    let web_script =
+        "mkdir -p /tmp/www && dd if=/dev/urandom of=/tmp/www/big bs=1M count=4 2>/dev/null \
+                      && echo ready && exec httpd -f -p 8080 -h /tmp/www";
+    let web = client
+        .create_container_with(
+            &pod,
+            container_config("web", &env.image, &["sh", "-c", web_script], "web.log"),
+        )
+        .await
+        .unwrap();
+    client.start_container(&web).await.unwrap();
+    wait_for_log(&pod.log_file("web.log"), "ready", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let mut echo_config = container_config(
+        "echo",
+        &env.image,
+        &[
+            "sh",
+            "-c",
+            "while read l; do echo \"got $l\"; done; echo stdin-ended",
+        ],
+        "echo.log",
+    );
+    echo_config.stdin = true;
+    let echo = client
+        .create_container_with(&pod, echo_config)
+        .await
+        .unwrap();
+    client.start_container(&echo).await.unwrap();
+
+    // ---- exec: both protocols, stdout and stderr apart, exit codes.
+    let cmd = ["sh", "-c", "echo out; echo err >&2; exit 3"];
+    for (protocol, spdy) in [
+        ("v4.channel.k8s.io", true),
+        ("v5.channel.k8s.io", false),
+        ("v4.channel.k8s.io", false),
+    ] {
+        let url = client
+            .exec(&web, &cmd, false, false, true, true)
+            .await
+            .unwrap();
+        let run = if spdy {
+            streaming::spdy_remote_command(&url, protocol, &script(None, false)).await
+        } else {
+            streaming::ws_remote_command(&url, protocol, &script(None, false)).await
+        }
+        .unwrap();
+        let how = format!("{protocol} spdy={spdy}");
+        assert_eq!(run.stdout_text(), "out\n", "{how}");
+        assert_eq!(run.stderr_text(), "err\n", "{how}");
+        assert_eq!(run.exit_code().unwrap(), 3, "{how}");
+        // The URL was good once.
+        let again = if spdy {
+            streaming::spdy_remote_command(&url, protocol, &script(None, false)).await
+        } else {
+            streaming::ws_remote_command(&url, protocol, &script(None, false)).await
+        };
+        assert!(again.is_err(), "{how}: a used URL served again");
+    }
+    // Exit 0, and stdin to the end of its stream.
+    let url = client
+        .exec(
+            &web,
+            &["sh", "-c", "tr a-z A-Z; exit 0"],
+            false,
+            true,
+            true,
+            true,
+        )
+        .await
+        .unwrap();
+    let run =
+        streaming::spdy_remote_command(&url, "v4.channel.k8s.io", &script(Some("abc\n"), false))
+            .await
+            .unwrap();
+    assert_eq!(
+        (run.stdout_text().as_str(), run.exit_code().unwrap()),
+        ("ABC\n", 0)
+    );
+    // An older protocol: only a failure's message on the error stream.
+    let url = client
+        .exec(&web, &["true"], false, false, true, true)
+        .await
+        .unwrap();
+    let run = streaming::spdy_remote_command(&url, "v2.channel.k8s.io", &script(None, false))
+        .await
+        .unwrap();
+    assert!(run.error.is_empty(), "{:?}", run.error);
+
+    // ---- a terminal: resize seen by stty, input echoed, exit code.
+    for spdy in [true, false] {
+        let url = client
+            .exec(&web, &["sh"], true, true, true, false)
+            .await
+            .unwrap();
+        let input = "sleep 1; stty size; echo typed-$((6*7)); exit 4\n";
+        let run = if spdy {
+            streaming::spdy_remote_command(&url, "v4.channel.k8s.io", &script(Some(input), true))
+                .await
+        } else {
+            streaming::ws_remote_command(&url, "v5.channel.k8s.io", &script(Some(input), true))
+                .await
+        }
+        .unwrap();
+        let out = run.stdout_text();
+        assert!(out.contains("45 123"), "spdy={spdy}: {out:?}");
+        assert!(out.contains("typed-42"), "spdy={spdy}: {out:?}");
+        assert_eq!(run.exit_code().unwrap(), 4, "spdy={spdy}");
+    }
+
+    // Attach is refused for now (see RuntimeService.attach).
+    assert!(client.attach(&echo, false, true).await.is_err());
+
+    // ---- port-forward over SPDY: parallel connections, a large file
+    // intact, a closed port reported.
+    let sha = exec_ok(&client, &web, &["sha256sum", "/tmp/www/big"]).await;
+    let want = sha.split_whitespace().next().unwrap().to_string();
+    let url = client.port_forward(&pod.id, &[8080]).await.unwrap();
+    let get = b"GET /big HTTP/1.0\r\n\r\n".to_vec();
+    let mut conns: Vec<(u16, Vec<u8>)> = (0..4).map(|_| (8080, get.clone())).collect();
+    conns.push((9, get.clone()));
+    let got = streaming::spdy_port_forward(&url, &conns).await.unwrap();
+    for f in &got[..4] {
+        let body = f.http_body().unwrap_or_else(|| {
+            let all: Vec<_> = got
+                .iter()
+                .map(|f| (f.data.len(), f.error.as_str()))
+                .collect();
+            panic!("no HTTP answer: (bytes, error) of each: {all:?}")
+        });
+        assert_eq!(body.len(), 4 << 20, "{}", f.error);
+        let sum: String = Sha256::digest(body)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(sum, want);
+    }
+    assert!(got[4].data.is_empty(), "port 9 answered");
+    assert!(got[4].error.contains("port 9"), "{:?}", got[4].error);
+    // ... and over WebSocket (one connection per port).
+    let url = client.port_forward(&pod.id, &[8080]).await.unwrap();
+    let f = tokio::task::spawn_blocking(move || {
+        integration::portforward::forward_once(&url, 8080, &get, Duration::from_secs(60))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(f.http_body().map(<[u8]>::len), Some(4 << 20), "{}", f.error);
+
+    client.stop_pod_sandbox(&pod.id).await.unwrap();
+    client.remove_pod_sandbox(&pod.id).await.unwrap();
     env.finish();
 }
 

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use integration::containerd::{skip_unless_root, Containerd, BUSYBOX_IMAGE};
 use integration::cri::{pod_config, unique_name, CriClient, Pod};
 use integration::portforward::{forward_once, Forwarded};
+use integration::streaming::{self, Script};
 use k8s_cri::v1 as cri;
 
 /// The tap the shim creates in a pod's network namespace.
@@ -250,12 +251,94 @@ fn port_forward_through_containerd_reaches_the_guest_like_runc() {
                 "{handler}: a closed port gave no error: {closed:?}"
             );
             println!("{handler}: closed port: {}", closed.error.trim());
+            streams_like_kubectl(&cri, handler, &container, &pod.id, body.len()).await;
 
             let _ = cri.stop_container(&container, 0).await;
             let _ = cri.remove_container(&container).await;
             cri.remove_pod(&pod).await.unwrap();
         }
     });
+}
+
+/// Exec with and without a terminal, over SPDY and WebSocket, and
+/// port-forward over SPDY, through containerd's streaming server
+/// (Kubernetes' own streaming library) with the clients the arrow-cri
+/// tests use against arrow-cri's: for `arrow`, kubectl exec -it and
+/// port-forward under containerd; for `runc`, a check of the clients.
+async fn streams_like_kubectl(
+    cri: &CriClient,
+    handler: &str,
+    container: &str,
+    pod_id: &str,
+    big: usize,
+) {
+    let get = b"GET /big HTTP/1.0\r\n\r\n".to_vec();
+    let url = cri.port_forward(pod_id, &[HTTP_PORT]).await.unwrap();
+    let got = streaming::spdy_port_forward(&url, &[(HTTP_PORT, get.clone()), (9, get)])
+        .await
+        .unwrap();
+    assert_eq!(
+        got[0].http_body().map(<[u8]>::len),
+        Some(big),
+        "{handler}: SPDY port-forward: {}",
+        got[0].error
+    );
+    assert!(
+        got[1].data.is_empty() && got[1].error.contains('9'),
+        "{handler}: {:?}",
+        got[1]
+    );
+    // containerd's server has the v4 protocols (v5 came later).
+    for spdy in [true, false] {
+        let how = format!("{handler} spdy={spdy}");
+        let plain = Script {
+            stdout: true,
+            stderr: true,
+            ..Default::default()
+        };
+        let cmd = ["sh", "-c", "echo out; echo err >&2; exit 3"];
+        let url = cri
+            .exec(container, &cmd, false, false, true, true)
+            .await
+            .unwrap();
+        let run = if spdy {
+            streaming::spdy_remote_command(&url, "v4.channel.k8s.io", &plain).await
+        } else {
+            streaming::ws_remote_command(&url, "v4.channel.k8s.io", &plain).await
+        }
+        .unwrap();
+        assert_eq!(
+            (run.stdout_text().as_str(), run.stderr_text().as_str()),
+            ("out\n", "err\n"),
+            "{how}"
+        );
+        assert_eq!(run.exit_code().unwrap(), 3, "{how}");
+        let terminal = Script {
+            tty: true,
+            stdout: true,
+            stdin: Some(b"sleep 1; stty size; echo typed-$((6*7)); exit 4\n".to_vec()),
+            // As kubectl: a terminal's stdin stays open; the shell exits.
+            close_stdin: false,
+            resize: Some((123, 45)),
+            ..Default::default()
+        };
+        let url = cri
+            .exec(container, &["sh"], true, true, true, false)
+            .await
+            .unwrap();
+        let run = if spdy {
+            streaming::spdy_remote_command(&url, "v4.channel.k8s.io", &terminal).await
+        } else {
+            streaming::ws_remote_command(&url, "v4.channel.k8s.io", &terminal).await
+        }
+        .unwrap();
+        let out = run.stdout_text();
+        assert!(
+            out.contains("45 123") && out.contains("typed-42"),
+            "{how}: {out:?}"
+        );
+        assert_eq!(run.exit_code().unwrap(), 4, "{how}");
+    }
 }
 
 #[test]

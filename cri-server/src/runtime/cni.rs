@@ -344,6 +344,15 @@ pub fn create_netns(name: &str) -> Result<PathBuf> {
     // thread of its own does it and ends, so no runtime thread is moved.
     let pinned = std::thread::spawn(move || -> std::io::Result<()> {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
+        // `lo` up, as containerd's CRI plugin has it (its loopback CNI
+        // call): port-forward dials 127.0.0.1 here. The child runs in
+        // this thread's namespace.
+        let lo = std::process::Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status()?;
+        if !lo.success() {
+            return Err(std::io::Error::other(format!("ip link set lo up: {lo}")));
+        }
         nix::mount::mount(
             Some("/proc/thread-self/ns/net"),
             &target,

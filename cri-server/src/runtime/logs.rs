@@ -191,12 +191,19 @@ pub fn make_fifo(path: &Path) -> io::Result<()> {
     }
 }
 
+/// A container's output as it is read, for attached clients.
+pub type Tap = tokio::sync::broadcast::Sender<(Stream, bytes::Bytes)>;
+
+/// Chunks an attached client may fall behind by before it loses some.
+pub const TAP_DEPTH: usize = 256;
+
 /// Copies FIFO `fifo` into `log` until `done` turns true, then drains it.
 /// Runs as a task; returns when the stream is finished.
 pub async fn copy_fifo(
     fifo: PathBuf,
     stream: Stream,
     log: Arc<LogFile>,
+    tap: Tap,
     mut done: watch::Receiver<bool>,
 ) {
     let receiver = match pipe::OpenOptions::new()
@@ -224,6 +231,8 @@ pub async fn copy_fifo(
                 match receiver.try_read(&mut buf) {
                     Ok(0) => break,
                     Ok(n) => {
+                        // Nobody attached is no error.
+                        let _ = tap.send((stream, bytes::Bytes::copy_from_slice(&buf[..n])));
                         splitter.push(&buf[..n], &mut lines);
                         log.write(stream, &lines);
                         lines.clear();
@@ -244,7 +253,10 @@ pub async fn copy_fifo(
     }
     // Whatever the FIFO still holds was written before the exit. Read
     // directly: tokio's try_read trusts a readiness it may not have seen.
-    drain(receiver, |data| splitter.push(data, &mut lines));
+    drain(receiver, |data| {
+        let _ = tap.send((stream, bytes::Bytes::copy_from_slice(data)));
+        splitter.push(data, &mut lines)
+    });
     splitter.finish(&mut lines);
     log.write(stream, &lines);
 }
@@ -321,7 +333,14 @@ mod tests {
         let log_path = dir.path().join("log");
         let log = LogFile::open(&log_path).unwrap();
         let (tx, rx) = watch::channel(false);
-        let task = tokio::spawn(copy_fifo(fifo.clone(), Stream::Stdout, log.clone(), rx));
+        let (tap, _) = tokio::sync::broadcast::channel(TAP_DEPTH);
+        let task = tokio::spawn(copy_fifo(
+            fifo.clone(),
+            Stream::Stdout,
+            log.clone(),
+            tap,
+            rx,
+        ));
         tokio::time::sleep(Duration::from_millis(50)).await;
         {
             let mut w = OpenOptions::new().write(true).open(&fifo).unwrap();

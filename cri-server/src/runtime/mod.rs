@@ -13,6 +13,7 @@
 
 pub mod cni;
 pub mod events;
+pub mod exec;
 pub mod host_cgroup;
 pub mod lifecycle;
 pub mod logs;
@@ -56,6 +57,8 @@ pub struct RuntimeOptions {
 struct Output {
     log: Arc<logs::LogFile>,
     done: watch::Sender<bool>,
+    /// The output as it comes, for attach.
+    tap: logs::Tap,
 }
 
 #[derive(Default)]
@@ -111,7 +114,7 @@ pub struct Runtime {
     _events: StdMutex<containerd_shim_protos::ttrpc::asynchronous::Server>,
 }
 
-fn random_id() -> Result<String> {
+pub(crate) fn random_id() -> Result<String> {
     let mut bytes = [0u8; 32];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))
@@ -367,7 +370,7 @@ impl Runtime {
         self.shim_cache().insert(pod.id.clone(), shim.clone());
         let none = Path::new("");
         pod.sandbox_pid = shim
-            .create(&pod.id, &bundle, &[], none, none, false)
+            .create(&pod.id, &bundle, &[], none, none, none, false)
             .await?;
         shim.start(&pod.id, "").await?;
         Ok(())
@@ -659,7 +662,12 @@ impl Runtime {
             sandbox_pid: pod.sandbox_pid,
         })?;
         state::write_json(&bundle.join("config.json"), &oci)?;
-        for fifo in ["stdout", "stderr"] {
+        let fifos: &[&str] = if c.spec.stdin {
+            &["stdin", "stdout", "stderr"]
+        } else {
+            &["stdout", "stderr"]
+        };
+        for fifo in fifos {
             logs::make_fifo(&dir.join(fifo))
                 .map_err(|e| Error::Internal(format!("making the {fifo} FIFO: {e}")))?;
         }
@@ -671,10 +679,16 @@ impl Runtime {
         } else {
             dir.join("stderr")
         };
+        let stdin = if c.spec.stdin {
+            dir.join("stdin")
+        } else {
+            PathBuf::new()
+        };
         shim.create(
             &c.id,
             &bundle,
             &mounts,
+            &stdin,
             &dir.join("stdout"),
             &stderr,
             c.spec.tty,
@@ -725,6 +739,7 @@ impl Runtime {
             Error::Internal(format!("opening the log {}: {e}", c.log_file.display()))
         })?;
         let (done, rx) = watch::channel(false);
+        let (tap, _) = tokio::sync::broadcast::channel(logs::TAP_DEPTH);
         let dir = self.state.container_dir(&c.id);
         for (name, stream) in [
             ("stdout", logs::Stream::Stdout),
@@ -732,10 +747,16 @@ impl Runtime {
         ] {
             let fifo = dir.join(name);
             if fifo.exists() {
-                tokio::spawn(logs::copy_fifo(fifo, stream, log.clone(), rx.clone()));
+                tokio::spawn(logs::copy_fifo(
+                    fifo,
+                    stream,
+                    log.clone(),
+                    tap.clone(),
+                    rx.clone(),
+                ));
             }
         }
-        outputs.insert(c.id.clone(), Output { log, done });
+        outputs.insert(c.id.clone(), Output { log, done, tap });
         Ok(())
     }
 
@@ -962,6 +983,28 @@ impl Runtime {
             .map_err(|e| Error::Internal(format!("reopening {}: {e}", c.log_file.display())))
     }
 
+    /// The shim of running container `id` and the OCI process of an exec
+    /// of `cmd` in it: the container's own process (user, environment,
+    /// capabilities, working directory) with `cmd` as its arguments.
+    async fn exec_process_spec(
+        &self,
+        id: &str,
+        cmd: &[String],
+    ) -> Result<(Shim, serde_json::Value)> {
+        let c = self.container(id).await?;
+        if c.state != ContainerState::Running {
+            return Err(Error::FailedPrecondition(format!(
+                "container {id} is not running"
+            )));
+        }
+        let shim = self.shim_of(&c.pod_id).await?;
+        let dir = self.state.container_dir(id);
+        let spec: serde_json::Value = state::read_json(&dir.join("bundle/config.json"))?;
+        let mut process = spec.get("process").cloned().unwrap_or_default();
+        process["args"] = serde_json::json!(cmd);
+        Ok((shim, process))
+    }
+
     /// ExecSync: runs `cmd` in the container, waits at most `timeout`
     /// (zero: no limit) and returns its output and exit code.
     pub async fn exec_sync(
@@ -970,22 +1013,13 @@ impl Runtime {
         cmd: &[String],
         timeout: Duration,
     ) -> Result<ExecResult> {
-        let c = self.container(id).await?;
-        if c.state != ContainerState::Running {
-            return Err(Error::FailedPrecondition(format!(
-                "container {id} is not running"
-            )));
-        }
         if cmd.is_empty() {
             return Err(Error::InvalidArgument(
                 "ExecSync: the command is empty".into(),
             ));
         }
-        let shim = self.shim_of(&c.pod_id).await?;
+        let (shim, mut process) = self.exec_process_spec(id, cmd).await?;
         let dir = self.state.container_dir(id);
-        let spec: serde_json::Value = state::read_json(&dir.join("bundle/config.json"))?;
-        let mut process = spec.get("process").cloned().unwrap_or_default();
-        process["args"] = serde_json::json!(cmd);
         process["terminal"] = serde_json::json!(false);
         let exec_id = random_id()?[..16].to_string();
         let out_path = dir.join(format!("exec-{exec_id}-stdout"));
@@ -998,7 +1032,13 @@ impl Runtime {
         let err_task = tokio::spawn(collect_fifo(err_path.clone(), rx));
         let run = async {
             let json = serde_json::to_vec(&process).map_err(|e| Error::Internal(e.to_string()))?;
-            shim.exec(id, &exec_id, json, &out_path, &err_path).await?;
+            let stdio = shim::ExecStdio {
+                stdin: Path::new(""),
+                stdout: &out_path,
+                stderr: &err_path,
+                terminal: false,
+            };
+            shim.exec(id, &exec_id, json, &stdio).await?;
             shim.start(id, &exec_id).await?;
             let waited = if timeout.is_zero() {
                 shim.wait(id, &exec_id, Duration::ZERO).await

@@ -78,6 +78,12 @@ pub struct ContainerSpec {
     /// Relative to the pod's log directory.
     pub log_path: String,
     pub tty: bool,
+    /// The container has a stdin (a FIFO attach writes into).
+    #[serde(default)]
+    pub stdin: bool,
+    /// The first attach that ends its stdin closes the container's.
+    #[serde(default)]
+    pub stdin_once: bool,
     pub resources: Option<Resources>,
     pub security: Security,
     /// The container has a PID namespace of its own (the kubelet default);

@@ -167,6 +167,7 @@ impl Shim {
         id: &str,
         bundle: &Path,
         rootfs: &[Mount],
+        stdin: &Path,
         stdout: &Path,
         stderr: &Path,
         terminal: bool,
@@ -184,6 +185,7 @@ impl Shim {
                 })
                 .collect(),
             terminal,
+            stdin: path_or_empty(stdin),
             stdout: path_or_empty(stdout),
             stderr: path_or_empty(stderr),
             ..Default::default()
@@ -272,20 +274,22 @@ impl Shim {
         Ok(())
     }
 
-    /// Adds exec `exec_id` (an OCI `Process` as JSON) to container `id`.
+    /// Adds exec `exec_id` (an OCI `Process` as JSON) to container `id`,
+    /// its stdio on the FIFOs of `stdio` (an empty path: none).
     pub async fn exec(
         &self,
         id: &str,
         exec_id: &str,
         process_json: Vec<u8>,
-        stdout: &Path,
-        stderr: &Path,
+        stdio: &ExecStdio<'_>,
     ) -> Result<()> {
         let req = api::ExecProcessRequest {
             id: id.into(),
             exec_id: exec_id.into(),
-            stdout: path_or_empty(stdout),
-            stderr: path_or_empty(stderr),
+            stdin: path_or_empty(stdio.stdin),
+            stdout: path_or_empty(stdio.stdout),
+            stderr: path_or_empty(stdio.stderr),
+            terminal: stdio.terminal,
             spec: MessageField::some(Any {
                 type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(),
                 value: process_json,
@@ -297,6 +301,37 @@ impl Shim {
             .exec(ctx(CALL_TIMEOUT), &req)
             .await
             .map_err(|e| shim_error(&format!("exec in {id}"), e))?;
+        Ok(())
+    }
+
+    /// Sets the size of a process's terminal.
+    pub async fn resize_pty(&self, id: &str, exec_id: &str, width: u32, height: u32) -> Result<()> {
+        let req = api::ResizePtyRequest {
+            id: id.into(),
+            exec_id: exec_id.into(),
+            width,
+            height,
+            ..Default::default()
+        };
+        self.client
+            .resize_pty(ctx(CALL_TIMEOUT), &req)
+            .await
+            .map_err(|e| shim_error(&format!("resizing the terminal of {id}"), e))?;
+        Ok(())
+    }
+
+    /// Closes a process's stdin once the bytes already in its FIFO are in.
+    pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<()> {
+        let req = api::CloseIORequest {
+            id: id.into(),
+            exec_id: exec_id.into(),
+            stdin: true,
+            ..Default::default()
+        };
+        self.client
+            .close_io(ctx(CALL_TIMEOUT), &req)
+            .await
+            .map_err(|e| shim_error(&format!("closing the stdin of {id}"), e))?;
         Ok(())
     }
 
@@ -352,6 +387,14 @@ impl Shim {
             Err(e) => Err(shim_error("shutting the shim down", e)),
         }
     }
+}
+
+/// The FIFOs of an exec (an empty path: that stream is not wanted).
+pub struct ExecStdio<'a> {
+    pub stdin: &'a Path,
+    pub stdout: &'a Path,
+    pub stderr: &'a Path,
+    pub terminal: bool,
 }
 
 fn path_or_empty(p: &Path) -> String {

@@ -14,7 +14,10 @@
 //!   dials 127.0.0.1 in the pod's netns, which for Arrow the shim carries
 //!   into the guest over vsock): the time to the first byte of a fresh
 //!   forward (the CRI call, the WebSocket upgrade, the dial, one byte
-//!   back), and pod → host throughput.
+//!   back), and pod → host throughput;
+//! - and `Exec` (what `kubectl exec` uses): the round trip of an exec of
+//!   `true` over SPDY/3.1 with the `v4.channel.k8s.io` protocol, from the
+//!   CRI call to the exit status.
 //!
 //! Median, min and max side by side, and arrow over runc.
 
@@ -29,6 +32,7 @@ use integration::bench::{cpu_count, host_kernel, kvm_flavour, Summary, Table};
 use integration::containerd::{ADDRESS, BUSYBOX_IMAGE};
 use integration::cri::{container_config, pod_config, unique_name, CriClient, Pod};
 use integration::portforward::forward_until;
+use integration::streaming::{self, Script};
 use k8s_cri::v1 as cri;
 
 /// The label on every pod this benchmark makes.
@@ -62,6 +66,9 @@ struct Args {
     /// Fresh port-forwards (time to first byte) per runtime.
     #[arg(long, default_value_t = 10)]
     forwards: usize,
+    /// Execs of `true` (round trip) per runtime.
+    #[arg(long, default_value_t = 10)]
+    execs: usize,
     /// The static arrow-net-server to run in the pods.
     #[arg(long)]
     server: PathBuf,
@@ -87,6 +94,7 @@ struct Figures {
     download_mbs: Vec<f64>,
     forward_first_byte_ms: Vec<f64>,
     forward_download_mbs: Vec<f64>,
+    exec_ms: Vec<f64>,
 }
 
 /// Socket timeouts: a guest that stops answering fails the run, not hangs it.
@@ -292,6 +300,19 @@ async fn measure_pod(cri: &CriClient, pod: &Pod, args: &Args, bin_dir: &Path) ->
         );
         f.forward_download_mbs.push(mbs);
     }
+    for _ in 0..args.execs {
+        let t0 = Instant::now();
+        let url = cri
+            .exec(&container, &["true"], false, false, true, false)
+            .await?;
+        let script = Script {
+            stdout: true,
+            ..Default::default()
+        };
+        let run = streaming::spdy_remote_command(&url, "v4.channel.k8s.io", &script).await?;
+        ensure!(run.exit_code()? == 0, "exec of true: {:?}", run);
+        f.exec_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
     Ok(f)
 }
 
@@ -377,7 +398,7 @@ async fn main() -> Result<()> {
     };
     println!("{}", table.header(""));
     type Field = fn(&Figures) -> &Vec<f64>;
-    let rows: [(String, Field); 7] = [
+    let rows: [(String, Field); 8] = [
         (
             format!("TCP round trip, 1 byte, us (N={})", args.pings),
             |f| &f.rtt_us,
@@ -408,6 +429,10 @@ async fn main() -> Result<()> {
                 args.runs, args.mib
             ),
             |f| &f.forward_download_mbs,
+        ),
+        (
+            format!("exec of true over SPDY, round trip, ms (N={})", args.execs),
+            |f| &f.exec_ms,
         ),
     ];
     for (label, field) in rows {
