@@ -17,6 +17,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 
+pub use crate::portforward::Forwarded;
+
 /// What a client does in an exec or attach.
 #[derive(Debug, Clone, Default)]
 pub struct Script {
@@ -246,21 +248,6 @@ pub async fn spdy_remote_command(url: &str, protocol: &str, script: &Script) -> 
         stderr,
         error,
     })
-}
-
-/// What one forwarded connection carried back.
-#[derive(Debug, Default)]
-pub struct Forwarded {
-    pub data: Vec<u8>,
-    pub error: String,
-}
-
-impl Forwarded {
-    /// The body of the HTTP response in `data`.
-    pub fn http_body(&self) -> Option<&[u8]> {
-        let at = self.data.windows(4).position(|w| w == b"\r\n\r\n")?;
-        Some(&self.data[at + 4..])
-    }
 }
 
 /// Port-forward over SPDY: one session, one pair of streams per
