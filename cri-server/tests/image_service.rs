@@ -611,12 +611,29 @@ async fn runtime_service_answers_and_names_what_it_does_not_do() {
         .unwrap()
         .into_inner();
     assert!(pods.items.is_empty());
+    // Exec is served (an empty command is refused); Attach is not yet.
     let err = rt
         .exec(k8s_cri::v1::ExecRequest::default())
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
-    assert!(err.message().contains("issue 17"), "{}", err.message());
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let err = rt
+        .attach(k8s_cri::v1::AttachRequest {
+            container_id: "nope".into(),
+            stdout: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let err = rt
+        .port_forward(k8s_cri::v1::PortForwardRequest {
+            pod_sandbox_id: "nope".into(),
+            port: vec![80],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
     let err = rt
         .pod_sandbox_status(k8s_cri::v1::PodSandboxStatusRequest {
             pod_sandbox_id: "nope".into(),
