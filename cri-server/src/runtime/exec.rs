@@ -91,15 +91,36 @@ impl Runtime {
         )?;
         let json = serde_json::to_vec(&process).map_err(|e| Error::Internal(e.to_string()))?;
         let (done, done_rx) = watch::channel(false);
-        let mut copies = Vec::new();
         let empty = PathBuf::new();
-        // The output readers are open before the shim opens the writers.
-        for (path, out) in [
-            (&fifos.stdout, io.stdout.take()),
-            (&fifos.stderr, io.stderr.take()),
-        ] {
-            if let (Some(path), Some(out)) = (path, out) {
-                let rx = open_output(path)?;
+        // Every end of ours is open before the exec exists (read-write
+        // opens never wait for the other side), so nothing can fail
+        // between its start and its end.
+        let ends = (|| -> Result<_> {
+            let stdout = fifos.stdout.as_deref().map(open_output).transpose()?;
+            let stderr = fifos.stderr.as_deref().map(open_output).transpose()?;
+            let stdin = match &fifos.stdin {
+                Some(path) => Some(
+                    pipe::OpenOptions::new()
+                        .read_write(true)
+                        .open_sender(path)
+                        .map_err(|e| {
+                            Error::Internal(format!("opening the exec's stdin FIFO: {e}"))
+                        })?,
+                ),
+                None => None,
+            };
+            Ok((stdin, stdout, stderr))
+        })();
+        let (stdin_tx, stdout_rx, stderr_rx) = match ends {
+            Ok(ends) => ends,
+            Err(e) => {
+                fifos.remove();
+                return Err(e);
+            }
+        };
+        let mut copies = Vec::new();
+        for (rx, out) in [(stdout_rx, io.stdout.take()), (stderr_rx, io.stderr.take())] {
+            if let (Some(rx), Some(out)) = (rx, out) {
                 copies.push(tokio::spawn(copy_output(rx, out, done_rx.clone())));
             }
         }
@@ -121,11 +142,7 @@ impl Runtime {
             return Err(e);
         }
         let mut side_tasks = Vec::new();
-        if let (Some(path), Some(input)) = (&fifos.stdin, io.stdin.take()) {
-            let tx = pipe::OpenOptions::new()
-                .read_write(true)
-                .open_sender(path)
-                .map_err(|e| Error::Internal(format!("opening the exec's stdin FIFO: {e}")))?;
+        if let (Some(tx), Some(input)) = (stdin_tx, io.stdin.take()) {
             side_tasks.push(tokio::spawn(copy_stdin(
                 input,
                 tx,

@@ -231,8 +231,10 @@ pub async fn copy_fifo(
                 match receiver.try_read(&mut buf) {
                     Ok(0) => break,
                     Ok(n) => {
-                        // Nobody attached is no error.
-                        let _ = tap.send((stream, bytes::Bytes::copy_from_slice(&buf[..n])));
+                        // Copied only for attached clients.
+                        if tap.receiver_count() > 0 {
+                            let _ = tap.send((stream, bytes::Bytes::copy_from_slice(&buf[..n])));
+                        }
                         splitter.push(&buf[..n], &mut lines);
                         log.write(stream, &lines);
                         lines.clear();
@@ -254,7 +256,9 @@ pub async fn copy_fifo(
     // Whatever the FIFO still holds was written before the exit. Read
     // directly: tokio's try_read trusts a readiness it may not have seen.
     drain(receiver, |data| {
-        let _ = tap.send((stream, bytes::Bytes::copy_from_slice(data)));
+        if tap.receiver_count() > 0 {
+            let _ = tap.send((stream, bytes::Bytes::copy_from_slice(data)));
+        }
         splitter.push(data, &mut lines)
     });
     splitter.finish(&mut lines);
