@@ -5,6 +5,7 @@
 //! virtio-fs.
 
 pub mod cgroup;
+pub mod command;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod network;

@@ -23,6 +23,9 @@ use std::process::Command;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use containerd_shim::asynchronous::monitor::Subscription;
+
+use crate::command;
 use crate::network::{self, NetworkError};
 use crate::vm::PodVm;
 
@@ -41,8 +44,10 @@ pub struct Loopback {
 
 impl Loopback {
     /// Binds 127.0.0.1:0 in `netns` and redirects every TCP connection to
-    /// 127.0.0.1 made in that namespace to it.
-    pub fn listen(netns: &Path) -> Result<Self, NetworkError> {
+    /// 127.0.0.1 made in that namespace to it. `exits` is a subscription to
+    /// the shim reaper's exits, made before this call (iptables runs as a
+    /// child the reaper may reap, see [`command`]).
+    pub fn listen(netns: &Path, exits: &mut Subscription) -> Result<Self, NetworkError> {
         let listener = network::in_netns(netns, false, || {
             let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(|source| {
                 NetworkError::PortForward {
@@ -58,7 +63,7 @@ impl Loopback {
                 })?
                 .port();
             // Run from this thread, so iptables runs in the namespace.
-            redirect_loopback_to(port)?;
+            redirect_loopback_to(port, exits)?;
             Ok(listener)
         })?
         .ok_or_else(|| NetworkError::Thread("network namespace missing".into()))?;
@@ -116,7 +121,7 @@ async fn vm_exited(mut exit: tokio::sync::watch::Receiver<Option<i32>>) {
 }
 
 /// Appends the REDIRECT rule in the calling thread's network namespace.
-fn redirect_loopback_to(port: u16) -> Result<(), NetworkError> {
+fn redirect_loopback_to(port: u16, exits: &mut Subscription) -> Result<(), NetworkError> {
     let port = port.to_string();
     let args = [
         "-w",
@@ -140,21 +145,21 @@ fn redirect_loopback_to(port: u16) -> Result<(), NetworkError> {
         "--to-ports",
         &port,
     ];
-    let out = Command::new("iptables")
-        .args(args)
-        .output()
-        .map_err(|source| NetworkError::PortForward {
-            what: "running iptables (is it installed?)".into(),
-            source,
+    let out =
+        command::run_to_end(Command::new("iptables").args(args), exits).map_err(|source| {
+            NetworkError::PortForward {
+                what: "running iptables (is it installed?)".into(),
+                source,
+            }
         })?;
-    if !out.status.success() {
+    if !out.success() {
         return Err(NetworkError::PortForward {
             what: format!(
                 "iptables {}: {}",
                 args.join(" "),
                 String::from_utf8_lossy(&out.stderr).trim()
             ),
-            source: io::Error::other(format!("iptables exited with {}", out.status)),
+            source: io::Error::other(format!("iptables exited with {}", out.code)),
         });
     }
     Ok(())
@@ -315,7 +320,14 @@ mod tests {
             return;
         };
         assert!(ns.run(&["ip", "link", "set", "lo", "up"]).status.success());
-        let loopback = Loopback::listen(&ns.path()).unwrap();
+        let mut exits = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(containerd_shim::asynchronous::monitor::monitor_subscribe(
+                containerd_shim::monitor::Topic::Pid,
+            ))
+            .unwrap();
+        let loopback = Loopback::listen(&ns.path(), &mut exits).unwrap();
         let listen_port = loopback.port().unwrap();
         let rules = ns.run(&["iptables", "-t", "nat", "-S", "OUTPUT"]);
         let rules = String::from_utf8_lossy(&rules.stdout).to_string();

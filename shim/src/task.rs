@@ -22,7 +22,9 @@ use containerd_shim::api::{
     ShutdownRequest, StartRequest, StartResponse, StateRequest, StateResponse, StatsRequest,
     StatsResponse, Status, UpdateTaskRequest, WaitRequest, WaitResponse,
 };
+use containerd_shim::asynchronous::monitor::{monitor_subscribe, monitor_unsubscribe};
 use containerd_shim::asynchronous::ExitSignal;
+use containerd_shim::monitor::Topic;
 use containerd_shim::protos::api::ProcessInfo;
 use containerd_shim::protos::events::task::{
     TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
@@ -59,9 +61,14 @@ async fn serve_port_forward(
     pod_id: &str,
 ) -> Result<(), network::NetworkError> {
     let path = netns.to_path_buf();
-    let loopback = tokio::task::spawn_blocking(move || Loopback::listen(&path))
+    // Before iptables is spawned: the reaper may be the one that sees it end.
+    let mut exits = monitor_subscribe(Topic::Pid)
         .await
-        .map_err(|e| network::NetworkError::Thread(e.to_string()))??;
+        .map_err(|e| network::NetworkError::Thread(e.to_string()))?;
+    let sub_id = exits.id;
+    let loopback = tokio::task::spawn_blocking(move || Loopback::listen(&path, &mut exits)).await;
+    let _ = monitor_unsubscribe(sub_id).await;
+    let loopback = loopback.map_err(|e| network::NetworkError::Thread(e.to_string()))??;
     loopback.serve(vm, pod_id)
 }
 
