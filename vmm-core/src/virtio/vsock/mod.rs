@@ -87,9 +87,14 @@ pub const CONN_TX_BUF_SIZE: u32 = 256 * 1024;
 /// Send a credit update once this many bytes were forwarded since the last
 /// update the guest saw.
 pub const CONN_CREDIT_UPDATE_THRESHOLD: u32 = CONN_TX_BUF_SIZE / 4;
-/// How long a host-initiated connection waits for the guest's answer, and a
-/// host client for its `CONNECT` line.
-pub const CONN_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a host-initiated connection waits for the guest's answer. Not
+/// Firecracker's 2 s: a guest whose kernel is emulated (software nested
+/// KVM) and busy carrying another connection's data was seen to answer
+/// later than that, and the host client then saw a refusal. A guest that
+/// never answers holds one of [`MAX_CONNECTIONS`] slots this long.
+pub const CONN_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a host client may take to send its `CONNECT` line.
+pub const CLIENT_LINE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a closing connection waits for the guest's RST or for buffered
 /// data to drain.
 pub const CONN_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);

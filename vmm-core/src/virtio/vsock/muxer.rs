@@ -28,7 +28,7 @@ use nix::sys::socket::{
 use super::connection::{ConnKey, Connection};
 use super::packet::VsockPacket;
 use super::{
-    op, VsockError, CONN_REQUEST_TIMEOUT, HOST_PORT_FIRST, MAX_CONNECTIONS, MAX_PENDING_CLIENTS,
+    op, VsockError, CLIENT_LINE_TIMEOUT, HOST_PORT_FIRST, MAX_CONNECTIONS, MAX_PENDING_CLIENTS,
     MAX_RST_BACKLOG, VSOCK_HOST_CID, VSOCK_TYPE_STREAM,
 };
 
@@ -197,7 +197,7 @@ impl Muxer {
                         PendingClient {
                             stream,
                             line: Vec::new(),
-                            deadline: now + CONN_REQUEST_TIMEOUT,
+                            deadline: now + CLIENT_LINE_TIMEOUT,
                         },
                     );
                 }
@@ -803,8 +803,8 @@ mod tests {
         let now = Instant::now();
         m.accept_clients(true, now);
         m.sync_interest(|_| true);
-        assert_eq!(m.next_deadline(), Some(now + CONN_REQUEST_TIMEOUT));
-        m.check_deadlines(now + CONN_REQUEST_TIMEOUT);
+        assert_eq!(m.next_deadline(), Some(now + CLIENT_LINE_TIMEOUT));
+        m.check_deadlines(now + CLIENT_LINE_TIMEOUT);
         m.sync_interest(|_| true);
         assert!(m.clients.is_empty());
         assert_eq!(std::io::Read::read(&mut client, &mut buf).unwrap(), 0);
