@@ -925,15 +925,13 @@ impl RuntimeService for Runtime {
         request: Request<v1::AttachRequest>,
     ) -> Result<Response<v1::AttachResponse>, Status> {
         let r = request.into_inner();
-        stream_options(Vec::new(), r.tty, r.stdin, r.stdout, r.stderr)?;
+        let options = stream_options(Vec::new(), r.tty, r.stdin, r.stdout, r.stderr)?;
         self.running_container(&r.container_id).await?;
-        // The streaming server serves attach (runtime/exec.rs), but its
-        // end-to-end test timed out waiting for the attached output
-        // (2026-12-06): not offered until that is found.
-        Err(unimplemented(
-            "Attach",
-            "attach is not working yet (issue 17); exec and port-forward are served",
-        ))
+        let url = self.streaming.url(StreamRequest::Attach {
+            container_id: r.container_id,
+            options,
+        })?;
+        Ok(Response::new(v1::AttachResponse { url }))
     }
 
     async fn port_forward(

@@ -611,7 +611,8 @@ async fn runtime_service_answers_and_names_what_it_does_not_do() {
         .unwrap()
         .into_inner();
     assert!(pods.items.is_empty());
-    // Exec is served (an empty command is refused); Attach is not yet.
+    // Exec, Attach and PortForward are served: an empty command is refused,
+    // an unknown container or pod is not found.
     let err = rt
         .exec(k8s_cri::v1::ExecRequest::default())
         .await

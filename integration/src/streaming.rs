@@ -234,7 +234,17 @@ pub async fn spdy_remote_command(url: &str, protocol: &str, script: &Script) -> 
             None => Vec::new(),
         }
     };
-    let (stdout, stderr) = tokio::join!(out, err);
+    let (stdout, stderr) = if needle.is_some() {
+        // An attach's stderr stays open while the container runs: what it
+        // gave by the time stdout has the needle is all that is awaited.
+        tokio::pin!(out, err);
+        tokio::select! {
+            stdout = &mut out => (stdout, Vec::new()),
+            stderr = &mut err => (out.await, stderr),
+        }
+    } else {
+        tokio::join!(out, err)
+    };
     let error = if needle.is_some() {
         // An attach ends when the client leaves.
         session.close().await;

@@ -192,6 +192,31 @@ impl Env {
         self.tmp.path().to_path_buf()
     }
 
+    /// The lines of the pods' shim logs (`log` in each bundle) that
+    /// contain `needle`, for a failure's message.
+    fn shim_log_lines(&self, needle: &str) -> String {
+        let mut lines = String::new();
+        let mut dirs = vec![self.dir()];
+        while let Some(dir) = dirs.pop() {
+            for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                let Ok(kind) = entry.file_type() else {
+                    continue;
+                };
+                if kind.is_dir() {
+                    dirs.push(path);
+                } else if kind.is_file() && entry.file_name() == "log" {
+                    let text = fs::read_to_string(&path).unwrap_or_default();
+                    for l in text.lines().filter(|l| l.contains(needle)) {
+                        lines.push_str(l);
+                        lines.push('\n');
+                    }
+                }
+            }
+        }
+        lines
+    }
+
     /// Stops the daemon and checks that nothing is left.
     fn finish(self) {
         let dir = self.dir();
@@ -1084,8 +1109,47 @@ async fn streaming() {
         assert_eq!(run.exit_code().unwrap(), 4, "spdy={spdy}");
     }
 
-    // Attach is refused for now (see RuntimeService.attach).
-    assert!(client.attach(&echo, false, true).await.is_err());
+    // ---- attach: the running container's output from now on and its
+    // stdin, over each protocol; a client that leaves (its stdin not
+    // ended: not stdin_once anyway) leaves the container running.
+    for (n, spdy) in [(1, false), (2, true)] {
+        let url = client.attach(&echo, false, true).await.unwrap();
+        let line = format!("line-{n}");
+        let attach = Script {
+            tty: false,
+            stdout: true,
+            stderr: true,
+            stdin: Some(format!("{line}\n").into_bytes()),
+            close_stdin: false,
+            resize: None,
+            until_stdout_has: Some(format!("got {line}")),
+        };
+        let run = tokio::time::timeout(Duration::from_secs(120), async {
+            if spdy {
+                streaming::spdy_remote_command(&url, "v4.channel.k8s.io", &attach).await
+            } else {
+                streaming::ws_remote_command(&url, "v5.channel.k8s.io", &attach).await
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("attach {n} (spdy={spdy}): no \"got {line}\" in 120 s"))
+        .unwrap();
+        assert!(
+            run.stdout_text().contains(&format!("got {line}")),
+            "spdy={spdy}: {:?}",
+            run.stdout_text()
+        );
+        let state = state_of(&client, &echo).await.state;
+        assert_eq!(state, cri::ContainerState::ContainerRunning as i32);
+    }
+    // Both lines are in the container's log too.
+    wait_for_log(
+        &pod.log_file("echo.log"),
+        "got line-2",
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
 
     // ---- port-forward over SPDY: parallel connections, a large file
     // intact, a closed port reported.
@@ -1102,7 +1166,10 @@ async fn streaming() {
                 .iter()
                 .map(|f| (f.data.len(), f.error.as_str()))
                 .collect();
-            panic!("no HTTP answer: (bytes, error) of each: {all:?}")
+            panic!(
+                "no HTTP answer: (bytes, error) of each: {all:?}; the shim said:\n{}",
+                env.shim_log_lines("port-forward")
+            )
         });
         assert_eq!(body.len(), 4 << 20, "{}", f.error);
         let sum: String = Sha256::digest(body)
