@@ -14,7 +14,7 @@ cd "$ARROW_ROOT"
 export RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static"
 target=x86_64-unknown-linux-gnu
 log "building arrow-vmm (static)"
-cargo build --release --locked -p vmm-core --bin arrow-vmm --target $target
+cargo build --release --locked -p arrow-vmm --bin arrow-vmm --target $target
 log "building containerd-shim-arrow-v1 (static)"
 cargo build --release --locked -p shim --bin containerd-shim-arrow-v1 --target $target
 log "building arrow-init (static)"

@@ -4,7 +4,7 @@
 # emulation). hack/test.sh runs them after `cargo test`, which ran the same
 # tests on this machine's kvm_pvm; together they cover both KVM flavours.
 #
-# What runs there: every vmm-core test (unit tests, the bare-metal guest's
+# What runs there: every vmm-core and arrow-vmm test (unit tests, the bare-metal guest's
 # VMM, snapshot and device tests, `arrow-vmm serve` boot-then-clone), and the
 # end-to-end tests that boot the Linux guest into arrow-init without
 # containerd: `arrow-vmm run` (microvm), templates and clones (templates),
@@ -26,10 +26,11 @@ log "building the VM tests"
 # The same flags as `cargo test` in hack/test.sh, so nothing is rebuilt.
 # The same command as `cargo test` in hack/test.sh (the whole workspace, so
 # features resolve the same and nothing is rebuilt), then only the chosen
-# binaries: every vmm-core test target and three of integration's.
+# binaries: every vmm-core and arrow-vmm test target and three of
+# integration's.
 executables=$(cargo test --release --locked --workspace --no-run --message-format=json |
   jq -r 'select(.reason == "compiler-artifact" and .executable != null and .profile.test == true)
-    | select((.package_id | test("/vmm-core#|vmm-core[ @]"))
+    | select((.package_id | test("/(vmm-core|arrow-vmm)#|(vmm-core|arrow-vmm)[ @]"))
       or ((.package_id | test("/integration#|integration[ @]"))
         and (.target.name | IN("microvm", "templates", "network_vm"))))
     | .executable' | sort -u)

@@ -14,7 +14,7 @@
 //! (see `shim/src/vm.rs`, `PodDir`):
 //! - `vmm.pid`: the process the shim started. When the VMM is jailed that
 //!   is its *keeper*, and the VMM itself is the keeper's `arrow-vmm` child
-//!   (`vmm-core/src/bin/arrow-vmm/jail.rs`); the figures are the VMM's.
+//!   (`arrow-vmm/src/jail.rs`); the figures are the VMM's.
 //! - `vm.json` ([`VmRecord`]): guest memory, vCPUs, clone or boot, the start
 //!   phases' durations, written by the shim once the VM is ready.
 //! - `/proc/<vmm>/smaps_rollup` (RSS, PSS), `/proc/<vmm>/stat` (CPU time)

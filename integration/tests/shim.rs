@@ -381,7 +381,7 @@ fn shim_sockets() -> std::collections::BTreeSet<std::ffi::OsString> {
         .unwrap_or_default()
 }
 
-/// The pod's `arrow-vmm` is jailed (see `vmm-core/src/bin/arrow-vmm/jail.rs`):
+/// The pod's `arrow-vmm` is jailed (see `arrow-vmm/src/jail.rs`):
 /// its keeper (the process the shim started) holds no privilege, the VMM
 /// (the keeper's child, PID 1 of its own PID namespace) keeps only the
 /// documented privileges (`confine.rs`), has namespaces of its own, a mount
