@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use cri_server::streaming::spdy::{Role, SpdySession};
+use cri_server::streaming::websocket::Framing;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -331,11 +332,10 @@ pub async fn ws_remote_command(url: &str, protocol: &str, script: &Script) -> Re
         bail!("the server chose {chosen:?}, not {protocol:?}");
     }
     let (mut sink, mut source) = ws.split();
-    let message = |channel: u8, data: &[u8]| {
-        let mut m = vec![channel];
-        m.extend_from_slice(data);
-        Message::binary(m)
-    };
+    // Binary, or text in the base64 variants (pinned to kubelet's form by
+    // the framing's unit tests).
+    let framing = Framing::of(protocol);
+    let message = |channel: u8, data: &[u8]| framing.message(channel, data);
     if let Some((w, h)) = script.resize {
         sink.send(message(
             RESIZE,
@@ -351,18 +351,17 @@ pub async fn ws_remote_command(url: &str, protocol: &str, script: &Script) -> Re
     }
     let mut run = Run::default();
     while let Some(m) = source.next().await {
-        let data = match m {
-            Ok(Message::Binary(data)) => data,
+        let m = match m {
             Ok(Message::Close(_)) | Err(_) => break,
-            Ok(_) => continue,
+            Ok(m) => m,
         };
-        let Some((&channel, payload)) = data.split_first() else {
+        let Some((channel, payload)) = framing.parse(m) else {
             continue;
         };
         match channel {
-            STDOUT => run.stdout.extend_from_slice(payload),
-            STDERR => run.stderr.extend_from_slice(payload),
-            ERROR => run.error.extend_from_slice(payload),
+            STDOUT => run.stdout.extend_from_slice(&payload),
+            STDERR => run.stderr.extend_from_slice(&payload),
+            ERROR => run.error.extend_from_slice(&payload),
             _ => {}
         }
         if let Some(n) = &script.until_stdout_has {

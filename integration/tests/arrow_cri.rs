@@ -1035,6 +1035,7 @@ async fn streaming() {
         ("v4.channel.k8s.io", true),
         ("v5.channel.k8s.io", false),
         ("v4.channel.k8s.io", false),
+        ("v4.base64.channel.k8s.io", false),
     ] {
         let url = client
             .exec(&web, &cmd, false, false, true, true)

@@ -287,7 +287,7 @@ async fn upgrade_websocket(
                 portforward::serve(websocket::tunnel(ws), dial).await
             }
             Served::PortForward(dial, ports) => {
-                websocket::serve_port_forward(ws, ports, dial).await
+                websocket::serve_port_forward(ws, protocol, ports, dial).await
             }
         }
     });
