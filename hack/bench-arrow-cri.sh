@@ -19,6 +19,6 @@ runs=${1:-5} idle=${2:-3} pods=${3:-20}
 bench_cri_setup
 cd "$ARROW_ROOT"
 log "building arrow-cri-bench"
-cargo build --release --locked -p integration --bin arrow-cri-bench
+cargo build --release --locked -p bench --bin arrow-cri-bench
 target/release/arrow-cri-bench "$runs" "$idle" --arrow-cri --daemon-pods "$pods" \
   --handlers arrow,runc

@@ -28,5 +28,5 @@ if [ $# -gt 0 ] && [ "$1" != -- ]; then idle=$1; shift; fi
 bench_cri_setup
 cd "$ARROW_ROOT"
 log "building arrow-cri-bench"
-cargo build --release --locked -p integration --bin arrow-cri-bench --bin arrow-pod
+cargo build --release --locked -p bench --bin arrow-cri-bench
 target/release/arrow-cri-bench "$runs" "$idle" "${handlers[@]}" "$@"

@@ -28,6 +28,6 @@ target_dir=${CARGO_TARGET_DIR:-$ARROW_ROOT/target}
 # arrow-pause.
 log "building arrow-net-server (static) and arrow-net-bench"
 RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static" \
-  cargo build --release --locked -q -p integration --bin arrow-net-server --target $target
-cargo build --release --locked -q -p integration --bin arrow-net-bench
+  cargo build --release --locked -q -p bench --bin arrow-net-server --target $target
+cargo build --release --locked -q -p bench --bin arrow-net-bench
 "$target_dir/release/arrow-net-bench" "$runs" --server "$target_dir/$target/release/arrow-net-server" "$@"

@@ -16,7 +16,7 @@ ARROW_KERNEL=$("$ARROW_ROOT/hack/build-kernel.sh" | tail -n 1)
 ARROW_ROOTFS=$("$ARROW_ROOT/hack/mkrootfs-busybox.sh")
 export ARROW_KERNEL ARROW_ROOTFS
 cd "$ARROW_ROOT"
-cargo build --release --locked -p integration --bin arrow-bench
+cargo build --release --locked -p bench --bin arrow-bench
 if [ "${1:-}" = flavours ]; then
   shift
   runs=("${1:-10}" "${2:-2}" "${3:-5}" "${4:-4}")

@@ -33,7 +33,7 @@ done
 "$ARROW_ROOT/hack/containerd.sh" start
 "$ARROW_ROOT/hack/images.sh" import >/dev/null
 "$ARROW_ROOT/hack/images.sh" import "$("$ARROW_ROOT/hack/containerd.sh" address)" default >/dev/null
-cargo build --release --locked -q -p integration --bin arrow-pod
+cargo build --release --locked -q -p arrow-pod --bin arrow-pod
 ctr=(ctr --address "$("$ARROW_ROOT/hack/containerd.sh" address)")
 in_vm='echo "hello from $(uname -sr) ($(cat /proc/1/comm) is PID 1 of the VM), hostname $(hostname)"'
 

@@ -3,7 +3,6 @@
 //! run concurrently (on emulating hosts they only slow each other down).
 
 pub mod arrow_cri;
-pub mod bench;
 pub mod containerd;
 pub mod cri;
 pub mod netns;

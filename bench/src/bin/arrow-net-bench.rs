@@ -27,8 +27,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use bench::{cpu_count, host_kernel, kvm_flavour, Summary, Table};
 use clap::Parser;
-use integration::bench::{cpu_count, host_kernel, kvm_flavour, Summary, Table};
 use integration::containerd::{ADDRESS, BUSYBOX_IMAGE};
 use integration::cri::{container_config, pod_config, unique_name, CriClient, Pod};
 use integration::portforward::forward_until;

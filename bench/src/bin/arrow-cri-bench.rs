@@ -28,9 +28,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use bench::{cpu_count, host_kernel, kvm_flavour, shell_words, Summary, Table};
 use clap::Parser;
 use integration::arrow_cri::{Daemon, Registry};
-use integration::bench::{cpu_count, host_kernel, kvm_flavour, shell_words, Summary, Table};
 use integration::containerd::{ADDRESS, BUSYBOX_IMAGE, LOG};
 use integration::cri::{
     container_config, pod_config, remove_cgroup_dirs, unique_name, ContainerState, CriClient, Pod,
