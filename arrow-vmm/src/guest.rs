@@ -16,9 +16,9 @@ use vmm_core::initramfs::Initramfs;
 use vmm_core::virtio::net::{self, Tap};
 use vmm_core::vm::{ConsoleOutput, FsConfig, NetConfig, Vm, VmConfig, VsockConfig};
 
-use crate::cancel::Cancel;
 use crate::paths;
-use crate::template::{TemplateCache, TemplateInputs};
+use vmm_core::cancel::Cancel;
+use vmm_core::template::{CloneOutcome, TemplateCache, TemplateError, TemplateInputs};
 
 /// Where arrow-init lives in the initramfs (`rdinit=`).
 pub const INIT_PATH: &str = "/.arrow/init";
@@ -334,16 +334,34 @@ impl Launch<'_> {
             None => template_key(&config)?,
         };
         let mut lock = None;
+        // A clone of the template, if there is a usable one.
+        let clone = |config: &VmConfig,
+                     console: &mut dyn FnMut() -> anyhow::Result<ConsoleOutput>|
+         -> anyhow::Result<Option<Vm>> {
+            match cache.clone_vm(&key, config.restore_config(console()?))? {
+                CloneOutcome::Cloned(vm) => Ok(Some(*vm)),
+                CloneOutcome::Absent => Ok(None),
+                CloneOutcome::Removed(why) => {
+                    eprintln!("arrow-vmm: {why}");
+                    Ok(None)
+                }
+            }
+        };
         if self.origin != Origin::Boot {
             if self.origin == Origin::CloneOrBoot {
-                if let Some(vm) = cache.clone_vm(&key, config.restore_config(console()?))? {
+                if let Some(vm) = clone(&config, console)? {
                     return self.started_clone(vm, cache.dir(&key));
                 }
             }
-            lock = Some(cache.lock(&key, self.cancel)?);
+            // An interrupted wait is the caller's `Interrupted`, as from
+            // any other wait.
+            lock = Some(cache.lock(&key, self.cancel).map_err(|e| match e {
+                TemplateError::Interrupted(i) => anyhow::Error::new(i),
+                other => anyhow::Error::new(other),
+            })?);
             if self.origin == Origin::CloneOrBoot {
                 // Another launch may have made it while this one waited.
-                if let Some(vm) = cache.clone_vm(&key, config.restore_config(console()?))? {
+                if let Some(vm) = clone(&config, console)? {
                     return self.started_clone(vm, cache.dir(&key));
                 }
             } else {
@@ -368,7 +386,7 @@ impl Launch<'_> {
                     self.timings.mark("template-saved");
                     template = Some(dir);
                 }
-                Err(e) if self.origin == Origin::BootAndSaveTemplate => return Err(e),
+                Err(e) if self.origin == Origin::BootAndSaveTemplate => return Err(e.into()),
                 Err(e) => eprintln!("arrow-vmm: could not save a template: {e:#}"),
             }
         }

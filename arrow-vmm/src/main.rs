@@ -6,7 +6,6 @@
 //! any kernel with its console on stdout; `test-guest` writes the
 //! bare-metal test guest used by tests and benchmarks.
 
-mod cancel;
 mod confine;
 mod counters;
 mod guest;
@@ -17,7 +16,6 @@ mod run;
 mod seccomp;
 mod serve;
 mod stdio;
-mod template;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

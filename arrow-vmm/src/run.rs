@@ -14,9 +14,9 @@ use proto::client::AgentClient;
 use proto::{hybrid, STDIO_PORT};
 use vmm_core::vm::{ConsoleOutput, Vm};
 
-use crate::cancel::Cancel;
 use crate::guest::{self, connect_agent, explain_exit, Launch, MachineArgs, Origin, Timings};
 use crate::stdio;
+use vmm_core::cancel::Cancel;
 
 fn unix_time_ns() -> u64 {
     std::time::SystemTime::now()

@@ -35,13 +35,13 @@ use crate::counters::{CountersFile, PUBLISH_INTERVAL};
 use crate::jail::{Access, Jail, JailPath};
 use crate::paths;
 use crate::seccomp::{self, Enforcement, SeccompPolicy, VmmThread};
-use crate::template::TemplateCache;
 use vmm_core::exit::VmExit;
+use vmm_core::template::TemplateCache;
 use vmm_core::vm::ConsoleOutput;
 use vmm_core::vm::VmConfig;
 
-use crate::cancel::{Cancel, Interrupted};
 use crate::guest::{self, explain_exit, Launch, MachineArgs, Origin, Timings};
+use vmm_core::cancel::{Cancel, Interrupted};
 
 #[derive(clap::Args)]
 pub struct ServeArgs {

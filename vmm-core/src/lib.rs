@@ -5,6 +5,7 @@
 //! build on it.
 
 pub mod arch;
+pub mod cancel;
 pub mod cmdline;
 pub mod confinement;
 pub mod devices;
@@ -15,6 +16,7 @@ pub mod hypervisor;
 pub mod initramfs;
 pub mod loader;
 pub mod snapshot;
+pub mod template;
 pub mod test_guest;
 pub mod vcpu;
 pub mod virtio;

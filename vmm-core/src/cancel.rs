@@ -1,11 +1,10 @@
-//! Ending a command early: a signal or the shim's lifeline closing asks
-//! for it on one thread, the thread starting or running the VM notices it.
-//! Its own module so the guest launcher and the template cache, which both
-//! check it, need not import each other.
+//! Ending a VM's start early: a signal or the shim's lifeline closing asks
+//! for it on one thread, the thread starting or running the VM notices it
+//! (a wait for the template lock, a boot, the wait for the guest agent).
 
 use std::sync::Mutex;
 
-use vmm_core::vm::{StopHandle, Vm};
+use crate::vm::{StopHandle, Vm};
 
 /// The command was asked to end (a signal, stdin closed) before the guest
 /// was ready.

@@ -9,14 +9,59 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::Context;
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use sha2::{Digest, Sha256};
-use vmm_core::snapshot::FORMAT_VERSION;
-use vmm_core::vm::{RestoreConfig, Vm};
 
-use crate::cancel::Cancel;
+use crate::cancel::{Cancel, Interrupted};
+use crate::snapshot::{FORMAT_VERSION, MEMORY_FILE, VMSTATE_FILE};
+use crate::vm::{RestoreConfig, Vm, VmError};
+
+/// Why the cache could not be used. A template that merely cannot be
+/// restored is not an error: [`TemplateCache::clone_vm`] removes it.
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    /// Someone else could write the cache: nothing in it is used.
+    #[error("template cache {}: {why}", root.display())]
+    UntrustedCache { root: PathBuf, why: String },
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("locking {}: {source}", path.display())]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: Errno,
+    },
+    /// The wait for another creator's lock was cancelled.
+    #[error(transparent)]
+    Interrupted(#[from] Interrupted),
+    /// Not the template's fault (the socket path is taken, the shared
+    /// directory is missing, no KVM): it is left alone.
+    #[error("cloning template {}: {source}", dir.display())]
+    Clone {
+        dir: PathBuf,
+        #[source]
+        source: VmError,
+    },
+    #[error("snapshotting the template VM: {0}")]
+    Snapshot(#[source] VmError),
+}
+
+/// What [`TemplateCache::clone_vm`] found.
+pub enum CloneOutcome {
+    /// A clone of the template, ready to run.
+    Cloned(Box<Vm>),
+    /// There is no template with that key.
+    Absent,
+    /// There was one, unusable (stale format, other host, corrupt, not
+    /// trusted): it was removed, to be rebuilt; the string says why.
+    Removed(String),
+}
 
 /// What a template is built from.
 pub struct TemplateInputs<'a> {
@@ -73,63 +118,66 @@ impl TemplateCache {
         self.root.join(key)
     }
 
-    /// A clone of the template with `key`, or `None` when there is no usable
-    /// one (an unusable one is removed, with a note on stderr). Failures
-    /// that are not the template's fault (the socket path is taken, the
-    /// shared directory is missing, no KVM) are errors and leave it alone.
-    pub fn clone_vm(&self, key: &str, config: RestoreConfig) -> anyhow::Result<Option<Vm>> {
+    /// A clone of the template with `key`, if there is a usable one; an
+    /// unusable one is removed ([`CloneOutcome::Removed`]). Failures that
+    /// are not the template's fault are errors and leave it alone.
+    pub fn clone_vm(
+        &self,
+        key: &str,
+        config: RestoreConfig,
+    ) -> Result<CloneOutcome, TemplateError> {
         let dir = self.dir(key);
-        if !dir.join(vmm_core::snapshot::VMSTATE_FILE).is_file() {
-            return Ok(None);
+        if !dir.join(VMSTATE_FILE).is_file() {
+            return Ok(CloneOutcome::Absent);
         }
-        trusted(&self.root, true)
-            .map_err(|why| anyhow::anyhow!("template cache {}: {why}", self.root.display()))?;
-        let files = [
-            vmm_core::snapshot::VMSTATE_FILE,
-            vmm_core::snapshot::MEMORY_FILE,
-        ];
+        trusted(&self.root, true).map_err(|why| TemplateError::UntrustedCache {
+            root: self.root.clone(),
+            why,
+        })?;
         let untrusted = trusted(&dir, true).err().or_else(|| {
-            files
+            [VMSTATE_FILE, MEMORY_FILE]
                 .iter()
                 .find_map(|f| trusted(&dir.join(f), false).err())
         });
         if let Some(why) = untrusted {
-            eprintln!(
-                "arrow-vmm: template {} is not trusted ({why}); removing it, it will be rebuilt",
-                dir.display()
-            );
             let _ = std::fs::remove_dir_all(&dir);
-            return Ok(None);
+            return Ok(CloneOutcome::Removed(format!(
+                "template {} is not trusted ({why}); removed, it will be rebuilt",
+                dir.display()
+            )));
         }
         match Vm::restore(&dir, config) {
-            Ok(vm) => Ok(Some(vm)),
+            Ok(vm) => Ok(CloneOutcome::Cloned(Box::new(vm))),
             Err(e) if e.is_snapshot_fault() => {
-                eprintln!(
-                    "arrow-vmm: template {} is unusable ({e}); removing it, it will be rebuilt",
-                    dir.display()
-                );
                 let _ = std::fs::remove_dir_all(&dir);
-                Ok(None)
+                Ok(CloneOutcome::Removed(format!(
+                    "template {} is unusable ({e}); removed, it will be rebuilt",
+                    dir.display()
+                )))
             }
-            Err(e) => Err(e).with_context(|| format!("cloning template {}", dir.display())),
+            Err(source) => Err(TemplateError::Clone { dir, source }),
         }
     }
 
     /// Creates the cache directory if missing. Modes are explicit: the
     /// process umask is cleared once a virtio-fs device is set up.
-    pub fn create_root(&self) -> anyhow::Result<()> {
+    pub fn create_root(&self) -> Result<(), TemplateError> {
         DirBuilder::new()
             .recursive(true)
             .mode(0o755)
             .create(&self.root)
-            .with_context(|| format!("creating {}", self.root.display()))
+            .map_err(|source| TemplateError::Io {
+                what: "creating",
+                path: self.root.clone(),
+                source,
+            })
     }
 
     /// Takes the lock for creating the template with `key` (an exclusive
     /// `flock` on `.<key>.lock` in the cache), waiting while another
     /// process holds it, until `cancel` is requested. The kernel drops the
     /// lock when its holder dies, so a crashed creator blocks nobody.
-    pub fn lock(&self, key: &str, cancel: &Cancel) -> anyhow::Result<TemplateLock> {
+    pub fn lock(&self, key: &str, cancel: &Cancel) -> Result<TemplateLock, TemplateError> {
         self.create_root()?;
         let path = self.root.join(format!(".{key}.lock"));
         let mut file = OpenOptions::new()
@@ -138,7 +186,11 @@ impl TemplateCache {
             .write(true)
             .mode(0o600)
             .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
+            .map_err(|source| TemplateError::Io {
+                what: "opening",
+                path: path.clone(),
+                source,
+            })?;
         loop {
             match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 Ok(flock) => return Ok(TemplateLock { _flock: flock }),
@@ -147,9 +199,7 @@ impl TemplateCache {
                     cancel.check()?;
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                Err((_, e)) => {
-                    return Err(e).with_context(|| format!("locking {}", path.display()))
-                }
+                Err((_, source)) => return Err(TemplateError::Lock { path, source }),
             }
         }
     }
@@ -158,17 +208,15 @@ impl TemplateCache {
     /// on. Written to a private directory first and renamed into place, so a
     /// concurrent reader never sees half a template; if another process
     /// published one meanwhile, ours is dropped.
-    pub fn publish(&self, key: &str, vm: &mut Vm) -> anyhow::Result<PathBuf> {
+    pub fn publish(&self, key: &str, vm: &mut Vm) -> Result<PathBuf, TemplateError> {
         self.create_root()?;
         let tmp = self.root.join(format!(".{key}.{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
-        let result = vm
-            .snapshot(&tmp, true)
-            .context("snapshotting the template VM");
+        let result = vm.snapshot(&tmp, true);
         let dir = self.dir(key);
         if let Err(e) = result {
             let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
+            return Err(TemplateError::Snapshot(e));
         }
         if std::fs::rename(&tmp, &dir).is_err() {
             // Lost a race with another creator: theirs is as good.
@@ -231,6 +279,14 @@ mod tests {
         }
     }
 
+    fn outcome_name(o: &CloneOutcome) -> String {
+        match o {
+            CloneOutcome::Cloned(_) => "cloned".into(),
+            CloneOutcome::Absent => "absent".into(),
+            CloneOutcome::Removed(why) => format!("removed: {why}"),
+        }
+    }
+
     #[test]
     fn key_changes_with_every_input() {
         let args = vec!["quiet".to_owned()];
@@ -274,15 +330,15 @@ mod tests {
         let dir = cache.dir("k");
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("vmstate"), b"junk").unwrap();
-        assert!(cache
-            .clone_vm("k", RestoreConfig::default())
-            .unwrap()
-            .is_none());
+        let found = cache.clone_vm("k", RestoreConfig::default()).unwrap();
+        assert!(
+            matches!(&found, CloneOutcome::Removed(_)),
+            "{}",
+            outcome_name(&found)
+        );
         assert!(!dir.exists());
-        assert!(cache
-            .clone_vm("absent", RestoreConfig::default())
-            .unwrap()
-            .is_none());
+        let found = cache.clone_vm("absent", RestoreConfig::default()).unwrap();
+        assert!(matches!(found, CloneOutcome::Absent));
         std::fs::remove_dir_all(root).unwrap();
     }
 
@@ -306,10 +362,12 @@ mod tests {
             .contains("writable"));
         assert!(trusted(&dir, false).unwrap_err().contains("regular file"));
         // A clone refuses it and removes it, to be rebuilt.
-        assert!(cache
-            .clone_vm("k", RestoreConfig::default())
-            .unwrap()
-            .is_none());
+        let found = cache.clone_vm("k", RestoreConfig::default()).unwrap();
+        assert!(
+            matches!(&found, CloneOutcome::Removed(why) if why.contains("not trusted")),
+            "{}",
+            outcome_name(&found)
+        );
         assert!(!dir.exists());
         // A symlink is never a template file.
         std::fs::create_dir_all(&dir).unwrap();
@@ -318,7 +376,10 @@ mod tests {
         // A cache others can write is an error, not a rebuild.
         std::fs::write(dir.join("vmstate"), b"state").unwrap();
         mode(&root, 0o777).unwrap();
-        assert!(cache.clone_vm("k", RestoreConfig::default()).is_err());
+        assert!(matches!(
+            cache.clone_vm("k", RestoreConfig::default()),
+            Err(TemplateError::UntrustedCache { .. })
+        ));
         assert!(dir.exists());
         std::fs::remove_dir_all(root).unwrap();
     }
@@ -353,6 +414,7 @@ mod tests {
         let cancel = Cancel::default();
         cancel.request("SIGTERM".into());
         let err = cache.lock("k", &cancel).err().unwrap();
+        assert!(matches!(err, TemplateError::Interrupted(_)), "{err}");
         assert!(err.to_string().contains("SIGTERM"), "{err}");
         drop(held);
         std::fs::remove_dir_all(root).unwrap();
