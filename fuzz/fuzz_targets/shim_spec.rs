@@ -24,7 +24,7 @@ use shim::seccomp::MAX_INSNS;
 use shim::share::mounts_under;
 use shim::spec::{
     check_identifier, parse_process, parse_resources, plan_container, process_request,
-    refuse_host_namespaces, resources_request, sysctls, Role, VmShape, DEFAULT_MEMORY, MAX_VCPUS,
+    refuse_host_namespaces, resources_request, sysctls, Role, PodVmSize, DEFAULT_MEMORY, MAX_VCPUS,
     MEMORY_STEP,
 };
 
@@ -78,7 +78,7 @@ fn spec(json: &str) {
         if let Role::PodMember { sandbox_id } = &role {
             assert!(is_identifier(sandbox_id));
         }
-        if let Ok(shape) = VmShape::for_spec(&spec, &role) {
+        if let Ok(shape) = PodVmSize::for_spec(&spec, &role) {
             assert!((1..=MAX_VCPUS).contains(&shape.vcpus));
             assert!(shape.memory_bytes == DEFAULT_MEMORY || shape.memory_bytes % MEMORY_STEP == 0);
             assert!(shape.memory_bytes > 0);

@@ -23,7 +23,7 @@ use integration::{arrow_vmm, boot_lock, busybox_rootfs, kernel};
 use proto::agent::{CreateContainer, CreateProcess, Mount};
 use proto::client::AgentClient;
 use shim::network::{self, TAP_NAME};
-use shim::spec::VmShape;
+use shim::spec::PodVmSize;
 use shim::vm::{PodDir, PodVm, VmNic};
 
 fn run_in_guest(agent: &AgentClient, id: &str, script: &str) -> (i32, i32) {
@@ -84,7 +84,7 @@ async fn round(fx: &VethPair, round: u32) -> bool {
         tap: net.tap,
         netns: fx.netns(),
     };
-    let shape = VmShape {
+    let shape = PodVmSize {
         memory_bytes: 256 << 20,
         vcpus: 1,
     };

@@ -136,12 +136,12 @@ impl Role {
 
 /// The size of a pod's VM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct VmShape {
+pub struct PodVmSize {
     pub memory_bytes: u64,
     pub vcpus: u8,
 }
 
-impl VmShape {
+impl PodVmSize {
     /// Sizes the VM of a pod from the spec that creates it.
     ///
     /// The rule: memory = the pod's memory limit + [`MEMORY_OVERHEAD`],
@@ -153,7 +153,7 @@ impl VmShape {
     /// cgroup limits. containerd 1.6 does not tell a sandbox its pod's
     /// limits, so pods under it get the defaults; the limits still apply to
     /// each container's cgroup inside the guest.
-    pub fn for_spec(spec: &Spec, role: &Role) -> Result<VmShape, SpecError> {
+    pub fn for_spec(spec: &Spec, role: &Role) -> Result<PodVmSize, SpecError> {
         let annotations = spec.annotations().clone().unwrap_or_default();
         let (memory, quota, period) = match role {
             Role::Sandbox => (
@@ -174,7 +174,7 @@ impl VmShape {
                 )
             }
         };
-        Ok(VmShape {
+        Ok(PodVmSize {
             memory_bytes: memory_for_limit(memory),
             vcpus: vcpus_for_quota(quota, period),
         })
@@ -809,16 +809,16 @@ mod tests {
         let s = spec(BASE);
         // 200 MiB + 64 MiB overhead, rounded up to 128 MiB steps; 1.5 CPUs -> 2.
         assert_eq!(
-            VmShape::for_spec(&s, &Role::Standalone).unwrap(),
-            VmShape {
+            PodVmSize::for_spec(&s, &Role::Standalone).unwrap(),
+            PodVmSize {
                 memory_bytes: 384 << 20,
                 vcpus: 2
             }
         );
         // A sandbox without containerd 1.7's annotations gets the defaults.
         assert_eq!(
-            VmShape::for_spec(&s, &Role::Sandbox).unwrap(),
-            VmShape {
+            PodVmSize::for_spec(&s, &Role::Sandbox).unwrap(),
+            PodVmSize {
                 memory_bytes: DEFAULT_MEMORY,
                 vcpus: DEFAULT_VCPUS
             }
@@ -830,8 +830,8 @@ mod tests {
             (SANDBOX_CPU_PERIOD.to_string(), "100000".to_string()),
         ])));
         assert_eq!(
-            VmShape::for_spec(&s, &Role::Sandbox).unwrap(),
-            VmShape {
+            PodVmSize::for_spec(&s, &Role::Sandbox).unwrap(),
+            PodVmSize {
                 memory_bytes: 1152 << 20,
                 vcpus: MAX_VCPUS
             }
@@ -840,7 +840,7 @@ mod tests {
             SANDBOX_MEMORY.to_string(),
             "lots".to_string(),
         )])));
-        assert!(VmShape::for_spec(&s, &Role::Sandbox).is_err());
+        assert!(PodVmSize::for_spec(&s, &Role::Sandbox).is_err());
     }
 
     #[test]

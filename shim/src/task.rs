@@ -48,7 +48,7 @@ use crate::oom::{self, OomFilter, OomSink, OOM_MIN_INTERVAL};
 use crate::port_forward::Loopback;
 use crate::process::{Exit, Process, StdioPaths};
 use crate::share::{ContainerShare, RootfsMount};
-use crate::spec::{self, Role, VmShape};
+use crate::spec::{self, PodVmSize, Role};
 use crate::stats;
 use crate::stdio::{self, Sink};
 use crate::vm::{PodDir, PodVm, VmNic};
@@ -248,7 +248,7 @@ impl TaskService {
     async fn start_vm(&self, pod_id: &str, spec: &Spec, role: &Role) -> TtrpcResult<Arc<PodVm>> {
         spec::refuse_host_namespaces(spec)
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
-        let shape = VmShape::for_spec(spec, role)
+        let shape = PodVmSize::for_spec(spec, role)
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         let hostname = spec.hostname().clone().unwrap_or_default();
         let dir = PodDir::new(&self.namespace, pod_id)

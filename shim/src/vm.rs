@@ -29,7 +29,7 @@ use tokio::sync::watch;
 
 use crate::cgroup::{self, CgroupError, CgroupPath, PodCgroup};
 use crate::share::PodShare;
-use crate::spec::{check_identifier, SpecError, VmShape};
+use crate::spec::{check_identifier, PodVmSize, SpecError};
 use crate::stdio::{GuestStream, GuestStreams};
 
 /// How long a VM may take to be ready: a clone takes well under a second,
@@ -41,7 +41,7 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// Errors starting or talking to the pod's VM.
 #[derive(Debug, thiserror::Error)]
-pub enum VmError {
+pub enum PodVmError {
     #[error("arrow-vmm not found next to the shim ({0}) nor as $ARROW_VMM")]
     VmmNotFound(PathBuf),
     #[error("starting arrow-vmm: {0}")]
@@ -65,13 +65,13 @@ pub enum VmError {
     ForeignPeer { path: PathBuf, peer: i32, vmm: u32 },
 }
 
-impl From<CgroupError> for VmError {
+impl From<CgroupError> for PodVmError {
     /// A spawn that failed for another reason than the cgroup is a spawn
     /// error.
-    fn from(e: CgroupError) -> VmError {
+    fn from(e: CgroupError) -> PodVmError {
         match e {
-            CgroupError::Spawn(err) => VmError::Spawn(err),
-            e => VmError::Cgroup(e),
+            CgroupError::Spawn(err) => PodVmError::Spawn(err),
+            e => PodVmError::Cgroup(e),
         }
     }
 }
@@ -209,24 +209,24 @@ impl PodVm {
     /// directory, for [`PodDir::clean_up`]).
     pub async fn start(
         dir: PodDir,
-        shape: VmShape,
+        shape: PodVmSize,
         hostname: &str,
         nic: Option<VmNic>,
         cgroup: Option<&CgroupPath>,
-    ) -> Result<PodVm, VmError> {
+    ) -> Result<PodVm, PodVmError> {
         let vmm = vmm_binary()?;
-        fs::create_dir_all(dir.vmm_dir()).map_err(|err| VmError::StateDir {
+        fs::create_dir_all(dir.vmm_dir()).map_err(|err| PodVmError::StateDir {
             path: dir.vmm_dir(),
             err,
         })?;
         let share = dir.share();
-        share.set_up().map_err(VmError::Share)?;
+        share.set_up().map_err(PodVmError::Share)?;
         // Subscribe before spawning: the shim's reaper may reap the VMM
         // before we would otherwise be listening.
         let mut sub = monitor_subscribe(Topic::Pid)
             .await
-            .map_err(|e| VmError::Spawn(std::io::Error::other(e.to_string())))?;
-        let log = File::create(dir.vmm_log()).map_err(|err| VmError::StateDir {
+            .map_err(|e| PodVmError::Spawn(std::io::Error::other(e.to_string())))?;
+        let log = File::create(dir.vmm_log()).map_err(|err| PodVmError::StateDir {
             path: dir.vmm_log(),
             err,
         })?;
@@ -290,8 +290,8 @@ impl PodVm {
         let spawned = match cgroup {
             Some(path) => PodCgroup::prepare(path, &dir.cgroup_record())
                 .and_then(|cgroup| cgroup.spawn(&mut cmd))
-                .map_err(VmError::from),
-            None => cmd.spawn().map_err(VmError::Spawn),
+                .map_err(PodVmError::from),
+            None => cmd.spawn().map_err(PodVmError::Spawn),
         };
         // The VMM has its copy now (or failed): ours would keep the tap.
         let netns = nic.map(|nic| nic.netns);
@@ -328,15 +328,15 @@ impl PodVm {
             Ok(Ok(Ok(line))) => line,
             Ok(Ok(Err(why))) => {
                 vm.kill();
-                return Err(VmError::NotReady(format!("{why}; {}", vm.log_tail())));
+                return Err(PodVmError::NotReady(format!("{why}; {}", vm.log_tail())));
             }
             Ok(Err(join)) => {
                 vm.kill();
-                return Err(VmError::NotReady(join.to_string()));
+                return Err(PodVmError::NotReady(join.to_string()));
             }
             Err(_) => {
                 vm.kill();
-                return Err(VmError::NotReady(format!(
+                return Err(PodVmError::NotReady(format!(
                     "not ready after {READY_TIMEOUT:?}; {}",
                     vm.log_tail()
                 )));
@@ -351,21 +351,21 @@ impl PodVm {
         let uds = dir.vsock();
         let hostname = hostname.to_string();
         let cloned = ready.cloned;
-        let connected = tokio::task::spawn_blocking(move || -> Result<AgentClient, VmError> {
+        let connected = tokio::task::spawn_blocking(move || -> Result<AgentClient, PodVmError> {
             let stream = connect_vmm(&uds, pid, proto::AGENT_PORT, Duration::from_secs(10))?;
-            let agent = AgentClient::from_unix(stream).map_err(VmError::Connect)?;
+            let agent = AgentClient::from_unix(stream).map_err(PodVmError::Connect)?;
             // A clone needs the host's clock and fresh entropy; a fresh
             // boot has both, but like a clone it needs the pod's hostname.
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)
                 .unwrap_or(1);
-            let entropy = proto::client::fresh_entropy(64).map_err(VmError::Connect)?;
+            let entropy = proto::client::fresh_entropy(64).map_err(PodVmError::Connect)?;
             agent.init_clone(now, &entropy, &hostname)?;
             Ok(agent)
         })
         .await
-        .map_err(|e| VmError::NotReady(e.to_string()))
+        .map_err(|e| PodVmError::NotReady(e.to_string()))
         .and_then(|r| r);
         match connected {
             Ok(agent) => {
@@ -417,7 +417,7 @@ impl PodVm {
 
     /// Opens a stdio stream of guest process `process_id`; it is shut down
     /// by [`PodVm::end_connections`].
-    pub fn attach(&self, process_id: &str, kind: StreamKind) -> Result<GuestStream, VmError> {
+    pub fn attach(&self, process_id: &str, kind: StreamKind) -> Result<GuestStream, PodVmError> {
         let stream = connect_vmm(
             &self.dir.vsock(),
             self.pid,
@@ -430,16 +430,16 @@ impl PodVm {
             kind,
             proto::client::ATTACH_TIMEOUT,
         )?;
-        self.streams.track(stream).map_err(VmError::Connect)
+        self.streams.track(stream).map_err(PodVmError::Connect)
     }
 
     /// Opens a stream to TCP port `port` on the guest's 127.0.0.1
     /// (port-forward); it is shut down by [`PodVm::end_connections`]. The
     /// guest refusing (nothing listens there) is [`ClientError::Unavailable`].
-    pub fn port_forward(&self, port: u16, timeout: Duration) -> Result<GuestStream, VmError> {
+    pub fn port_forward(&self, port: u16, timeout: Duration) -> Result<GuestStream, PodVmError> {
         let stream = connect_vmm(&self.dir.vsock(), self.pid, proto::FORWARD_PORT, timeout)?;
         let stream = proto::client::port_forward_unix_stream(stream, port, timeout)?;
-        self.streams.track(stream).map_err(VmError::Connect)
+        self.streams.track(stream).map_err(PodVmError::Connect)
     }
 
     /// Once the VMM exited: fails the agent calls still waiting (long polls
@@ -528,19 +528,19 @@ fn connect_vmm(
     vmm_pid: u32,
     port: u32,
     timeout: Duration,
-) -> Result<UnixStream, VmError> {
-    let stream = UnixStream::connect(uds).map_err(VmError::Connect)?;
+) -> Result<UnixStream, PodVmError> {
+    let stream = UnixStream::connect(uds).map_err(PodVmError::Connect)?;
     let peer = getsockopt(&stream, sockopt::PeerCredentials)
-        .map_err(|e| VmError::Connect(e.into()))?
+        .map_err(|e| PodVmError::Connect(e.into()))?
         .pid();
     if !is_process_or_child(peer, vmm_pid) {
-        return Err(VmError::ForeignPeer {
+        return Err(PodVmError::ForeignPeer {
             path: uds.to_path_buf(),
             peer,
             vmm: vmm_pid,
         });
     }
-    proto::hybrid::handshake(stream, port, timeout).map_err(VmError::Connect)
+    proto::hybrid::handshake(stream, port, timeout).map_err(PodVmError::Connect)
 }
 
 /// Whether `pid` is `parent` or one of its children.
@@ -560,9 +560,9 @@ fn is_process_or_child(pid: i32, parent: u32) -> bool {
 
 /// An agent client on a dead socket pair, so a `PodVm` can exist (and be
 /// killed on error) before the real connection is made.
-fn placeholder_agent() -> Result<AgentClient, VmError> {
-    let (a, _b) = UnixStream::pair().map_err(VmError::Connect)?;
-    AgentClient::from_unix(a).map_err(VmError::Connect)
+fn placeholder_agent() -> Result<AgentClient, PodVmError> {
+    let (a, _b) = UnixStream::pair().map_err(PodVmError::Connect)?;
+    AgentClient::from_unix(a).map_err(PodVmError::Connect)
 }
 
 fn read_ready_line<R: Read>(stdout: Option<R>) -> Result<ReadyLine, String> {
@@ -589,16 +589,16 @@ fn millis(d: Duration) -> u64 {
 }
 
 /// `$ARROW_VMM`, else `arrow-vmm` next to the shim binary.
-fn vmm_binary() -> Result<PathBuf, VmError> {
+fn vmm_binary() -> Result<PathBuf, PodVmError> {
     if let Some(path) = std::env::var_os("ARROW_VMM") {
         return Ok(PathBuf::from(path));
     }
-    let exe = std::env::current_exe().map_err(VmError::Spawn)?;
+    let exe = std::env::current_exe().map_err(PodVmError::Spawn)?;
     let path = exe.with_file_name("arrow-vmm");
     if path.is_file() {
         Ok(path)
     } else {
-        Err(VmError::VmmNotFound(path))
+        Err(PodVmError::VmmNotFound(path))
     }
 }
 
@@ -642,7 +642,7 @@ mod tests {
         // replaced by a symlink to some other process's.
         let not_ours = std::process::id() + 1_000_000;
         let err = connect_vmm(&path, not_ours, 1024, Duration::from_secs(1)).unwrap_err();
-        assert!(matches!(err, VmError::ForeignPeer { .. }), "{err}");
+        assert!(matches!(err, PodVmError::ForeignPeer { .. }), "{err}");
         assert!(err.to_string().contains("not by the pod's VMM"), "{err}");
         let _ = fs::remove_file(&path);
     }

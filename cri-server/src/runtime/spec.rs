@@ -968,7 +968,9 @@ mod tests {
     /// containerd's specs: roles, VM shape, network, mounts, process.
     #[test]
     fn the_shim_reads_our_specs_as_containerds() {
-        use shim::spec::{plan_container, process_request, refuse_host_namespaces, Role, VmShape};
+        use shim::spec::{
+            plan_container, process_request, refuse_host_namespaces, PodVmSize, Role,
+        };
         let dir = tempfile::tempdir().unwrap();
         let pod = PodSpec {
             name: "web".into(),
@@ -994,7 +996,7 @@ mod tests {
             serde_json::from_value(sandbox_spec("pod1", &pod, Some(netns))).unwrap();
         assert_eq!(Role::of("pod1", &sandbox).unwrap(), Role::Sandbox);
         refuse_host_namespaces(&sandbox).unwrap();
-        let shape = VmShape::for_spec(&sandbox, &Role::Sandbox).unwrap();
+        let shape = PodVmSize::for_spec(&sandbox, &Role::Sandbox).unwrap();
         assert_eq!((shape.memory_bytes, shape.vcpus), (640 << 20, 2));
         assert_eq!(
             shim::network::PodNetworkMode::of(&sandbox),
