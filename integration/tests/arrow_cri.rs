@@ -1028,6 +1028,26 @@ async fn streaming() {
         .await
         .unwrap();
     client.start_container(&echo).await.unwrap();
+    // A terminal to attach to, and a stdin_once one the first attach ends.
+    let mut term_config = container_config("term", &env.image, &["sh"], "term.log");
+    (term_config.stdin, term_config.tty) = (true, true);
+    let term = client
+        .create_container_with(&pod, term_config)
+        .await
+        .unwrap();
+    client.start_container(&term).await.unwrap();
+    let mut once_config = container_config(
+        "once",
+        &env.image,
+        &["sh", "-c", "cat; echo cat-ended"],
+        "once.log",
+    );
+    (once_config.stdin, once_config.stdin_once) = (true, true);
+    let once = client
+        .create_container_with(&pod, once_config)
+        .await
+        .unwrap();
+    client.start_container(&once).await.unwrap();
 
     // ---- exec: both protocols, stdout and stderr apart, exit codes.
     let cmd = ["sh", "-c", "echo out; echo err >&2; exit 3"];
@@ -1151,6 +1171,56 @@ async fn streaming() {
     )
     .await
     .unwrap();
+    // A terminal: the client's size reaches the container's tty.
+    let url = client.attach(&term, true, true).await.unwrap();
+    let attach = Script {
+        tty: true,
+        stdout: true,
+        stderr: false,
+        stdin: Some(b"sleep 1; stty size\n".to_vec()),
+        close_stdin: false,
+        resize: Some((123, 45)),
+        until_stdout_has: Some("45 123".into()),
+    };
+    let run = tokio::time::timeout(
+        Duration::from_secs(120),
+        streaming::spdy_remote_command(&url, "v4.channel.k8s.io", &attach),
+    )
+    .await
+    .expect("tty attach: no \"45 123\" in 120 s")
+    .unwrap();
+    assert!(
+        run.stdout_text().contains("45 123"),
+        "{:?}",
+        run.stdout_text()
+    );
+    // stdin_once: the client's end of stdin is the container's.
+    let url = client.attach(&once, false, true).await.unwrap();
+    let attach = Script {
+        tty: false,
+        stdout: true,
+        stderr: true,
+        stdin: Some(b"only\n".to_vec()),
+        close_stdin: true,
+        resize: None,
+        until_stdout_has: Some("cat-ended".into()),
+    };
+    let run = tokio::time::timeout(
+        Duration::from_secs(120),
+        streaming::ws_remote_command(&url, "v5.channel.k8s.io", &attach),
+    )
+    .await
+    .expect("stdin_once attach: no \"cat-ended\" in 120 s")
+    .unwrap();
+    assert_eq!(run.stdout_text(), "only\ncat-ended\n");
+    let status = wait_state(
+        &client,
+        &once,
+        ContainerState::ContainerExited,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(status.exit_code, 0);
 
     // ---- port-forward over SPDY: parallel connections, a large file
     // intact, a closed port reported.
