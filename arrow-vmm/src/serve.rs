@@ -18,7 +18,6 @@
 //!
 //! Failures before the ready line go to stderr with a non-zero exit.
 
-use std::fmt::Write as _;
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
@@ -28,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use proto::vmm_ready::VmmReady;
 use vmm_core::devices::console_log::ConsoleLog;
 
 use crate::confine;
@@ -89,32 +89,14 @@ pub struct ServeArgs {
 
 /// The line printed once the guest is ready, as JSON.
 fn ready_line(cloned: bool, pid: u32, vsock_uds: &str, ready: Duration) -> String {
-    format!(
-        "{{\"ready\":true,\"cloned\":{cloned},\"pid\":{pid},\"vsock_uds\":{},\"ready_ms\":{}}}",
-        json_string(vsock_uds),
-        ready.as_millis()
-    )
-}
-
-/// `s` as a JSON string literal.
-fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if u32::from(c) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", u32::from(c));
-            }
-            c => out.push(c),
-        }
+    VmmReady {
+        ready: true,
+        cloned,
+        pid,
+        vsock_uds: vsock_uds.to_owned(),
+        ready_ms: u64::try_from(ready.as_millis()).unwrap_or(u64::MAX),
     }
-    out.push('"');
-    out
+    .to_line()
 }
 
 /// Makes room for the vsock socket at `path`: a socket nobody accepts on
@@ -498,14 +480,6 @@ mod tests {
             ready_line(false, 1, "a", Duration::from_secs(16)),
             r#"{"ready":true,"cloned":false,"pid":1,"vsock_uds":"a","ready_ms":16000}"#
         );
-    }
-
-    #[test]
-    fn json_strings_are_escaped() {
-        assert_eq!(json_string("plain/path"), r#""plain/path""#);
-        assert_eq!(json_string("a\"b\\c"), r#""a\"b\\c""#);
-        assert_eq!(json_string("l1\nl2\t\r"), r#""l1\nl2\t\r""#);
-        assert_eq!(json_string("\u{1}é"), "\"\\u0001é\"");
     }
 
     fn temp(name: &str) -> PathBuf {

@@ -4,7 +4,8 @@
 //! `agent.proto` is the contract; this crate is its one implementation of the
 //! wire format, shared by the shim (host) and arrow-init (guest). Beside
 //! it, with feature `vm-record`, the pod VM record the shim writes for
-//! `arrow monitor` and the device counters the VMM publishes for it.
+//! `arrow monitor`, the device counters the VMM publishes for it and the
+//! VMM's ready line the shim waits for.
 
 pub mod client;
 pub mod frame;
@@ -14,6 +15,8 @@ pub mod mac;
 pub mod vm_counters;
 #[cfg(feature = "vm-record")]
 pub mod vm_record;
+#[cfg(feature = "vm-record")]
+pub mod vmm_ready;
 
 /// Types generated from `agent.proto` (package `arrow.agent.v1`).
 pub mod agent {

@@ -24,7 +24,7 @@ use nix::unistd::Pid;
 use proto::agent::StreamKind;
 use proto::client::{AgentClient, ClientError};
 use proto::vm_record::VmRecord;
-use serde::Deserialize;
+use proto::vmm_ready::{self, VmmReady};
 use tokio::sync::watch;
 
 use crate::cgroup::{self, CgroupError, CgroupPath, PodCgroup};
@@ -74,15 +74,6 @@ impl From<CgroupError> for PodVmError {
             e => PodVmError::Cgroup(e),
         }
     }
-}
-
-/// The line `arrow-vmm serve` prints once the VM is up.
-#[derive(Debug, Deserialize)]
-struct ReadyLine {
-    ready: bool,
-    cloned: bool,
-    #[serde(default)]
-    ready_ms: u64,
 }
 
 /// Where a pod's host-side files live.
@@ -565,23 +556,15 @@ fn placeholder_agent() -> Result<AgentClient, PodVmError> {
     AgentClient::from_unix(a).map_err(PodVmError::Connect)
 }
 
-fn read_ready_line<R: Read>(stdout: Option<R>) -> Result<ReadyLine, String> {
+fn read_ready_line<R: Read>(stdout: Option<R>) -> Result<VmmReady, String> {
     let Some(stdout) = stdout else {
         return Err("no stdout pipe".into());
     };
     let mut line = String::new();
-    BufReader::new(stdout.take(64 * 1024))
+    BufReader::new(stdout.take(vmm_ready::MAX_LEN as u64 + 1))
         .read_line(&mut line)
         .map_err(|e| e.to_string())?;
-    if line.is_empty() {
-        return Err("arrow-vmm exited".into());
-    }
-    let ready: ReadyLine =
-        serde_json::from_str(line.trim()).map_err(|e| format!("bad ready line {line:?}: {e}"))?;
-    if !ready.ready {
-        return Err(format!("arrow-vmm reported {line:?}"));
-    }
-    Ok(ready)
+    VmmReady::parse_line(&line).map_err(|e| e.to_string())
 }
 
 fn millis(d: Duration) -> u64 {
