@@ -988,6 +988,20 @@ fn script(stdin: Option<&str>, tty: bool) -> Script {
     }
 }
 
+/// An attach client: sends `stdin` (then ends it if `close`; a terminal
+/// sends its size first), and leaves once stdout holds `until`.
+fn attach_script(tty: bool, stdin: &str, close: bool, until: &str) -> Script {
+    Script {
+        tty,
+        stdout: true,
+        stderr: !tty,
+        stdin: Some(stdin.as_bytes().to_vec()),
+        close_stdin: close,
+        resize: tty.then_some((123, 45)),
+        until_stdout_has: Some(until.to_owned()),
+    }
+}
+
 /// Exec, attach and port-forward as crictl and kubelet speak them to the
 /// streaming server, over SPDY/3.1 and over WebSocket, into a real pod.
 async fn streaming() {
@@ -1136,15 +1150,7 @@ async fn streaming() {
     for (n, spdy) in [(1, false), (2, true)] {
         let url = client.attach(&echo, false, true).await.unwrap();
         let line = format!("line-{n}");
-        let attach = Script {
-            tty: false,
-            stdout: true,
-            stderr: true,
-            stdin: Some(format!("{line}\n").into_bytes()),
-            close_stdin: false,
-            resize: None,
-            until_stdout_has: Some(format!("got {line}")),
-        };
+        let attach = attach_script(false, &format!("{line}\n"), false, &format!("got {line}"));
         let run = tokio::time::timeout(Duration::from_secs(120), async {
             if spdy {
                 streaming::spdy_remote_command(&url, "v4.channel.k8s.io", &attach).await
@@ -1173,15 +1179,7 @@ async fn streaming() {
     .unwrap();
     // A terminal: the client's size reaches the container's tty.
     let url = client.attach(&term, true, true).await.unwrap();
-    let attach = Script {
-        tty: true,
-        stdout: true,
-        stderr: false,
-        stdin: Some(b"sleep 1; stty size\n".to_vec()),
-        close_stdin: false,
-        resize: Some((123, 45)),
-        until_stdout_has: Some("45 123".into()),
-    };
+    let attach = attach_script(true, "sleep 1; stty size\n", false, "45 123");
     let run = tokio::time::timeout(
         Duration::from_secs(120),
         streaming::spdy_remote_command(&url, "v4.channel.k8s.io", &attach),
@@ -1196,15 +1194,7 @@ async fn streaming() {
     );
     // stdin_once: the client's end of stdin is the container's.
     let url = client.attach(&once, false, true).await.unwrap();
-    let attach = Script {
-        tty: false,
-        stdout: true,
-        stderr: true,
-        stdin: Some(b"only\n".to_vec()),
-        close_stdin: true,
-        resize: None,
-        until_stdout_has: Some("cat-ended".into()),
-    };
+    let attach = attach_script(false, "only\n", true, "cat-ended");
     let run = tokio::time::timeout(
         Duration::from_secs(120),
         streaming::ws_remote_command(&url, "v5.channel.k8s.io", &attach),
