@@ -257,10 +257,20 @@ impl Runtime {
         }
         let mut stdout = io.stdout.take().filter(|_| opts.stdout);
         let mut stderr = io.stderr.take().filter(|_| opts.stderr);
+        // The output ends when every copy of the container's FIFOs has
+        // drained after its exit and dropped its end of the tap (Closed);
+        // the exit itself only starts a bound on that wait.
+        let mut drain_until: Option<tokio::time::Instant> = None;
         let outcome = loop {
-            if *exited.borrow() {
-                break ExecOutcome::Exited(0);
+            if drain_until.is_none() && *exited.borrow() {
+                drain_until = Some(tokio::time::Instant::now() + OUTPUT_DRAIN);
             }
+            let drained = async {
+                match drain_until {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 chunk = output.recv() => match chunk {
                     Ok((stream, data)) => {
@@ -279,11 +289,12 @@ impl Runtime {
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => break ExecOutcome::Exited(0),
                 },
-                changed = exited.changed() => {
+                changed = exited.changed(), if drain_until.is_none() => {
                     if changed.is_err() {
-                        break ExecOutcome::Exited(0);
+                        drain_until = Some(tokio::time::Instant::now() + OUTPUT_DRAIN);
                     }
                 }
+                () = drained => break ExecOutcome::Exited(0),
                 _ = &mut io.gone => break ExecOutcome::ClientGone,
             }
         };
@@ -307,6 +318,10 @@ impl Runtime {
         Ok(outcome)
     }
 }
+
+/// How long an attach waits, after its container exited, for the rest of
+/// the output (the copies drain the FIFOs at once; this only bounds it).
+const OUTPUT_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Copies a client's stdin into a FIFO until the client ends it.
 async fn copy_into(mut input: BoxRead, mut tx: pipe::Sender) {
