@@ -204,6 +204,13 @@ if [ -n "$build_only" ]; then
   exit 0
 fi
 
+# The L1 sees the host's / except these, which are its own: a command run
+# from (or a checkout under) one of them would find nothing there.
+case "$PWD/" in
+  /tmp/* | /run/* | /var/tmp/* | /dev/shm/*)
+    echo "$0: the L1 cannot see $PWD (/tmp, /run, /var/tmp and /dev/shm are its own tmpfs); run from a checkout elsewhere" >&2
+    exit 2 ;;
+esac
 run=$(mktemp -d /tmp/arrow-hwkvm.XXXXXX)
 write_stage2 >"$run/stage2"
 write_cmd "$@" >"$run/cmd"
