@@ -1,7 +1,7 @@
 //! Getting a guest whose arrow-init is reachable, shared by `run`,
 //! `template create` and `serve`: the VM's configuration from the command
-//! line, then a clone of the matching template or a fresh boot (saving a
-//! template on the way), and waiting for the agent.
+//! line, and what vmm-core's clone-or-boot launch (`vmm_core::launch`)
+//! needs from an Arrow VMM: consoles, timings, and waiting for the agent.
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -18,7 +18,9 @@ use vmm_core::vm::{ConsoleOutput, FsConfig, NetConfig, Vm, VmConfig, VsockConfig
 
 use crate::paths;
 use vmm_core::cancel::Cancel;
-use vmm_core::template::{CloneOutcome, TemplateCache, TemplateError, TemplateInputs};
+pub use vmm_core::launch::{explain_exit, template_key};
+use vmm_core::launch::{LaunchError, LaunchEvent, LaunchHooks};
+use vmm_core::template::TemplateCache;
 
 /// Where arrow-init lives in the initramfs (`rdinit=`).
 pub const INIT_PATH: &str = "/.arrow/init";
@@ -176,23 +178,6 @@ pub fn vm_config(
     Ok(config)
 }
 
-/// The template key of a guest built from `config`.
-pub fn template_key(config: &VmConfig) -> anyhow::Result<String> {
-    let kernel = std::fs::read(&config.kernel)
-        .with_context(|| format!("reading {}", config.kernel.display()))?;
-    let flavour = config.flavour.unwrap_or_else(KvmFlavour::detect);
-    Ok(TemplateInputs {
-        kernel: &kernel,
-        initramfs: config.initramfs.as_deref().unwrap_or_default(),
-        vcpus: config.vcpus,
-        memory_bytes: config.memory_bytes,
-        kernel_args: &config.kernel_args,
-        flavour: &flavour.to_string(),
-        devices: &config.device_set(),
-    }
-    .key())
-}
-
 /// Phase timestamps since the command started, printed with `--timings`.
 pub struct Timings {
     start: Instant,
@@ -219,24 +204,6 @@ impl Timings {
     }
 }
 
-/// Says why a VM ended before or while serving.
-pub fn explain_exit(vm: &Vm, exit: &VmExit) -> String {
-    if let Some(panic) = vm.console().kernel_panic() {
-        return format!("the guest kernel panicked: {panic}");
-    }
-    let tail = vm.console().text();
-    let last: Vec<&str> = tail.lines().rev().take(15).collect();
-    let last: Vec<&str> = last.into_iter().rev().collect();
-    if last.is_empty() {
-        format!("the VM ended ({exit}) with no console output")
-    } else {
-        format!(
-            "the VM ended ({exit}); last console lines:\n  {}",
-            last.join("\n  ")
-        )
-    }
-}
-
 /// Polls the agent until it answers, the VM ends, `cancel` is requested or
 /// `timeout` passes.
 pub fn connect_agent(
@@ -244,15 +211,15 @@ pub fn connect_agent(
     uds: &Path,
     timeout: Duration,
     cancel: &Cancel,
-) -> anyhow::Result<AgentClient> {
+) -> Result<AgentClient, LaunchError> {
     let deadline = Instant::now() + timeout;
     loop {
         cancel.check()?;
         if let Some(exit) = vm.wait(Some(Duration::ZERO)) {
-            bail!(
-                "guest stopped before arrow-init was ready: {}",
-                explain_exit(vm, &exit)
-            );
+            return Err(LaunchError::Stopped {
+                what: "guest",
+                why: explain_exit(vm, &exit),
+            });
         }
         if let Ok(stream) = hybrid::connect(uds, AGENT_PORT, Duration::from_secs(2)) {
             if let Ok(client) = AgentClient::from_unix(stream) {
@@ -262,177 +229,67 @@ pub fn connect_agent(
             }
         }
         if Instant::now() > deadline {
-            bail!(
+            return Err(LaunchError::NotReady(format!(
                 "guest did not become ready within {} s (arrow-init never answered); {}",
                 timeout.as_secs(),
                 explain_exit(vm, &VmExit::Stopped)
-            );
+            )));
         }
         std::thread::sleep(Duration::from_millis(10));
     }
 }
 
-/// How to get a guest VM.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Origin {
-    /// Clone the matching template; boot (and save a template) if none.
-    CloneOrBoot,
-    /// Boot afresh and save no template.
-    Boot,
-    /// Boot afresh and save the template, replacing any.
-    BootAndSaveTemplate,
-}
-
-/// A started guest.
-pub struct Launched {
-    pub vm: Vm,
-    /// The agent connection a boot waited on; `None` for a clone, whose
-    /// arrow-init was ready when the template was saved (the caller
-    /// connects when it needs to).
-    pub client: Option<AgentClient>,
-    /// Whether the VM is a clone of a template.
-    pub cloned: bool,
-    /// The template it was cloned from or saved as, if any.
-    pub template: Option<PathBuf>,
-}
-
-/// How to start a guest.
-pub struct Launch<'a> {
-    pub origin: Origin,
-    /// How long a fresh boot may take to reach arrow-init.
-    pub boot_timeout: Duration,
+/// arrow-vmm's side of a launch: each attempt's console, the phases'
+/// timings and messages, and what "ready" means for an Arrow guest:
+/// arrow-init answers on vsock.
+pub struct AgentHooks<'a> {
+    /// The host end of the guest's hybrid vsock.
+    pub uds: PathBuf,
     pub timings: &'a Timings,
-    pub cancel: &'a Cancel,
     /// Print the KVM flavour and kernel command line on stderr.
     pub show_cmdline: bool,
-    /// The config's [`template_key`], if the caller has it already.
-    pub template_key: Option<String>,
+    pub console: Box<dyn FnMut() -> anyhow::Result<ConsoleOutput> + 'a>,
 }
 
-impl Launch<'_> {
-    /// Starts a guest from `config` (its console is ignored: `console` makes
-    /// one for each attempt): a clone of the matching template, or a boot
-    /// that waits for arrow-init and, unless the origin is
-    /// [`Origin::Boot`], saves the template for the next ones.
-    ///
-    /// Creating a template holds its lock in the cache, so concurrent
-    /// launches of the same guest boot once: the others wait for the
-    /// template and clone it.
-    pub fn start(
-        &self,
-        mut config: VmConfig,
-        console: &mut dyn FnMut() -> anyhow::Result<ConsoleOutput>,
-    ) -> anyhow::Result<Launched> {
-        let uds = config
-            .vsock
-            .as_ref()
-            .map(|v| v.uds_path.clone())
-            .context("an Arrow guest needs its vsock device")?;
-        let cache = TemplateCache::new(paths::cache_dir().join("templates"));
-        let key = match &self.template_key {
-            Some(key) => key.clone(),
-            None => template_key(&config)?,
-        };
-        let mut lock = None;
-        // A clone of the template, if there is a usable one.
-        let clone = |config: &VmConfig,
-                     console: &mut dyn FnMut() -> anyhow::Result<ConsoleOutput>|
-         -> anyhow::Result<Option<Vm>> {
-            match cache.clone_vm(&key, config.restore_config(console()?))? {
-                CloneOutcome::Cloned(vm) => Ok(Some(*vm)),
-                CloneOutcome::Absent => Ok(None),
-                CloneOutcome::Removed(why) => {
-                    eprintln!("arrow-vmm: {why}");
-                    Ok(None)
-                }
-            }
-        };
-        if self.origin != Origin::Boot {
-            if self.origin == Origin::CloneOrBoot {
-                if let Some(vm) = clone(&config, console)? {
-                    return self.started_clone(vm, cache.dir(&key));
-                }
-            }
-            // An interrupted wait is the caller's `Interrupted`, as from
-            // any other wait.
-            lock = Some(cache.lock(&key, self.cancel).map_err(|e| match e {
-                TemplateError::Interrupted(i) => anyhow::Error::new(i),
-                other => anyhow::Error::new(other),
-            })?);
-            if self.origin == Origin::CloneOrBoot {
-                // Another launch may have made it while this one waited.
-                if let Some(vm) = clone(&config, console)? {
-                    return self.started_clone(vm, cache.dir(&key));
-                }
-            } else {
-                let _ = std::fs::remove_dir_all(cache.dir(&key));
-            }
-        }
+impl LaunchHooks for AgentHooks<'_> {
+    type Ready = AgentClient;
 
-        config.console = console()?;
-        let mut vm = Vm::build(config).context("building the VM")?;
-        if self.show_cmdline {
-            eprintln!("arrow-vmm: {} ; cmdline: {}", vm.flavour(), vm.cmdline());
-        }
-        self.timings.mark("vm-built");
-        self.cancel.watch(&vm);
-        vm.start().context("starting the VM")?;
-        let client = connect_agent(&vm, &uds, self.boot_timeout, self.cancel)?;
-        self.timings.mark("booted");
-        let mut template = None;
-        if self.origin != Origin::Boot {
-            match cache.publish(&key, &mut vm) {
-                Ok(dir) => {
-                    self.timings.mark("template-saved");
-                    template = Some(dir);
-                }
-                Err(e) if self.origin == Origin::BootAndSaveTemplate => return Err(e.into()),
-                Err(e) => eprintln!("arrow-vmm: could not save a template: {e:#}"),
-            }
-        }
-        drop(lock);
-        self.cancel.check()?;
-        Ok(Launched {
-            vm,
-            client: Some(client),
-            cloned: false,
-            template,
-        })
+    fn console(&mut self) -> std::io::Result<ConsoleOutput> {
+        (self.console)().map_err(|e| std::io::Error::other(format!("{e:#}")))
     }
 
-    /// Starts a restored clone and waits until its guest has dropped the
-    /// template's vsock connections: a connection made before that would be
-    /// reset with them, so only then is arrow-init reachable.
-    fn started_clone(&self, mut vm: Vm, template: PathBuf) -> anyhow::Result<Launched> {
-        self.timings.mark("clone-restored");
-        self.cancel.watch(&vm);
-        vm.start().context("starting the clone")?;
-        let deadline = Instant::now() + self.boot_timeout;
-        while !vm.vsock_reset_taken() {
-            self.cancel.check()?;
-            if let Some(exit) = vm.wait(Some(Duration::from_millis(1))) {
-                bail!(
-                    "the clone stopped before it was ready: {}",
-                    explain_exit(&vm, &exit)
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "the clone's guest did not take its vsock reset within {} s; {}",
-                    self.boot_timeout.as_secs(),
-                    explain_exit(&vm, &VmExit::Stopped)
-                );
-            }
-        }
-        self.timings.mark("clone-vsock-reset");
-        self.cancel.check()?;
-        Ok(Launched {
-            vm,
-            client: None,
-            cloned: true,
-            template: Some(template),
-        })
+    fn wait_ready(
+        &mut self,
+        vm: &Vm,
+        timeout: Duration,
+        cancel: &Cancel,
+    ) -> Result<AgentClient, LaunchError> {
+        connect_agent(vm, &self.uds, timeout, cancel)
     }
+
+    fn event(&mut self, event: LaunchEvent<'_>) {
+        match event {
+            LaunchEvent::Built { flavour, cmdline } => {
+                if self.show_cmdline {
+                    eprintln!("arrow-vmm: {flavour} ; cmdline: {cmdline}");
+                }
+                self.timings.mark("vm-built");
+            }
+            LaunchEvent::Booted => self.timings.mark("booted"),
+            LaunchEvent::TemplateSaved => self.timings.mark("template-saved"),
+            LaunchEvent::TemplateNotSaved(e) => {
+                eprintln!("arrow-vmm: could not save a template: {e}");
+            }
+            LaunchEvent::TemplateRemoved(why) => eprintln!("arrow-vmm: {why}"),
+            LaunchEvent::CloneRestored => self.timings.mark("clone-restored"),
+            LaunchEvent::CloneReady => self.timings.mark("clone-vsock-reset"),
+        }
+    }
+}
+
+/// The template cache this VMM uses (`$ARROW_CACHE/templates`).
+pub fn template_cache() -> TemplateCache {
+    TemplateCache::new(paths::cache_dir().join("templates"))
 }
 
 #[cfg(test)]

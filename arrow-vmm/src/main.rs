@@ -7,6 +7,7 @@
 //! bare-metal test guest used by tests and benchmarks.
 
 mod confine;
+mod control;
 mod counters;
 mod guest;
 mod jail;
@@ -35,10 +36,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a pod's microVM for the shim: print one JSON line
-    /// ({"ready":true,"cloned":..,"pid":..,"vsock_uds":..,"ready_ms":..})
-    /// once arrow-init is reachable, then run until the guest ends or a
-    /// signal.
+    /// Run a pod's microVM for the shim: say "ready" once arrow-init is
+    /// reachable (on the control channel with --control-fd, else as one
+    /// JSON line on stdout:
+    /// {"ready":true,"cloned":..,"pid":..,"vsock_uds":..,"ready_ms":..}),
+    /// then run until the guest ends, a signal or a stop request.
     Serve(serve::ServeArgs),
     /// Boot a microVM and run one program in it; exit with its exit code.
     Run(run::RunArgs),

@@ -14,9 +14,10 @@ use proto::client::AgentClient;
 use proto::{hybrid, STDIO_PORT};
 use vmm_core::vm::{ConsoleOutput, Vm};
 
-use crate::guest::{self, connect_agent, explain_exit, Launch, MachineArgs, Origin, Timings};
+use crate::guest::{self, connect_agent, explain_exit, AgentHooks, MachineArgs, Timings};
 use crate::stdio;
 use vmm_core::cancel::Cancel;
+use vmm_core::launch::{Launch, Origin};
 
 fn unix_time_ns() -> u64 {
     std::time::SystemTime::now()
@@ -188,27 +189,33 @@ fn start_guest(
         args.share.as_deref(),
     )?;
     let show_console = args.console;
-    let mut console = || {
-        Ok(if show_console {
-            ConsoleOutput::Stderr
-        } else {
-            ConsoleOutput::Sink
-        })
+    let mut hooks = AgentHooks {
+        uds: uds.clone(),
+        timings,
+        show_cmdline: args.console,
+        console: Box::new(move || {
+            Ok(if show_console {
+                ConsoleOutput::Stderr
+            } else {
+                ConsoleOutput::Sink
+            })
+        }),
     };
     // The program gets this process's signals; a start is not cancelled.
     let cancel = Cancel::default();
+    let key = guest::template_key(&config)?;
+    let cache = guest::template_cache();
     let launch = Launch {
         origin,
-        boot_timeout: Duration::from_secs(args.machine.boot_timeout),
-        timings,
+        cache: &cache,
+        key: &key,
+        ready_timeout: Duration::from_secs(args.machine.boot_timeout),
         cancel: &cancel,
-        show_cmdline: args.console,
-        template_key: None,
     };
-    let launched = launch.start(config, &mut console)?;
-    let client = match launched.client {
+    let launched = launch.start(config, &mut hooks)?;
+    let client = match launched.ready {
         Some(client) => client,
-        None => connect_agent(&launched.vm, &uds, launch.boot_timeout, &cancel)?,
+        None => connect_agent(&launched.vm, &uds, launch.ready_timeout, &cancel)?,
     };
     // A booted guest gets the same identity a clone would.
     let entropy = proto::client::fresh_entropy(64).context("reading host entropy")?;

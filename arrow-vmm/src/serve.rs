@@ -1,7 +1,8 @@
 //! `arrow-vmm serve`: the per-pod VMM process the containerd shim starts.
 //!
 //! It starts the pod's guest (a clone of the matching template, made first
-//! if missing, or a fresh boot), says so with one JSON line on stdout, and
+//! if missing, or a fresh boot), says so (on the shim's control channel,
+//! `--control-fd`, see `control.rs`; else one JSON line on stdout), and
 //! then only runs the VM: the shim is the agent's client (it calls
 //! `InitClone`, creates the containers) through the hybrid vsock socket,
 //! and the containers' files come over the virtio-fs share. With
@@ -11,9 +12,10 @@
 //! ends with the VM:
 //!
 //! - the guest resets or powers off: exit 0 (1 if the kernel panicked);
-//! - SIGTERM or SIGINT, or stdin's EOF with `--exit-on-stdin-eof` (the shim
-//!   holds the pipe, so a VMM never outlives a killed shim): the VM is
-//!   stopped, its socket removed, exit 0;
+//! - SIGTERM or SIGINT, a `stop` request or the control channel's end (the
+//!   shim holds the other end, so a VMM never outlives a killed shim), or
+//!   stdin's EOF with `--exit-on-stdin-eof`: the VM is stopped, its socket
+//!   removed, exit 0;
 //! - a fatal VM error: exit 1, the reason on stderr.
 //!
 //! Failures before the ready line go to stderr with a non-zero exit.
@@ -27,10 +29,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+
+use proto::vmm_control::VmmMessage;
 use proto::vmm_ready::VmmReady;
 use vmm_core::devices::console_log::ConsoleLog;
 
 use crate::confine;
+use crate::control::{self, ControlChannel, Event};
 use crate::counters::{CountersFile, PUBLISH_INTERVAL};
 use crate::jail::{Access, Jail, JailPath};
 use crate::paths;
@@ -40,8 +46,9 @@ use vmm_core::template::TemplateCache;
 use vmm_core::vm::ConsoleOutput;
 use vmm_core::vm::VmConfig;
 
-use crate::guest::{self, explain_exit, Launch, MachineArgs, Origin, Timings};
+use crate::guest::{self, explain_exit, AgentHooks, MachineArgs, Timings};
 use vmm_core::cancel::{Cancel, Interrupted};
+use vmm_core::launch::{Launch, LaunchError, Origin};
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -71,6 +78,11 @@ pub struct ServeArgs {
     /// Stop the VM and exit when stdin reaches EOF.
     #[arg(long)]
     exit_on_stdin_eof: bool,
+    /// The shim's control channel (`proto::vmm_control`): an inherited
+    /// socket. The ready message goes there instead of stdout; the VM
+    /// stops when the other end closes.
+    #[arg(long, value_name = "FD")]
+    control_fd: Option<i32>,
     /// An empty directory to build the VMM's jail on (see `jail.rs`);
     /// default: `<socket path>.jail` beside the vsock socket.
     #[arg(long, value_name = "DIR")]
@@ -87,8 +99,8 @@ pub struct ServeArgs {
     seccomp_self_test: Option<String>,
 }
 
-/// The line printed once the guest is ready, as JSON.
-fn ready_line(cloned: bool, pid: u32, vsock_uds: &str, ready: Duration) -> String {
+/// What the VMM says once the guest is ready.
+fn ready_message(cloned: bool, pid: u32, vsock_uds: &str, ready: Duration) -> VmmReady {
     VmmReady {
         ready: true,
         cloned,
@@ -96,7 +108,60 @@ fn ready_line(cloned: bool, pid: u32, vsock_uds: &str, ready: Duration) -> Strin
         vsock_uds: vsock_uds.to_owned(),
         ready_ms: u64::try_from(ready.as_millis()).unwrap_or(u64::MAX),
     }
-    .to_line()
+}
+
+/// The controller's life while the VM runs: answers the shim's requests,
+/// publishes the counters every [`PUBLISH_INTERVAL`], and returns how the
+/// VM ended. A scoped watcher thread turns the VM's end into an event, so
+/// one wait serves both.
+fn control_loop<'scope, 'env>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    vm: &'env vmm_core::vm::Vm,
+    events: &Receiver<Event>,
+    events_tx: Sender<Event>,
+    control: Option<&ControlChannel>,
+    mut counters: Option<&mut CountersFile>,
+    seccomp: Option<Arc<SeccompPolicy>>,
+) -> anyhow::Result<VmExit> {
+    std::thread::Builder::new()
+        .name("exit".into())
+        .spawn_scoped(scope, move || {
+            // A filter that fails to apply leaves this thread only waiting;
+            // the failure is reported by the threads that do work.
+            if let Some(policy) = &seccomp {
+                let _ = policy.apply(VmmThread::Watcher);
+            }
+            let exit = vm.wait(None).unwrap_or(VmExit::Stopped);
+            let _ = events_tx.send(Event::Exited(exit));
+        })
+        .context("starting the exit watcher")?;
+    let mut next_publish = Instant::now();
+    loop {
+        if let Some(file) = counters.as_deref_mut() {
+            if Instant::now() >= next_publish {
+                file.publish(vm);
+                next_publish = Instant::now() + PUBLISH_INTERVAL;
+            }
+        }
+        let wait = match counters {
+            Some(_) => next_publish.saturating_duration_since(Instant::now()),
+            None => Duration::from_secs(3600),
+        };
+        match events.recv_timeout(wait) {
+            Ok(Event::Exited(exit)) => return Ok(exit),
+            Ok(Event::Request(request)) => {
+                let reply = control::answer(vm, request);
+                if let Some(control) = control {
+                    // A shim that is gone closed the channel: the reader
+                    // has already asked for the stop.
+                    let _ = control.send(&reply);
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            // The exit watcher holds a sender until it has sent the exit.
+            Err(RecvTimeoutError::Disconnected) => return Ok(VmExit::Stopped),
+        }
+    }
 }
 
 /// Makes room for the vsock socket at `path`: a socket nobody accepts on
@@ -288,6 +353,11 @@ pub fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
         Some(kind) => Some(VmmThread::parse(kind)?),
     };
+    // Claimed before anything could close it.
+    let control = args
+        .control_fd
+        .map(ControlChannel::from_inherited)
+        .transpose()?;
     // The process the caller started: the one to signal, jailed or not.
     let pid = std::process::id();
     // First, while this is the only thread (the timings count it).
@@ -297,7 +367,12 @@ pub fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
              it was given; for debugging only"
         );
     } else {
-        let keep: Vec<i32> = args.machine.net_tap_fd.into_iter().collect();
+        let keep: Vec<i32> = args
+            .machine
+            .net_tap_fd
+            .into_iter()
+            .chain(args.control_fd)
+            .collect();
         confine::shed_inheritance(&keep).context("confining the VMM")?;
         // The jail holds these at their host paths: make them absolute
         // and free of symlinks first.
@@ -368,40 +443,54 @@ pub fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
     if args.exit_on_stdin_eof {
         watch_eof(std::io::stdin(), cancel.clone(), seccomp.clone())?;
     }
+    // The shim's requests and the VM's end, for the controller below.
+    let (events_tx, events) = mpsc::channel();
+    if let Some(control) = &control {
+        control.serve(events_tx.clone(), cancel.clone(), seccomp.clone())?;
+    }
     let console_log = args.console_log.clone();
-    let mut console = || console_output(console_log.as_deref());
+    let mut hooks = AgentHooks {
+        uds: args.vsock_uds.clone(),
+        timings: &timings,
+        show_cmdline: false,
+        console: Box::new(move || console_output(console_log.as_deref())),
+    };
+    let cache = guest::template_cache();
     let launch = Launch {
         origin: if args.no_template {
             Origin::Boot
         } else {
             Origin::CloneOrBoot
         },
-        boot_timeout: Duration::from_secs(args.machine.boot_timeout),
-        timings: &timings,
+        cache: &cache,
+        key: &key,
+        ready_timeout: Duration::from_secs(args.machine.boot_timeout),
         cancel: &cancel,
-        show_cmdline: false,
-        template_key: Some(key),
     };
-    let launched = match launch.start(config, &mut console) {
+    let launched = match launch.start(config, &mut hooks) {
         Ok(launched) => launched,
-        Err(e) => {
-            if let Some(Interrupted(reason)) = e.downcast_ref::<Interrupted>() {
-                eprintln!("arrow-vmm: {reason} before the VM was ready; stopped");
-                return Ok(ExitCode::SUCCESS);
-            }
-            return Err(e);
+        Err(LaunchError::Interrupted(Interrupted(reason))) => {
+            eprintln!("arrow-vmm: {reason} before the VM was ready; stopped");
+            return Ok(ExitCode::SUCCESS);
         }
+        Err(e) => return Err(e.into()),
     };
     let mut vm = launched.vm;
     // The shim makes its own connections to the agent.
-    drop(launched.client);
+    drop(launched.ready);
 
-    let line = ready_line(launched.cloned, pid, &uds, timings.elapsed());
-    let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{line}")
-        .and_then(|()| stdout.flush())
-        .context("writing the ready line")?;
-    drop(stdout);
+    let ready = ready_message(launched.cloned, pid, &uds, timings.elapsed());
+    match &control {
+        Some(control) => control
+            .send(&VmmMessage::Ready(ready))
+            .context("sending the ready message")?,
+        None => {
+            let mut stdout = std::io::stdout().lock();
+            writeln!(stdout, "{}", ready.to_line())
+                .and_then(|()| stdout.flush())
+                .context("writing the ready line")?;
+        }
+    }
     timings.mark("ready");
     // From here on the main thread only waits, publishes the counters,
     // stops and tears down.
@@ -410,15 +499,17 @@ pub fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
 
     let mut counters = args.counters.as_deref().map(CountersFile::new);
-    let exit = loop {
-        let Some(file) = counters.as_mut() else {
-            break vm.wait(None).unwrap_or(VmExit::Stopped);
-        };
-        file.publish(&vm);
-        if let Some(exit) = vm.wait(Some(PUBLISH_INTERVAL)) {
-            break exit;
-        }
-    };
+    let exit = std::thread::scope(|scope| {
+        control_loop(
+            scope,
+            &vm,
+            &events,
+            events_tx,
+            control.as_ref(),
+            counters.as_mut(),
+            seccomp.clone(),
+        )
+    })?;
     vm.stop();
     // The final figures, with the devices stopped.
     if let Some(file) = counters.as_mut() {
@@ -468,16 +559,17 @@ mod tests {
     #[test]
     fn the_ready_line_is_one_json_object() {
         assert_eq!(
-            ready_line(
+            ready_message(
                 true,
                 42,
                 "/run/arrow/pod/vsock.sock",
                 Duration::from_millis(57)
-            ),
+            )
+            .to_line(),
             r#"{"ready":true,"cloned":true,"pid":42,"vsock_uds":"/run/arrow/pod/vsock.sock","ready_ms":57}"#
         );
         assert_eq!(
-            ready_line(false, 1, "a", Duration::from_secs(16)),
+            ready_message(false, 1, "a", Duration::from_secs(16)).to_line(),
             r#"{"ready":true,"cloned":false,"pid":1,"vsock_uds":"a","ready_ms":16000}"#
         );
     }

@@ -7,7 +7,9 @@
 //! Two `serve`s start at once with no template: one boots and makes it
 //! while the other waits on the template lock, then clones it. Both
 //! agents answer through their sockets; SIGTERM ends one, the end of stdin
-//! the other, each exiting 0 and removing its socket. Then a clone per
+//! the other, each exiting 0 and removing its socket. Two more clones run
+//! with the shim's control channel (ready, counters, pause, resume, stop;
+//! its closing as the lifeline). Then a clone per
 //! thread kind runs the seccomp self-test: that thread makes a call its
 //! filter forbids once confined, and the VMM dies of SIGSYS.
 
@@ -20,7 +22,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+
 use proto::client::AgentClient;
+use proto::vmm_control::{read_message, write_message, ControlRequest, VmmMessage};
 use proto::{hybrid, AGENT_PORT};
 
 fn arrow_init() -> Option<PathBuf> {
@@ -66,6 +73,106 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
         assert!(std::time::Instant::now() < deadline, "serve did not exit");
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Starts a `serve` (a clone of the template in `cache`) with a control
+/// channel, as the shim does; returns it, the shim's end and the socket.
+fn serve_with_control(
+    base: &Path,
+    cache: &Path,
+    kernel: &std::ffi::OsStr,
+    init: &Path,
+    name: &str,
+) -> (Child, BufReader<UnixStream>, PathBuf) {
+    let share = base.join(format!("share-{name}"));
+    std::fs::create_dir_all(&share).unwrap();
+    let uds = base.join(format!("{name}.sock"));
+    let (shim_end, vmm_end) = UnixStream::pair().unwrap();
+    let fd = vmm_end.as_raw_fd();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_arrow-vmm"));
+    cmd.env("ARROW_CACHE", cache)
+        .args(["serve", "--memory", "128M", "--control-fd"])
+        .arg(fd.to_string())
+        .arg("--kernel")
+        .arg(kernel)
+        .arg("--init")
+        .arg(init)
+        .arg("--vsock-uds")
+        .arg(&uds)
+        .arg("--shared-dir")
+        .arg(&share)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    // SAFETY: runs in the forked child before exec and only calls fcntl,
+    // which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().expect("spawn arrow-vmm serve");
+    drop(vmm_end);
+    shim_end
+        .set_read_timeout(Some(Duration::from_secs(300)))
+        .unwrap();
+    (child, BufReader::new(shim_end), uds)
+}
+
+fn request(shim: &mut BufReader<UnixStream>, request: ControlRequest) -> VmmMessage {
+    write_message(shim.get_mut(), &request).unwrap();
+    read_message(shim).unwrap()
+}
+
+/// The control channel: ready on it, counters, pause (the agent cannot
+/// answer) and resume (it answers again), stop; and its closing is the
+/// lifeline.
+fn controlled_serves(base: &Path, cache: &Path, kernel: &std::ffi::OsStr, init: &Path) {
+    let (mut c, mut shim, uds) = serve_with_control(base, cache, kernel, init, "c");
+    let ready = match read_message::<VmmMessage>(&mut shim).unwrap() {
+        VmmMessage::Ready(ready) => ready,
+        other => panic!("ready expected, got {other:?}"),
+    };
+    assert!(ready.ready && ready.cloned, "{ready:?}");
+    assert_eq!(ready.pid, c.id());
+    assert_eq!(Path::new(&ready.vsock_uds), uds);
+    let stream = hybrid::connect(&uds, AGENT_PORT, Duration::from_secs(10)).unwrap();
+    let client = AgentClient::from_unix(stream).unwrap();
+    let entropy = proto::client::fresh_entropy(64).unwrap();
+    client.init_clone(1, &entropy, "pod").unwrap();
+    client.ping().unwrap();
+
+    match request(&mut shim, ControlRequest::Counters) {
+        VmmMessage::Counters(counters) => {
+            let fs = counters.fs.expect("a share, so fs counters");
+            assert!(fs.requests > 0, "the guest mounted the share: {fs:?}");
+            assert!(counters.net.is_none(), "no NIC: {counters:?}");
+        }
+        other => panic!("counters expected, got {other:?}"),
+    }
+    assert_eq!(request(&mut shim, ControlRequest::Pause), VmmMessage::Done);
+    assert_eq!(request(&mut shim, ControlRequest::Pause), VmmMessage::Done);
+    let paused = hybrid::connect(&uds, AGENT_PORT, Duration::from_secs(3));
+    assert!(paused.is_err(), "a paused guest answered a connection");
+    assert_eq!(request(&mut shim, ControlRequest::Resume), VmmMessage::Done);
+    client.ping().unwrap();
+    hybrid::connect(&uds, AGENT_PORT, Duration::from_secs(10)).unwrap();
+
+    assert_eq!(request(&mut shim, ControlRequest::Stop), VmmMessage::Done);
+    assert_eq!(wait_exit(&mut c, Duration::from_secs(15)).code(), Some(0));
+    assert!(!uds.exists(), "Stop removed the socket");
+
+    let (mut d, mut shim, uds) = serve_with_control(base, cache, kernel, init, "d");
+    assert!(matches!(
+        read_message::<VmmMessage>(&mut shim).unwrap(),
+        VmmMessage::Ready(_)
+    ));
+    drop(shim);
+    assert_eq!(wait_exit(&mut d, Duration::from_secs(15)).code(), Some(0));
+    assert!(!uds.exists(), "the channel's end removed the socket");
 }
 
 #[test]
@@ -159,6 +266,8 @@ fn two_serves_boot_once_then_clone_and_both_end_cleanly() {
     drop(b.stdin.take());
     assert_eq!(wait_exit(&mut b, Duration::from_secs(15)).code(), Some(0));
     assert!(!b_uds.exists(), "stdin's EOF removed the socket");
+
+    controlled_serves(&base, &cache, &kernel, &init);
 
     for kind in ["vcpu", "devices", "controller", "watcher"] {
         let share = base.join(format!("share-{kind}"));

@@ -5,7 +5,7 @@
 //! wire format, shared by the shim (host) and arrow-init (guest). Beside
 //! it, with feature `vm-record`, the pod VM record the shim writes for
 //! `arrow monitor`, the device counters the VMM publishes for it and the
-//! VMM's ready line the shim waits for.
+//! VMM's ready line and the shim's control channel to its VMM.
 
 pub mod client;
 pub mod frame;
@@ -15,6 +15,8 @@ pub mod mac;
 pub mod vm_counters;
 #[cfg(feature = "vm-record")]
 pub mod vm_record;
+#[cfg(feature = "vm-record")]
+pub mod vmm_control;
 #[cfg(feature = "vm-record")]
 pub mod vmm_ready;
 

@@ -3,16 +3,19 @@
 //! directory on the host.
 //!
 //! The VMM runs as its own process (it handles untrusted guest input), with
-//! a pipe on its stdin: when the shim dies for any reason the pipe closes
-//! and the VMM stops the VM and exits, so a killed shim never leaks a VM.
+//! a control channel to the shim ([`proto::vmm_control`]: an inherited
+//! socket pair, no path): the VMM says on it when the VM is ready, the shim
+//! asks on it for a stop, and when the shim dies for any reason its end
+//! closes and the VMM stops the VM and exits, so a killed shim never leaks
+//! a VM.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, Read};
+use std::io::BufReader;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -24,7 +27,8 @@ use nix::unistd::Pid;
 use proto::agent::StreamKind;
 use proto::client::{AgentClient, ClientError};
 use proto::vm_record::VmRecord;
-use proto::vmm_ready::{self, VmmReady};
+use proto::vmm_control::{self, ControlError, ControlRequest, VmmMessage};
+use proto::vmm_ready::VmmReady;
 use tokio::sync::watch;
 
 use crate::cgroup::{self, CgroupError, CgroupPath, PodCgroup};
@@ -36,8 +40,11 @@ use crate::stdio::{GuestStream, GuestStreams};
 /// but the first pod of a shape creates the template (a full Linux boot,
 /// ~20-40 s on nested KVM without hardware support).
 const READY_TIMEOUT: Duration = Duration::from_secs(300);
-/// How long the guest gets to power off before the VMM is killed.
+/// How long the guest gets to power off before the VMM is asked to stop
+/// it, and the VMM to stop it before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(2);
+/// How long the VMM gets to answer a control request.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Errors starting or talking to the pod's VM.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +55,13 @@ pub enum PodVmError {
     Spawn(std::io::Error),
     #[error("arrow-vmm failed before the VM was ready: {0}")]
     NotReady(String),
+    #[error("the VMM's control channel: {0}")]
+    Control(#[from] ControlError),
+    #[error("the VMM refused {request:?}: {reason}")]
+    Refused {
+        request: ControlRequest,
+        reason: String,
+    },
     #[error("connecting to the agent: {0}")]
     Connect(std::io::Error),
     #[error("agent: {0}")]
@@ -182,8 +196,9 @@ pub struct PodVm {
     cloned: bool,
     /// The network namespace whose tap the VM's NIC uses, if it has one.
     netns: Option<PathBuf>,
-    /// Closing this makes the VMM stop the VM (`--exit-on-stdin-eof`).
-    lifeline: Mutex<Option<ChildStdin>>,
+    /// The shim's end of the control channel; closing it makes the VMM
+    /// stop the VM.
+    control: Arc<Mutex<Option<BufReader<UnixStream>>>>,
     exit: watch::Receiver<Option<i32>>,
     /// The stdio streams attached to the guest's processes.
     streams: Arc<GuestStreams>,
@@ -241,10 +256,14 @@ impl PodVm {
             .arg(dir.counters())
             .arg("--jail")
             .arg(dir.jail())
-            .arg("--exit-on-stdin-eof")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
             .stderr(Stdio::from(log));
+        // Both ends close-on-exec: only the VMM inherits its own (see the
+        // pre_exec below).
+        let (control, vmm_end) = UnixStream::pair().map_err(PodVmError::Spawn)?;
+        cmd.arg("--control-fd").arg(vmm_end.as_raw_fd().to_string());
+        let mut inherited = vec![vmm_end.as_raw_fd()];
         if std::env::var_os("ARROW_NO_TEMPLATE").is_some() {
             cmd.arg("--no-template");
         }
@@ -264,18 +283,22 @@ impl PodVm {
                 .arg(fd.to_string())
                 .arg("--net-mtu")
                 .arg(nic.mtu.to_string());
-            // SAFETY: runs in the forked child before exec and only calls
-            // fcntl, which is async-signal-safe. Clearing close-on-exec
-            // there (not in the shim) means no other child the shim spawns
-            // meanwhile inherits the tap.
-            unsafe {
-                cmd.pre_exec(move || {
+            inherited.push(fd);
+        }
+        // SAFETY: runs in the forked child before exec and only calls
+        // fcntl, which is async-signal-safe, on descriptors open in the
+        // shim (the child has copies). Clearing close-on-exec there (not
+        // in the shim) means no other child the shim spawns meanwhile
+        // inherits the tap or the control channel.
+        unsafe {
+            cmd.pre_exec(move || {
+                for &fd in &inherited {
                     if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
                         return Err(std::io::Error::last_os_error());
                     }
-                    Ok(())
-                });
-            }
+                }
+                Ok(())
+            });
         }
         let spawn_at = Instant::now();
         let spawned = match cgroup {
@@ -284,9 +307,11 @@ impl PodVm {
                 .map_err(PodVmError::from),
             None => cmd.spawn().map_err(PodVmError::Spawn),
         };
-        // The VMM has its copy now (or failed): ours would keep the tap.
+        // The VMM has its copies now (or failed): ours would keep the tap
+        // and the channel open.
         let netns = nic.map(|nic| nic.netns);
-        let mut child: Child = spawned?;
+        drop(vmm_end);
+        let child: Child = spawned?;
         let pid = child.id();
         let _ = fs::write(dir.vmm_pid(), pid.to_string());
         let (exit_tx, exit_rx) = watch::channel(None);
@@ -302,35 +327,34 @@ impl PodVm {
             }
             let _ = monitor_unsubscribe(sub_id).await;
         });
-        let stdout = child.stdout.take();
-        let lifeline = child.stdin.take();
+        let mut reader = BufReader::new(control);
         let vm = PodVm {
             pid,
             dir: dir.clone(),
             agent: Arc::new(placeholder_agent()?),
             cloned: false,
             netns,
-            lifeline: Mutex::new(lifeline),
+            control: Arc::default(),
             exit: exit_rx,
             streams: Arc::default(),
         };
-        let ready = tokio::task::spawn_blocking(move || read_ready_line(stdout));
-        let ready = match tokio::time::timeout(READY_TIMEOUT, ready).await {
-            Ok(Ok(Ok(line))) => line,
-            Ok(Ok(Err(why))) => {
+        let ready = tokio::task::spawn_blocking(move || {
+            let ready = read_ready(&mut reader, READY_TIMEOUT);
+            (reader, ready)
+        })
+        .await;
+        let ready = match ready {
+            Ok((reader, Ok(ready))) => {
+                *vm.control.lock().unwrap_or_else(|e| e.into_inner()) = Some(reader);
+                ready
+            }
+            Ok((_, Err(why))) => {
                 vm.kill();
                 return Err(PodVmError::NotReady(format!("{why}; {}", vm.log_tail())));
             }
-            Ok(Err(join)) => {
+            Err(join) => {
                 vm.kill();
                 return Err(PodVmError::NotReady(join.to_string()));
-            }
-            Err(_) => {
-                vm.kill();
-                return Err(PodVmError::NotReady(format!(
-                    "not ready after {READY_TIMEOUT:?}; {}",
-                    vm.log_tail()
-                )));
             }
         };
         log::info!(
@@ -465,8 +489,9 @@ impl PodVm {
         self.exit.borrow().is_some()
     }
 
-    /// Stops the VM: asks the guest to power off, then closes the VMM's
-    /// lifeline, then kills it; returns once the VMM is gone.
+    /// Stops the VM: asks the guest to power off, then the VMM to stop the
+    /// VM (a guest may ignore the first), then kills the VMM; returns once
+    /// it is gone.
     pub async fn stop(&self) -> i32 {
         if !self.has_exited() {
             let agent = self.agent.clone();
@@ -476,15 +501,52 @@ impl PodVm {
             )
             .await;
             if tokio::time::timeout(STOP_GRACE, self.wait()).await.is_err() {
-                self.kill();
+                if let Err(e) = self.request(ControlRequest::Stop).await {
+                    log::warn!("asking the VMM (pid {}) to stop: {e}", self.pid);
+                }
+                if tokio::time::timeout(STOP_GRACE, self.wait()).await.is_err() {
+                    log::warn!("the VMM (pid {}) did not stop; killing it", self.pid);
+                    self.kill();
+                }
             }
         }
         self.wait().await
     }
 
+    /// Sends `request` on the control channel and returns the VMM's reply
+    /// ([`VmmMessage::Failed`] as [`PodVmError::Refused`]).
+    pub async fn request(&self, request: ControlRequest) -> Result<VmmMessage, PodVmError> {
+        let control = self.control.clone();
+        let pid = self.pid;
+        tokio::task::spawn_blocking(move || {
+            let mut control = control.lock().unwrap_or_else(|e| e.into_inner());
+            let reader = control.as_mut().ok_or(ControlError::Closed)?;
+            reader
+                .get_ref()
+                .set_read_timeout(Some(CONTROL_TIMEOUT))
+                .map_err(ControlError::Io)?;
+            vmm_control::write_message(reader.get_mut(), &request)?;
+            match vmm_control::read_message::<VmmMessage>(reader) {
+                Ok(VmmMessage::Failed(reason)) => Err(PodVmError::Refused { request, reason }),
+                Ok(VmmMessage::Ready(_)) => Err(PodVmError::Control(ControlError::Io(
+                    std::io::Error::other(format!("VMM pid {pid} said ready twice")),
+                ))),
+                Ok(reply) => Ok(reply),
+                Err(e) => {
+                    // A reply that is late, bad or missing leaves the
+                    // channel out of step: it is not used again.
+                    control.take();
+                    Err(e.into())
+                }
+            }
+        })
+        .await
+        .map_err(|e| PodVmError::Control(ControlError::Io(std::io::Error::other(e))))?
+    }
+
     /// Kills the VMM at once.
     pub fn kill(&self) {
-        self.lifeline
+        self.control
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take();
@@ -556,15 +618,27 @@ fn placeholder_agent() -> Result<AgentClient, PodVmError> {
     AgentClient::from_unix(a).map_err(PodVmError::Connect)
 }
 
-fn read_ready_line<R: Read>(stdout: Option<R>) -> Result<VmmReady, String> {
-    let Some(stdout) = stdout else {
-        return Err("no stdout pipe".into());
-    };
-    let mut line = String::new();
-    BufReader::new(stdout.take(vmm_ready::MAX_LEN as u64 + 1))
-        .read_line(&mut line)
+/// Waits at most `timeout` for the VMM's first message, which must be
+/// [`VmmMessage::Ready`].
+fn read_ready(control: &mut BufReader<UnixStream>, timeout: Duration) -> Result<VmmReady, String> {
+    control
+        .get_ref()
+        .set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
-    VmmReady::parse_line(&line).map_err(|e| e.to_string())
+    match vmm_control::read_message::<VmmMessage>(control) {
+        Ok(VmmMessage::Ready(ready)) if ready.ready => Ok(ready),
+        Ok(other) => Err(format!("arrow-vmm said {other:?} instead of ready")),
+        Err(ControlError::Closed) => Err("arrow-vmm exited before it was ready".into()),
+        Err(ControlError::Io(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Err(format!("not ready after {timeout:?}"))
+        }
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn millis(d: Duration) -> u64 {
@@ -593,20 +667,36 @@ pub fn open_append(path: &Path) -> std::io::Result<File> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::BufRead;
+
+    /// What the shim reads when the VMM sends `bytes` then closes its end
+    /// (or keeps it open, saying nothing, with `keep_open`).
+    fn ready_from(bytes: &[u8], keep_open: bool) -> Result<VmmReady, String> {
+        let (shim, mut vmm) = UnixStream::pair().unwrap();
+        std::io::Write::write_all(&mut vmm, bytes).unwrap();
+        let _kept = keep_open.then_some(vmm);
+        read_ready(&mut BufReader::new(shim), Duration::from_millis(200))
+    }
 
     #[test]
-    fn ready_line_parses_and_rejects() {
-        let line = br#"{"ready":true,"cloned":true,"pid":7,"vsock_uds":"/x","ready_ms":31}
+    fn the_ready_message_is_read_and_others_refused() {
+        let line =
+            br#"{"ready":{"ready":true,"cloned":true,"pid":7,"vsock_uds":"/x","ready_ms":31}}
 "#;
-        let ready = read_ready_line(Some(&line[..])).unwrap();
+        let ready = ready_from(line, false).unwrap();
         assert!(ready.cloned);
         assert_eq!(ready.ready_ms, 31);
-        assert!(read_ready_line(Some(&b""[..]))
+        assert!(ready_from(b"", false).unwrap_err().contains("exited"));
+        assert!(ready_from(b"", true)
             .unwrap_err()
-            .contains("exited"));
-        assert!(read_ready_line(Some(&b"garbage\n"[..])).is_err());
-        assert!(read_ready_line(Some(&b"{\"ready\":false,\"cloned\":false}\n"[..])).is_err());
-        assert!(read_ready_line(None::<&[u8]>).is_err());
+            .contains("not ready after"));
+        assert!(ready_from(b"garbage\n", false).is_err());
+        assert!(ready_from(b"\"done\"\n", false)
+            .unwrap_err()
+            .contains("instead of ready"));
+        let not_ready = br#"{"ready":{"ready":false,"cloned":true,"pid":7,"vsock_uds":"/x"}}
+"#;
+        assert!(ready_from(not_ready, false).is_err());
     }
 
     /// A listener in this process stands for the VMM.

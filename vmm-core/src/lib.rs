@@ -14,6 +14,7 @@ pub mod exit;
 pub mod fuzzing;
 pub mod hypervisor;
 pub mod initramfs;
+pub mod launch;
 pub mod loader;
 pub mod snapshot;
 pub mod template;

@@ -308,6 +308,9 @@ pub enum VmError {
     /// `start` was called twice.
     #[error("the VM was already started")]
     AlreadyStarted,
+    /// The vCPUs could not be paused, or the VM was not running.
+    #[error("pausing the VM: {0}")]
+    Pause(String),
 }
 
 // These wrap errors whose message already ends with their own cause, so
@@ -375,6 +378,9 @@ pub struct Vm {
     vcpus: Vec<Vcpu>,
     running: Vec<VcpuHandle>,
     control: Arc<VcpuControl>,
+    /// Whether [`Vm::pause`] parked the vCPUs; the lock also keeps a pause
+    /// and a resume from crossing.
+    paused: Mutex<bool>,
     event_loop: Option<EventLoop>,
     subscribers: Vec<Subscriber>,
     pio: Arc<Bus>,
@@ -494,6 +500,7 @@ impl Vm {
             vcpus,
             running: Vec::new(),
             control: Arc::new(VcpuControl::default()),
+            paused: Mutex::new(false),
             event_loop: None,
             subscribers: devices.subscribers,
             pio: Arc::new(pio),
@@ -676,6 +683,7 @@ impl Vm {
             vcpus,
             running: Vec::new(),
             control: Arc::new(VcpuControl::default()),
+            paused: Mutex::new(false),
             event_loop: None,
             subscribers: devices.subscribers,
             pio: Arc::new(pio),
@@ -706,6 +714,11 @@ impl Vm {
         if self.running.is_empty() {
             return Err(VmError::Restore(
                 "only a running VM can be snapshotted".into(),
+            ));
+        }
+        if self.is_paused() {
+            return Err(VmError::Restore(
+                "a paused VM cannot be snapshotted; resume it first".into(),
             ));
         }
         let vcpus = self
@@ -845,6 +858,38 @@ impl Vm {
         // it, the one after follows its handling.
         let wanted = if watch.delivered { 1 } else { 2 };
         avail.wrapping_sub(at_restore) >= wanted
+    }
+
+    /// Parks every vCPU until [`Vm::resume`]: the guest stops running, its
+    /// memory and devices stay as they are (devices finish what the guest
+    /// had already queued). Pausing a paused VM does nothing; a paused VM
+    /// can still be stopped.
+    pub fn pause(&self, timeout: Duration) -> Result<(), VmError> {
+        let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        if self.running.is_empty() || self.exit.has_exited() {
+            return Err(VmError::Pause("the VM is not running".into()));
+        }
+        if *paused {
+            return Ok(());
+        }
+        self.control
+            .pause(&self.running, timeout)
+            .map_err(VmError::Pause)?;
+        *paused = true;
+        Ok(())
+    }
+
+    /// Lets the vCPUs of a paused VM run again; does nothing otherwise.
+    pub fn resume(&self) {
+        let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        if std::mem::take(&mut *paused) {
+            self.control.resume();
+        }
+    }
+
+    /// Whether the VM is paused ([`Vm::pause`]).
+    pub fn is_paused(&self) -> bool {
+        *self.paused.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A handle that ends the VM from another thread (a signal watcher, a

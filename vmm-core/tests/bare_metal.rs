@@ -93,6 +93,41 @@ fn a_spinning_guest_is_stopped_by_the_host() {
 }
 
 #[test]
+fn a_paused_guest_does_not_run_until_resumed() {
+    let mut p = GuestProgram::new();
+    p.serial_write(b"spin").count_forever(0x20_0000);
+    let (exit, _, mut vm) = run(&p, "pause", Duration::from_millis(200));
+    assert_eq!(exit, None, "the guest spins");
+    let counter = |vm: &Vm| -> u64 {
+        vm_memory::Bytes::read_obj(vm.memory(), vm_memory::GuestAddress(0x20_0000)).unwrap()
+    };
+    vm.pause(Duration::from_secs(10)).unwrap();
+    vm.pause(Duration::from_secs(10)).unwrap(); // already paused: nothing
+    assert!(vm.is_paused());
+    let paused_at = counter(&vm);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(counter(&vm), paused_at, "a paused guest ran");
+    let dir = std::env::temp_dir().join(format!("arrow-paused-snap-{}", std::process::id()));
+    let err = vm.snapshot(&dir, true).unwrap_err();
+    assert!(err.to_string().contains("paused"), "{err}");
+    assert!(vm.is_paused(), "a refused snapshot does not resume");
+    vm.resume();
+    assert!(!vm.is_paused());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while counter(&vm) == paused_at {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest did not resume"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // A paused VM can be stopped; a stopped one cannot be paused.
+    vm.pause(Duration::from_secs(10)).unwrap();
+    assert_eq!(vm.stop(), VmExit::Stopped);
+    assert!(vm.pause(Duration::from_secs(1)).is_err());
+}
+
+#[test]
 fn a_guest_that_halts_with_interrupts_off_is_stopped_cleanly() {
     let mut p = GuestProgram::new();
     p.serial_write(b"h").halt_forever();
@@ -825,5 +860,192 @@ mod virtio_net {
         // A second descriptor on the same tap passes the checks too.
         let again = Tap::from_fd(std::os::fd::OwnedFd::from(tap.try_clone().unwrap())).unwrap();
         assert_eq!(again.name(), name);
+    }
+}
+
+/// vmm-core's clone-or-boot launch (`vmm_core::launch`) with a guest that
+/// spins: "ready" is its counter moving.
+mod launch {
+    use super::*;
+    use std::path::Path;
+    use vmm_core::cancel::Cancel;
+    use vmm_core::launch::{
+        template_key, Launch, LaunchError, LaunchEvent, LaunchHooks, Launched, Origin,
+    };
+    use vmm_core::template::TemplateCache;
+
+    const COUNTER: u64 = 0x20_0000;
+
+    /// Records the events; ready when the guest's counter moves, or never
+    /// (`refuse`).
+    #[derive(Default)]
+    struct Hooks {
+        events: Vec<String>,
+        refuse: bool,
+    }
+
+    impl LaunchHooks for Hooks {
+        type Ready = u64;
+
+        fn console(&mut self) -> io::Result<ConsoleOutput> {
+            Ok(ConsoleOutput::Sink)
+        }
+
+        fn wait_ready(
+            &mut self,
+            vm: &Vm,
+            timeout: Duration,
+            cancel: &Cancel,
+        ) -> Result<u64, LaunchError> {
+            if self.refuse {
+                return Err(LaunchError::NotReady("refused by the test".into()));
+            }
+            let deadline = std::time::Instant::now() + timeout;
+            loop {
+                cancel.check()?;
+                let count: u64 =
+                    vm_memory::Bytes::read_obj(vm.memory(), vm_memory::GuestAddress(COUNTER))
+                        .unwrap();
+                if count > 0 {
+                    return Ok(count);
+                }
+                if std::time::Instant::now() > deadline {
+                    return Err(LaunchError::NotReady("the counter never moved".into()));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+
+        fn event(&mut self, event: LaunchEvent<'_>) {
+            let name = match event {
+                LaunchEvent::Built { .. } => "built".into(),
+                LaunchEvent::Booted => "booted".into(),
+                LaunchEvent::TemplateSaved => "saved".into(),
+                LaunchEvent::TemplateNotSaved(e) => format!("not saved: {e}"),
+                LaunchEvent::TemplateRemoved(why) => format!("removed: {why}"),
+                LaunchEvent::CloneRestored => "restored".into(),
+                LaunchEvent::CloneReady => "clone ready".into(),
+            };
+            self.events.push(name);
+        }
+    }
+
+    fn config(kernel: &Path) -> VmConfig {
+        let mut config = VmConfig::new(kernel);
+        config.memory_bytes = 32 << 20;
+        config
+    }
+
+    fn start(
+        origin: Origin,
+        cache: &TemplateCache,
+        kernel: &Path,
+        hooks: &mut Hooks,
+    ) -> Result<Launched<u64>, LaunchError> {
+        let config = config(kernel);
+        let key = template_key(&config)?;
+        let cancel = Cancel::default();
+        Launch {
+            origin,
+            cache,
+            key: &key,
+            ready_timeout: Duration::from_secs(10),
+            cancel: &cancel,
+        }
+        .start(config, hooks)
+    }
+
+    #[test]
+    fn boots_once_then_clones_and_boot_alone_saves_nothing() {
+        let mut p = GuestProgram::new();
+        p.count_forever(COUNTER);
+        let kernel = guest_file(&p, "launch");
+        let root = std::env::temp_dir().join(format!("arrow-launch-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let cache = TemplateCache::new(root.join("templates"));
+
+        // Boot only: ready, no template.
+        let mut hooks = Hooks::default();
+        let launched = start(Origin::Boot, &cache, &kernel, &mut hooks).unwrap();
+        assert!(!launched.cloned && launched.template.is_none());
+        assert!(launched.ready.unwrap() > 0);
+        assert_eq!(hooks.events, ["built", "booted"]);
+        drop(launched);
+        assert!(
+            !root.join("templates").exists()
+                || std::fs::read_dir(root.join("templates")).unwrap().count() == 0
+        );
+
+        // A readiness check that fails: an error, and no template.
+        let mut hooks = Hooks {
+            refuse: true,
+            ..Default::default()
+        };
+        let err = start(Origin::CloneOrBoot, &cache, &kernel, &mut hooks)
+            .err()
+            .unwrap();
+        assert!(matches!(err, LaunchError::NotReady(_)), "{err}");
+        let key = template_key(&config(&kernel)).unwrap();
+        assert!(!cache.dir(&key).exists());
+
+        // The first boots and saves the template, the next clones it.
+        let mut hooks = Hooks::default();
+        let first = start(Origin::CloneOrBoot, &cache, &kernel, &mut hooks).unwrap();
+        assert!(!first.cloned);
+        assert_eq!(first.template.as_deref(), Some(cache.dir(&key).as_path()));
+        assert_eq!(hooks.events, ["built", "booted", "saved"]);
+        let mut hooks = Hooks::default();
+        let clone = start(Origin::CloneOrBoot, &cache, &kernel, &mut hooks).unwrap();
+        assert!(clone.cloned && clone.ready.is_none());
+        assert_eq!(hooks.events, ["restored", "clone ready"]);
+        // The clone runs on from the template's counter.
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(clone.vm.wait(Some(Duration::ZERO)), None, "the clone runs");
+
+        // A corrupt template is removed and rebuilt by the next boot.
+        drop(clone);
+        std::fs::write(
+            cache.dir(&key).join(vmm_core::snapshot::VMSTATE_FILE),
+            b"corrupt",
+        )
+        .unwrap();
+        let mut hooks = Hooks::default();
+        let rebuilt = start(Origin::CloneOrBoot, &cache, &kernel, &mut hooks).unwrap();
+        assert!(!rebuilt.cloned);
+        assert!(
+            hooks.events[0].starts_with("removed: "),
+            "{:?}",
+            hooks.events
+        );
+        assert_eq!(&hooks.events[1..], ["built", "booted", "saved"]);
+        drop((first, rebuilt));
+        std::fs::remove_dir_all(&root).unwrap();
+        std::fs::remove_file(kernel).unwrap();
+    }
+
+    #[test]
+    fn a_cancelled_launch_is_interrupted() {
+        let mut p = GuestProgram::new();
+        p.count_forever(COUNTER);
+        let kernel = guest_file(&p, "launch-cancel");
+        let root = std::env::temp_dir().join(format!("arrow-launch-c-{}", std::process::id()));
+        let cache = TemplateCache::new(root.join("templates"));
+        let config = config(&kernel);
+        let key = template_key(&config).unwrap();
+        let cancel = Cancel::default();
+        cancel.request("test".into());
+        let err = Launch {
+            origin: Origin::CloneOrBoot,
+            cache: &cache,
+            key: &key,
+            ready_timeout: Duration::from_secs(10),
+            cancel: &cancel,
+        }
+        .start(config, &mut Hooks::default())
+        .err()
+        .unwrap();
+        assert!(matches!(err, LaunchError::Interrupted(_)), "{err}");
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::remove_file(kernel).unwrap();
     }
 }
