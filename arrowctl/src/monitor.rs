@@ -497,8 +497,8 @@ pub fn encode_scrape(scrape: &Scrape, errors_total: u64) -> Result<String, std::
     );
     registry.register(
         "arrow_pod_start_phase_seconds",
-        "How long each phase of the VM's start took: vmm_ready (spawn to the VMM's ready line), \
-         agent_ready (ready line to the agent connected and initialised)",
+        "How long each phase of the VM's start took: vmm_ready (spawn to the VMM's ready message), \
+         agent_ready (ready message to the agent connected and initialised)",
         phases,
     );
     registry.register(

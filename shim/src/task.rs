@@ -11,7 +11,7 @@
 //! Every pid reported to containerd is the VMM's host pid (as Kata does):
 //! a guest pid means nothing on the host, and the guest chooses it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -157,6 +157,12 @@ struct Pod {
     /// The sandbox spec's sysctls, applied with each app container's.
     sysctls: Vec<proto::agent::Sysctl>,
     containers: HashMap<String, Container>,
+    /// Containers being created: their ids are taken, and the pod's lock
+    /// is not held while their VM boots or the guest creates them, so
+    /// every other call (state, stats, kill, connect) is served meanwhile.
+    creating: HashSet<String>,
+    /// A sandbox's or standalone container's VM is starting.
+    vm_starting: bool,
 }
 
 impl Pod {
@@ -370,6 +376,44 @@ impl TaskService {
 
     /// Creates an app container in the pod's VM: shares its files, has the
     /// guest assemble it, prepares its init process and stdio.
+    /// The part of `create` that runs without the pod's lock: the VM's
+    /// start for a sandbox or a standalone container, the container in the
+    /// guest for an app (`member_of`: the pod's VM and sysctls).
+    async fn create_unlocked(
+        &self,
+        req: &CreateTaskRequest,
+        spec: &Spec,
+        role: &Role,
+        member_of: Option<(Arc<PodVm>, Vec<proto::agent::Sysctl>)>,
+    ) -> TtrpcResult<(Arc<PodVm>, Option<ContainerShare>, Arc<Process>)> {
+        match (role, member_of) {
+            (Role::Sandbox, _) => {
+                let vm = self.start_vm(&req.id, spec, role).await?;
+                let init = Arc::new(Process::new(&req.id, "", "", StdioPaths::default()));
+                init.set_pid(vm.pid());
+                Ok((vm, None, init))
+            }
+            (Role::Standalone, _) => {
+                let vm = self.start_vm(&req.id, spec, role).await?;
+                match self.create_app(&vm, req, spec, &[]).await {
+                    Ok((share, init)) => Ok((vm, Some(share), init)),
+                    Err(e) => {
+                        stop_and_clean(&vm).await;
+                        Err(e)
+                    }
+                }
+            }
+            (Role::PodMember { .. }, Some((vm, sysctls))) => {
+                let (share, init) = self.create_app(&vm, req, spec, &sysctls).await?;
+                Ok((vm, Some(share), init))
+            }
+            (Role::PodMember { sandbox_id }, None) => Err(status(
+                Code::FAILED_PRECONDITION,
+                format!("pod sandbox {sandbox_id} is not running in this shim"),
+            )),
+        }
+    }
+
     async fn create_app(
         &self,
         vm: &Arc<PodVm>,
@@ -708,55 +752,67 @@ impl Task for TaskService {
         let spec = load_spec(&req.bundle)?;
         let role =
             Role::of(&req.id, &spec).map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
-        let mut pod = self.pod.lock().await;
-        if pod.containers.contains_key(&req.id) {
-            return Err(status(
-                Code::ALREADY_EXISTS,
-                format!("container {} already exists", req.id),
-            ));
-        }
-        log::info!("create {} ({role:?})", req.id);
-        let (vm, share, init) = match &role {
-            Role::Sandbox => {
-                if pod.vm.is_some() {
-                    return Err(status(
-                        Code::ALREADY_EXISTS,
-                        "this shim already runs a pod VM",
-                    ));
-                }
-                let vm = self.start_vm(&req.id, &spec, &role).await?;
-                pod.sysctls = spec::sysctls(&spec);
-                let init = Arc::new(Process::new(&req.id, "", "", StdioPaths::default()));
-                init.set_pid(vm.pid());
-                (vm, None, init)
+        // Claimed under the lock, created without it.
+        let member_of = {
+            let mut pod = self.pod.lock().await;
+            if pod.containers.contains_key(&req.id) || pod.creating.contains(&req.id) {
+                return Err(status(
+                    Code::ALREADY_EXISTS,
+                    format!("container {} already exists", req.id),
+                ));
             }
-            Role::Standalone => {
-                if pod.vm.is_some() {
-                    return Err(status(
-                        Code::ALREADY_EXISTS,
-                        "this shim already runs a VM; a standalone container needs its own",
-                    ));
-                }
-                let vm = self.start_vm(&req.id, &spec, &role).await?;
-                match self.create_app(&vm, &req, &spec, &[]).await {
-                    Ok((share, init)) => (vm, Some(share), init),
-                    Err(e) => {
-                        stop_and_clean(&vm).await;
-                        return Err(e);
+            let member_of = match &role {
+                Role::Sandbox | Role::Standalone => {
+                    if pod.vm.is_some() || pod.vm_starting {
+                        return Err(status(
+                            Code::ALREADY_EXISTS,
+                            if role == Role::Sandbox {
+                                "this shim already runs a pod VM"
+                            } else {
+                                "this shim already runs a VM; a standalone container needs its own"
+                            },
+                        ));
                     }
+                    pod.vm_starting = true;
+                    None
                 }
-            }
-            Role::PodMember { sandbox_id } => {
-                let vm = pod.vm().map_err(|_| {
-                    status(
-                        Code::FAILED_PRECONDITION,
-                        format!("pod sandbox {sandbox_id} is not running in this shim"),
-                    )
-                })?;
-                let (share, init) = self.create_app(&vm, &req, &spec, &pod.sysctls).await?;
-                (vm, Some(share), init)
-            }
+                Role::PodMember { sandbox_id } => {
+                    let vm = pod.vm().map_err(|_| {
+                        status(
+                            Code::FAILED_PRECONDITION,
+                            format!("pod sandbox {sandbox_id} is not running in this shim"),
+                        )
+                    })?;
+                    Some((vm, pod.sysctls.clone()))
+                }
+            };
+            pod.creating.insert(req.id.clone());
+            member_of
         };
+        log::info!("create {} ({role:?})", req.id);
+        let created = self.create_unlocked(&req, &spec, &role, member_of).await;
+        let mut pod = self.pod.lock().await;
+        pod.creating.remove(&req.id);
+        if matches!(role, Role::Sandbox | Role::Standalone) {
+            pod.vm_starting = false;
+        }
+        let (vm, share, init) = created?;
+        if role == Role::Sandbox {
+            pod.sysctls = spec::sysctls(&spec);
+        }
+        if let Role::PodMember { sandbox_id } = &role {
+            // The sandbox may have been deleted meanwhile: its VM is gone,
+            // and the container with it (its share is unmounted on drop).
+            if !pod.vm.as_ref().is_some_and(|v| Arc::ptr_eq(v, &vm)) {
+                return Err(status(
+                    Code::FAILED_PRECONDITION,
+                    format!(
+                        "pod sandbox {sandbox_id} ended while {} was created",
+                        req.id
+                    ),
+                ));
+            }
+        }
         let pid = init.pid();
         log::info!(
             "create {} done in {} ms",
@@ -1226,7 +1282,7 @@ impl Task for TaskService {
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> TtrpcResult<Empty> {
         let pod = self.pod.lock().await;
-        if !pod.containers.is_empty() {
+        if !pod.containers.is_empty() || !pod.creating.is_empty() {
             return Ok(Empty::new());
         }
         if let Some(vm) = &pod.vm {
