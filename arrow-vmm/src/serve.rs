@@ -113,7 +113,9 @@ fn ready_message(cloned: bool, pid: u32, vsock_uds: &str, ready: Duration) -> Vm
 /// The controller's life while the VM runs: answers the shim's requests,
 /// publishes the counters every [`PUBLISH_INTERVAL`], and returns how the
 /// VM ended. A scoped watcher thread turns the VM's end into an event, so
-/// one wait serves both.
+/// one wait serves both. Once it is started, the main thread takes its
+/// own filter: from here on it only waits, answers, publishes the
+/// counters, stops and tears down (no more threads).
 fn control_loop<'scope, 'env>(
     scope: &'scope std::thread::Scope<'scope, 'env>,
     vm: &'env vmm_core::vm::Vm,
@@ -123,18 +125,26 @@ fn control_loop<'scope, 'env>(
     mut counters: Option<&mut CountersFile>,
     seccomp: Option<Arc<SeccompPolicy>>,
 ) -> anyhow::Result<VmExit> {
+    let watcher_policy = seccomp.clone();
     std::thread::Builder::new()
         .name("exit".into())
         .spawn_scoped(scope, move || {
             // A filter that fails to apply leaves this thread only waiting;
             // the failure is reported by the threads that do work.
-            if let Some(policy) = &seccomp {
+            if let Some(policy) = &watcher_policy {
                 let _ = policy.apply(VmmThread::Watcher);
             }
             let exit = vm.wait(None).unwrap_or(VmExit::Stopped);
             let _ = events_tx.send(Event::Exited(exit));
         })
         .context("starting the exit watcher")?;
+    if let Some(policy) = &seccomp {
+        if let Err(e) = policy.apply(VmmThread::Controller) {
+            // The exit watcher must see an end, or the scope never closes.
+            vm.stop_handle().stop();
+            return Err(e);
+        }
+    }
     let mut next_publish = Instant::now();
     loop {
         if let Some(file) = counters.as_deref_mut() {
@@ -492,11 +502,6 @@ pub fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
     }
     timings.mark("ready");
-    // From here on the main thread only waits, publishes the counters,
-    // stops and tears down.
-    if let Some(policy) = &seccomp {
-        policy.apply(VmmThread::Controller)?;
-    }
 
     let mut counters = args.counters.as_deref().map(CountersFile::new);
     let exit = std::thread::scope(|scope| {
