@@ -11,7 +11,7 @@
 //! Prometheus scrapes), and a crash of it touches no pod.
 //!
 //! What it reads, per pod directory `/run/arrow/<containerd namespace>/<sandbox id>/`
-//! (see `shim/src/vm.rs`, `PodDir`):
+//! (see `runtime/src/vm.rs`, `PodDir`):
 //! - `vmm.pid`: the process the shim started. When the VMM is jailed that
 //!   is its *keeper*, and the VMM itself is the keeper's `arrow-vmm` child
 //!   (`arrow-vmm/src/jail.rs`); the figures are the VMM's.

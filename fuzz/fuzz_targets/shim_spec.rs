@@ -18,11 +18,11 @@ use std::path::Path;
 use libfuzzer_sys::fuzz_target;
 use oci_spec::runtime::Spec;
 
-use shim::fuzzing::{parse_options, share_path_of, unescape_mountinfo};
-use shim::network::PodNetworkMode;
-use shim::seccomp::MAX_INSNS;
-use shim::share::mounts_under;
-use shim::spec::{
+use arrow_runtime::fuzzing::{parse_options, share_path_of, unescape_mountinfo};
+use arrow_runtime::network::PodNetworkMode;
+use arrow_runtime::seccomp::MAX_INSNS;
+use arrow_runtime::share::mounts_under;
+use arrow_runtime::spec::{
     check_identifier, parse_process, parse_resources, plan_container, process_request,
     refuse_host_namespaces, resources_request, sysctls, Role, PodVmSize, DEFAULT_MEMORY, MAX_VCPUS,
     MEMORY_STEP,

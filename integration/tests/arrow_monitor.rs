@@ -16,7 +16,7 @@ use integration::containerd::{skip_unless_root, Containerd, BUSYBOX_IMAGE, NAMES
 use integration::cri::unique_name;
 
 /// The shim's default guest size for a pod without limits
-/// (`shim/src/spec.rs` `DEFAULT_MEMORY`, `DEFAULT_VCPUS`).
+/// (`runtime/src/spec.rs` `DEFAULT_MEMORY`, `DEFAULT_VCPUS`).
 const DEFAULT_MEMORY: f64 = (256u64 << 20) as f64;
 const DEFAULT_VCPUS: f64 = 1.0;
 const MIB: f64 = (1u64 << 20) as f64;

@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use arrow_runtime::network::{self, GuestRoute, TAP_NAME};
 use integration::netns::{in_ns, ip, root_with_ip, VethPair, PEER_IP};
-use shim::network::{self, GuestRoute, TAP_NAME};
 
 /// The veth pair with an MTU and a second route besides the default one,
 /// which `set_up` must hand to the guest.

@@ -1,7 +1,7 @@
 //! The guest NIC with a real VM and no containerd: a "pod" network
 //! namespace with a veth `eth0` (as CNI would leave it) and its peer in a
-//! "peer" namespace; the shim's `network::set_up` joins a tap to the veth,
-//! the shim's `PodVm::start` hands the tap to `arrow-vmm serve`, and the
+//! "peer" namespace; the runtime's `network::set_up` joins a tap to the veth,
+//! the runtime's `PodVm::start` hands the tap to `arrow-vmm serve`, and the
 //! agent's `ConfigureNetwork` makes the guest the pod's interface. Then
 //! the guest pings the peer, the peer fetches a page from busybox httpd in
 //! the guest at the pod IP, and teardown leaves the namespace as it was.
@@ -16,15 +16,14 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use containerd_shim::asynchronous::monitor::monitor_notify_by_pid;
-
+use arrow_runtime::exits::OwnChildren;
+use arrow_runtime::network::{self, TAP_NAME};
+use arrow_runtime::spec::PodVmSize;
+use arrow_runtime::vm::{PodDir, PodVm, VmNic};
 use integration::netns::{in_netns, ip, VethPair};
 use integration::{arrow_vmm, boot_lock, busybox_rootfs, kernel};
 use proto::agent::{CreateContainer, CreateProcess, Mount};
 use proto::client::AgentClient;
-use shim::network::{self, TAP_NAME};
-use shim::spec::PodVmSize;
-use shim::vm::{PodDir, PodVm, VmNic};
 
 fn run_in_guest(agent: &AgentClient, id: &str, script: &str) -> (i32, i32) {
     agent
@@ -40,20 +39,6 @@ fn run_in_guest(agent: &AgentClient, id: &str, script: &str) -> (i32, i32) {
     let exited = agent.wait(id).unwrap();
     agent.delete_process(id).unwrap();
     (exited.exit_code, exited.signal)
-}
-
-/// Reaps the VMM as the shim's reaper would and tells the shim's process
-/// monitor, so `PodVm::wait` and `PodVm::stop` work outside a shim.
-fn reap_into_monitor(pid: u32, runtime: tokio::runtime::Handle) {
-    std::thread::spawn(move || {
-        let pid = nix::unistd::Pid::from_raw(pid as i32);
-        let code = match nix::sys::wait::waitpid(pid, None) {
-            Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => code,
-            Ok(nix::sys::wait::WaitStatus::Signaled(_, sig, _)) => 128 + sig as i32,
-            _ => 255,
-        };
-        let _ = runtime.block_on(monitor_notify_by_pid(pid.as_raw(), code));
-    });
 }
 
 async fn round(fx: &VethPair, round: u32) -> bool {
@@ -89,13 +74,12 @@ async fn round(fx: &VethPair, round: u32) -> bool {
         vcpus: 1,
     };
     let started = Instant::now();
-    let vm = PodVm::start(dir.clone(), shape, "netpod", Some(nic), None)
+    let vm = PodVm::start(dir.clone(), shape, "netpod", Some(nic), None, &OwnChildren)
         .await
         .unwrap_or_else(|e| {
             let log = std::fs::read_to_string(dir.vmm_log()).unwrap_or_default();
             panic!("PodVm::start: {e}\n{log}")
         });
-    reap_into_monitor(vm.pid(), tokio::runtime::Handle::current());
     let _share = dir
         .share()
         .add_container("c1", &[], &bundle_rootfs, &[])

@@ -2,22 +2,14 @@
 //! an Arrow microVM. One shim serves one pod: the sandbox container starts
 //! the VM (`arrow-vmm serve`, a clone of a booted template), app containers
 //! are created in it through the agent (`proto`), their files shared over
-//! virtio-fs.
+//! virtio-fs. The pod runtime itself is `arrow-runtime`; this crate is its
+//! containerd front door: the ttrpc Task service, containerd's events,
+//! process states and metrics.
 
-pub mod cgroup;
 pub mod command;
-#[cfg(feature = "fuzzing")]
-pub mod fuzzing;
-pub mod network;
-pub mod oom;
 pub mod port_forward;
 pub mod process;
-pub mod seccomp;
+pub mod reaper;
 pub mod service;
-pub mod share;
-pub mod spec;
 pub mod stats;
-pub mod stdio;
-mod syscalls_x86_64;
 pub mod task;
-pub mod vm;

@@ -26,8 +26,8 @@ use std::time::Duration;
 use containerd_shim::asynchronous::monitor::Subscription;
 
 use crate::command;
-use crate::network::{self, NetworkError};
-use crate::vm::PodVm;
+use arrow_runtime::network::{self, NetworkError};
+use arrow_runtime::vm::PodVm;
 
 /// How long the guest may take to answer a port-forward open.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -225,7 +225,7 @@ fn reset(client: TcpStream) {
 /// Bytes both ways until both directions ended: client -> guest on a second
 /// thread, guest -> client on this one. An end of stream is passed on as a
 /// half-close; an error ends both directions.
-fn relay(client: &TcpStream, guest: crate::stdio::GuestStream) {
+fn relay(client: &TcpStream, guest: arrow_runtime::stdio::GuestStream) {
     let abort = || {
         let _ = client.shutdown(Shutdown::Both);
         let _ = guest.shutdown(Shutdown::Both);

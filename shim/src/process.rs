@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use containerd_shim::api::Status;
 use tokio::sync::watch;
 
-use crate::stdio::StdinClose;
+use arrow_runtime::stdio::StdinClose;
 
 /// How long the exit of a process waits for its output copies to finish
 /// (the guest already flushed them when it reported the exit; this bounds

@@ -16,10 +16,10 @@ use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{socket_address, Config, Error, Flags, StartOpts};
 use oci_spec::runtime::Spec;
 
-use crate::network::{self, PodNetworkMode};
-use crate::spec::Role;
 use crate::task::TaskService;
-use crate::vm::PodDir;
+use arrow_runtime::network::{self, PodNetworkMode};
+use arrow_runtime::spec::Role;
+use arrow_runtime::vm::PodDir;
 
 /// The runtime type containerd knows us by.
 pub const RUNTIME_ID: &str = "io.containerd.arrow.v1";

@@ -42,16 +42,17 @@ use proto::agent::StreamKind;
 use proto::client::{AgentClient, ClientError};
 use tokio::sync::Mutex;
 
-use crate::cgroup::CgroupPath;
-use crate::network::{self, GuestNetwork, PodNetworkMode};
-use crate::oom::{self, OomFilter, OomSink, OOM_MIN_INTERVAL};
 use crate::port_forward::Loopback;
 use crate::process::{Exit, Process, StdioPaths};
-use crate::share::{ContainerShare, RootfsMount};
-use crate::spec::{self, PodVmSize, Role};
+use crate::reaper::ReaperExits;
 use crate::stats;
-use crate::stdio::{self, Sink};
-use crate::vm::{PodDir, PodVm, VmNic};
+use arrow_runtime::cgroup::CgroupPath;
+use arrow_runtime::network::{self, GuestNetwork, PodNetworkMode};
+use arrow_runtime::oom::{self, OomFilter, OomSink, OOM_MIN_INTERVAL};
+use arrow_runtime::share::{ContainerShare, RootfsMount};
+use arrow_runtime::spec::{self, PodVmSize, Role};
+use arrow_runtime::stdio::{self, Sink};
+use arrow_runtime::vm::{PodDir, PodVm, VmNic};
 
 /// Makes containerd's port-forward (a dial to 127.0.0.1:<port> in the pod's
 /// network namespace) reach the guest, for as long as the VM runs.
@@ -297,7 +298,15 @@ impl TaskService {
             }
         };
         let netns = nic.as_ref().map(|n| n.netns.clone());
-        let started = PodVm::start(dir.clone(), shape, &hostname, nic, cgroup.as_ref()).await;
+        let started = PodVm::start(
+            dir.clone(),
+            shape,
+            &hostname,
+            nic,
+            cgroup.as_ref(),
+            &ReaperExits,
+        )
+        .await;
         let vm = match started {
             Ok(vm) => Arc::new(vm),
             Err(e) => {

@@ -968,7 +968,7 @@ mod tests {
     /// containerd's specs: roles, VM shape, network, mounts, process.
     #[test]
     fn the_shim_reads_our_specs_as_containerds() {
-        use shim::spec::{
+        use arrow_runtime::spec::{
             plan_container, process_request, refuse_host_namespaces, PodVmSize, Role,
         };
         let dir = tempfile::tempdir().unwrap();
@@ -999,10 +999,10 @@ mod tests {
         let shape = PodVmSize::for_spec(&sandbox, &Role::Sandbox).unwrap();
         assert_eq!((shape.memory_bytes, shape.vcpus), (640 << 20, 2));
         assert_eq!(
-            shim::network::PodNetworkMode::of(&sandbox),
-            shim::network::PodNetworkMode::Namespace(netns.into())
+            arrow_runtime::network::PodNetworkMode::of(&sandbox),
+            arrow_runtime::network::PodNetworkMode::Namespace(netns.into())
         );
-        assert_eq!(shim::spec::sysctls(&sandbox).len(), 1);
+        assert_eq!(arrow_runtime::spec::sysctls(&sandbox).len(), 1);
 
         // A volume whose host path is a symlink: the bind is of its target.
         let data = dir.path().join("data");

@@ -419,7 +419,7 @@ fn guest_routes(messages: &[RouteMessage], index: u32) -> Vec<GuestRoute> {
 
 /// Runs `f` on a new thread that entered the network namespace `netns`.
 /// A missing namespace is `Ok(None)` when `missing_ok`.
-pub(crate) fn in_netns<T, F>(netns: &Path, missing_ok: bool, f: F) -> Result<Option<T>>
+pub fn in_netns<T, F>(netns: &Path, missing_ok: bool, f: F) -> Result<Option<T>>
 where
     T: Send,
     F: FnOnce() -> Result<T> + Send,

@@ -1,4 +1,4 @@
-//! The pod's microVM, as the shim sees it: an `arrow-vmm serve` child
+//! The pod's microVM, as the runtime sees it: an `arrow-vmm serve` child
 //! process, the agent connection into the guest, and the pod's state
 //! directory on the host.
 //!
@@ -19,8 +19,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use containerd_shim::asynchronous::monitor::{monitor_subscribe, monitor_unsubscribe};
-use containerd_shim::monitor::{Subject, Topic};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{getsockopt, sockopt};
 use nix::unistd::Pid;
@@ -32,6 +30,7 @@ use proto::vmm_ready::VmmReady;
 use tokio::sync::watch;
 
 use crate::cgroup::{self, CgroupError, CgroupPath, PodCgroup};
+use crate::exits::ChildExits;
 use crate::share::PodShare;
 use crate::spec::{check_identifier, PodVmSize, SpecError};
 use crate::stdio::{GuestStream, GuestStreams};
@@ -212,13 +211,15 @@ impl PodVm {
     /// closed once the VMM has its own, so the tap lives as long as the VMM.
     /// With `cgroup`, the VMM runs in that cgroup from before its exec (the
     /// directories the shim creates for it are recorded in the pod's
-    /// directory, for [`PodDir::clean_up`]).
+    /// directory, for [`PodDir::clean_up`]). `exits` tells when the VMM
+    /// exited (see [`crate::exits`]).
     pub async fn start(
         dir: PodDir,
         shape: PodVmSize,
         hostname: &str,
         nic: Option<VmNic>,
         cgroup: Option<&CgroupPath>,
+        exits: &dyn ChildExits,
     ) -> Result<PodVm, PodVmError> {
         let vmm = vmm_binary()?;
         fs::create_dir_all(dir.vmm_dir()).map_err(|err| PodVmError::StateDir {
@@ -227,11 +228,9 @@ impl PodVm {
         })?;
         let share = dir.share();
         share.set_up().map_err(PodVmError::Share)?;
-        // Subscribe before spawning: the shim's reaper may reap the VMM
-        // before we would otherwise be listening.
-        let mut sub = monitor_subscribe(Topic::Pid)
-            .await
-            .map_err(|e| PodVmError::Spawn(std::io::Error::other(e.to_string())))?;
+        // Before spawning: a reaper may reap the VMM before we would
+        // otherwise be listening.
+        let listener = exits.listen().await.map_err(PodVmError::Spawn)?;
         let log = File::create(dir.vmm_log()).map_err(|err| PodVmError::StateDir {
             path: dir.vmm_log(),
             err,
@@ -315,17 +314,9 @@ impl PodVm {
         let pid = child.id();
         let _ = fs::write(dir.vmm_pid(), pid.to_string());
         let (exit_tx, exit_rx) = watch::channel(None);
-        let sub_id = sub.id;
+        let exit = listener.exit_of(child);
         tokio::spawn(async move {
-            while let Some(event) = sub.rx.recv().await {
-                if let Subject::Pid(p) = event.subject {
-                    if p as u32 == pid {
-                        let _ = exit_tx.send(Some(event.exit_code));
-                        break;
-                    }
-                }
-            }
-            let _ = monitor_unsubscribe(sub_id).await;
+            let _ = exit_tx.send(Some(exit.await));
         });
         let mut reader = BufReader::new(control);
         let vm = PodVm {
