@@ -75,6 +75,22 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
     }
 }
 
+/// The agent behind `uds`, as the shim gets it: `InitClone` first (the
+/// host's time, fresh entropy, a hostname), then anything.
+fn initialised_agent(uds: &Path) -> AgentClient {
+    let stream = hybrid::connect(uds, AGENT_PORT, Duration::from_secs(10)).unwrap();
+    let client = AgentClient::from_unix(stream).unwrap();
+    let entropy = proto::client::fresh_entropy(64).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    client
+        .init_clone(now.as_nanos() as u64, &entropy, "pod")
+        .unwrap();
+    client.ping().unwrap();
+    client
+}
+
 /// Starts a `serve` (a clone of the template in `cache`) with a control
 /// channel, as the shim does; returns it, the shim's end and the socket.
 fn serve_with_control(
@@ -139,16 +155,7 @@ fn controlled_serves(base: &Path, cache: &Path, kernel: &std::ffi::OsStr, init: 
     assert!(ready.ready && ready.cloned, "{ready:?}");
     assert_eq!(ready.pid, c.id());
     assert_eq!(Path::new(&ready.vsock_uds), uds);
-    let stream = hybrid::connect(&uds, AGENT_PORT, Duration::from_secs(10)).unwrap();
-    let client = AgentClient::from_unix(stream).unwrap();
-    let entropy = proto::client::fresh_entropy(64).unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap();
-    client
-        .init_clone(now.as_nanos() as u64, &entropy, "pod")
-        .unwrap();
-    client.ping().unwrap();
+    let client = initialised_agent(&uds);
 
     match request(&mut shim, ControlRequest::Counters) {
         VmmMessage::Counters(counters) => {
@@ -232,17 +239,7 @@ fn two_serves_boot_once_then_clone_and_both_end_cleanly() {
         cloned.push(field(&line, "cloned").to_owned());
 
         eprintln!("ready: {line}");
-        // As the shim does: InitClone first, then anything.
-        let stream = hybrid::connect(uds, AGENT_PORT, Duration::from_secs(10)).unwrap();
-        let client = AgentClient::from_unix(stream).unwrap();
-        let entropy = proto::client::fresh_entropy(64).unwrap();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap();
-        client
-            .init_clone(now.as_nanos() as u64, &entropy, "pod")
-            .unwrap();
-        client.ping().unwrap();
+        initialised_agent(uds);
     }
     cloned.sort();
     assert_eq!(cloned, ["false", "true"], "one boot made the template");
