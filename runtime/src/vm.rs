@@ -537,10 +537,13 @@ impl PodVm {
 
     /// Kills the VMM at once.
     pub fn kill(&self) {
-        self.control
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
+        // A request in flight holds the channel (up to CONTROL_TIMEOUT):
+        // the SIGKILL below closes the VMM's end anyway, so never wait.
+        match self.control.try_lock() {
+            Ok(mut control) => drop(control.take()),
+            Err(std::sync::TryLockError::Poisoned(p)) => drop(p.into_inner().take()),
+            Err(std::sync::TryLockError::WouldBlock) => {}
+        }
         if !self.has_exited() {
             let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
         }
@@ -688,6 +691,104 @@ mod tests {
         let not_ready = br#"{"ready":{"ready":false,"cloned":true,"pid":7,"vsock_uds":"/x"}}
 "#;
         assert!(ready_from(not_ready, false).is_err());
+    }
+
+    /// A `PodVm` whose VMM is a thread of this test answering `replies`
+    /// (raw lines) on the control channel, one per request; pid 0 is never
+    /// signalled (it has "exited").
+    fn vm_with_control(
+        replies: Vec<&'static str>,
+    ) -> (PodVm, std::thread::JoinHandle<()>, UnixStream) {
+        let (shim, vmm) = UnixStream::pair().unwrap();
+        let vmm_side = vmm.try_clone().unwrap();
+        let server = std::thread::spawn(move || {
+            let mut reader = BufReader::new(vmm.try_clone().unwrap());
+            let mut vmm = vmm;
+            for reply in replies {
+                if vmm_control::read_message::<ControlRequest>(&mut reader).is_err() {
+                    return;
+                }
+                std::io::Write::write_all(&mut vmm, reply.as_bytes()).unwrap();
+            }
+            // Then take requests without answering until the shim's end
+            // closes.
+            while vmm_control::read_message::<ControlRequest>(&mut reader).is_ok() {}
+        });
+        let (_tx, exit) = watch::channel(Some(0));
+        let vm = PodVm {
+            pid: 0,
+            dir: PodDir::new("test", "control").unwrap(),
+            agent: Arc::new(placeholder_agent().unwrap()),
+            cloned: true,
+            netns: None,
+            control: Arc::new(Mutex::new(Some(BufReader::new(shim)))),
+            exit,
+            streams: Arc::default(),
+        };
+        (vm, server, vmm_side)
+    }
+
+    #[tokio::test]
+    async fn control_requests_get_their_replies_and_a_bad_one_ends_the_channel() {
+        let (vm, server, _) = vm_with_control(vec![
+            "{\"counters\":{\"net\":null,\"fs\":null}}\n",
+            "{\"failed\":\"vCPUs did not pause\"}\n",
+            "\"done\"\n",
+            "garbage\n",
+        ]);
+        assert!(matches!(
+            vm.request(ControlRequest::Counters).await.unwrap(),
+            VmmMessage::Counters(_)
+        ));
+        let err = vm.request(ControlRequest::Pause).await.unwrap_err();
+        assert!(
+            matches!(&err, PodVmError::Refused { request: ControlRequest::Pause, reason } if reason == "vCPUs did not pause"),
+            "{err}"
+        );
+        assert_eq!(
+            vm.request(ControlRequest::Resume).await.unwrap(),
+            VmmMessage::Done
+        );
+        let err = vm.request(ControlRequest::Counters).await.unwrap_err();
+        assert!(
+            matches!(err, PodVmError::Control(ControlError::Malformed { .. })),
+            "{err}"
+        );
+        // Out of step after a bad reply: the channel is closed, not reused.
+        let err = vm.request(ControlRequest::Counters).await.unwrap_err();
+        assert!(
+            matches!(err, PodVmError::Control(ControlError::Closed)),
+            "{err}"
+        );
+        server.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn kill_closes_the_channel_and_never_waits_for_a_request() {
+        // A VMM that never answers: the request holds the channel.
+        let (vm, server, vmm_side) = vm_with_control(vec![]);
+        let vm = Arc::new(vm);
+        let asking = vm.clone();
+        let request = tokio::spawn(async move { asking.request(ControlRequest::Counters).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = Instant::now();
+        vm.kill();
+        assert!(started.elapsed() < Duration::from_secs(1), "kill waited");
+        // The VMM's end going away ends the request.
+        vmm_side.shutdown(std::net::Shutdown::Both).unwrap();
+        assert!(matches!(
+            request.await.unwrap().unwrap_err(),
+            PodVmError::Control(ControlError::Closed)
+        ));
+        server.join().unwrap();
+        // A kill with nothing in flight closes the channel: the VMM sees it.
+        let (vm2, server2, _) = vm_with_control(vec![]);
+        vm2.kill();
+        server2.join().unwrap();
+        assert!(matches!(
+            vm2.request(ControlRequest::Stop).await.unwrap_err(),
+            PodVmError::Control(ControlError::Closed)
+        ));
     }
 
     /// A listener in this process stands for the VMM.
