@@ -25,8 +25,16 @@ ifconfig route nslookup ping cp mv rm mkdir rmdir touch chmod chown ln sed awk
 sort uniq cut find xargs test [ expr seq du df free dmesg sync vi less hexdump
 od md5sum sha256sum netstat which basename dirname readlink timeout yes dd
 mkfifo stat"
+# The list is read once: `busybox --list | grep -q` under pipefail fails
+# whenever grep exits before busybox has written everything (SIGPIPE), which
+# silently left random applets (cat, ip, expr...) out of the tree.
+available=$(/bin/busybox --list)
 for applet in $applets; do
-  /bin/busybox --list | grep -qxF -- "$applet" && ln -sf busybox "$tmp/bin/$applet"
+  if grep -qxF -- "$applet" <<<"$available"; then
+    ln -sf busybox "$tmp/bin/$applet"
+  else
+    echo "mkrootfs-busybox: this busybox has no applet $applet; not linked" >&2
+  fi
 done
 chmod 1777 "$tmp/tmp"
 printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' >"$tmp/etc/passwd"
