@@ -1023,7 +1023,10 @@ async fn streaming() {
         .await
         .unwrap();
     client.start_container(&web).await.unwrap();
-    wait_for_log(&pod.log_file("web.log"), "ready", Duration::from_secs(60))
+    // 4 MiB of /dev/urandom written through virtio-fs: both in the guest
+    // kernel, which is emulated on kvm_pvm (measured 30-40 s per MiB on a
+    // slow host, where 60 s was not enough).
+    wait_for_log(&pod.log_file("web.log"), "ready", Duration::from_secs(300))
         .await
         .unwrap();
     let mut echo_config = container_config(
