@@ -29,8 +29,11 @@ use crate::command;
 use arrow_runtime::network::{self, NetworkError};
 use arrow_runtime::vm::PodVm;
 
-/// How long the guest may take to answer a port-forward open.
-const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the guest may take to answer a port-forward open: generous,
+/// because a guest whose kernel is emulated (kvm_pvm) and busy carrying
+/// other forwards answers late (seen: > 10 s beside three 4 MiB
+/// transfers); the client's connection waits at most this long.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 /// The comment on the redirect rule, so an operator can tell what made it.
 const RULE_COMMENT: &str = "arrow: kubectl port-forward to the pod's microVM";
 /// Buffer of each direction's copy.
