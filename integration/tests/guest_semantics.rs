@@ -71,10 +71,15 @@ async fn start(cri: &CriClient, pod: &Pod, c: cri::ContainerConfig) -> String {
     id
 }
 
+/// How long one exec may take. The checks are of semantics, not speed: on
+/// a host whose KVM emulates the guest kernel, one iptables command took
+/// ~14 s in the guest and three nft commands together more than 30 s.
+const EXEC_TIMEOUT_SECS: i64 = 180;
+
 /// Runs `cmd`; (exit code, stdout + stderr).
 async fn exec(cri: &CriClient, id: &str, cmd: &[&str]) -> (i32, String) {
     let out = cri
-        .exec_sync(id, cmd, 30)
+        .exec_sync(id, cmd, EXEC_TIMEOUT_SECS)
         .await
         .unwrap_or_else(|e| panic!("exec {cmd:?}: {e:#}"));
     (out.exit_code, out.stdout_text() + &out.stderr_text())
@@ -473,15 +478,13 @@ fn kernel_features_match_runc() {
                 }
             }
             // Native nftables: a redirect in a table of its own.
-            sh_ok(
-                &cri,
-                &admin,
-                handler,
-                "nft add table inet mesh && \
-                 nft 'add chain inet mesh out { type nat hook output priority -100; }' && \
-                 nft add rule inet mesh out tcp dport 80 redirect to :8080",
-            )
-            .await;
+            for command in [
+                "nft add table inet mesh",
+                "nft 'add chain inet mesh out { type nat hook output priority -100; }'",
+                "nft add rule inet mesh out tcp dport 80 redirect to :8080",
+            ] {
+                sh_ok(&cri, &admin, handler, command).await;
+            }
             let out = sh_ok(&cri, &admin, handler, THROUGH_REDIRECT).await;
             assert_eq!(out.trim(), "redirected", "{handler}: nft");
             sh_ok(&cri, &admin, handler, "nft delete table inet mesh").await;
