@@ -140,10 +140,10 @@ fn more(held_back: u64) -> String {
     }
 }
 
-/// Where OOM events go: the shim's pod state and containerd.
+/// Where OOM events go: the pod's state, then the front door's events.
 #[async_trait]
 pub trait OomSink: Send + Sync {
-    /// Whether `id` is an app container this shim created in this pod.
+    /// Whether `id` is an app container created in this pod.
     async fn is_ours(&self, id: &str) -> bool;
     async fn publish(&self, container_id: String);
 }

@@ -70,8 +70,8 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> S
     }
 }
 
-/// A rootfs mount containerd passes with `Create` (a snapshot).
-#[derive(Clone, Debug)]
+/// A rootfs mount a container is created with (a snapshot: overlay, bind).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RootfsMount {
     pub kind: String,
     pub source: String,

@@ -4,11 +4,8 @@
 //! are created in it through the agent (`proto`), their files shared over
 //! virtio-fs. The pod runtime itself is `arrow-runtime`; this crate is its
 //! containerd front door: the ttrpc Task service, containerd's events,
-//! process states and metrics.
+//! process states and metrics, and the reaper's child exits.
 
-pub mod command;
-pub mod port_forward;
-pub mod process;
 pub mod reaper;
 pub mod service;
 pub mod stats;

@@ -49,3 +49,23 @@ impl ExitListener for ReaperListener {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use containerd_shim::asynchronous::monitor::monitor_notify_by_pid;
+    use std::process::Command;
+
+    /// The shim's reaper got there first: the code comes from its event.
+    #[tokio::test]
+    async fn the_exit_code_is_the_one_the_reaper_published() {
+        let listener = ReaperExits.listen().await.unwrap();
+        let mut child = Command::new("sh").args(["-c", "exit 5"]).spawn().unwrap();
+        let pid = child.id();
+        // Reap it as the shim's SIGCHLD handler would, then publish.
+        let code = child.wait().unwrap().code().unwrap();
+        let exit = tokio::spawn(listener.exit_of(child));
+        monitor_notify_by_pid(pid as i32, code).await.unwrap();
+        assert_eq!(exit.await.unwrap(), 5);
+    }
+}

@@ -4,7 +4,8 @@
 use containerd_shim::protos::cgroups_v2::metrics::{
     CPUStat, MemoryEvents, MemoryStat, Metrics, PidsStat,
 };
-use containerd_shim::protos::protobuf::MessageField;
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use containerd_shim::protos::protobuf::{Message, MessageDyn, MessageField};
 use proto::agent::Stats;
 
 /// Sums the stats of one or more containers (a pod's sandbox reports all
@@ -40,6 +41,17 @@ pub fn metrics(all: &[Stats]) -> Metrics {
         pids: MessageField::some(pids),
         ..Default::default()
     }
+}
+
+/// `metrics` as the `Any` of a Stats response. containerd resolves the type
+/// by its bare full name (typeurl), not by the `type.googleapis.com/` form
+/// `Any::pack` writes: ctr and the CRI plugin could not decode that one.
+pub fn encode(metrics: &Metrics) -> Result<Any, containerd_shim::protos::protobuf::Error> {
+    Ok(Any {
+        type_url: metrics.descriptor_dyn().full_name().to_string(),
+        value: metrics.write_to_bytes()?,
+        ..Default::default()
+    })
 }
 
 /// The `MemoryStat` field for a `memory.stat` key.
@@ -115,5 +127,8 @@ mod tests {
         assert_eq!(m.memory.anon, 8192);
         assert_eq!(m.memory_events.oom_kill, 2);
         assert_eq!(m.pids.current, 6);
+        let any = encode(&m).unwrap();
+        assert_eq!(any.type_url, "io.containerd.cgroups.v2.Metrics");
+        assert_eq!(Metrics::parse_from_bytes(&any.value).unwrap(), m);
     }
 }

@@ -3,9 +3,9 @@
 //! containerd's CRI plugin forwards a port itself: it dials
 //! `127.0.0.1:<port>` inside the pod's network namespace on the host, where,
 //! with Arrow, nothing listens (the pod's programs run in the guest). So the
-//! shim listens on one loopback port of that namespace, and an iptables
+//! runtime listens on one loopback port of that namespace, and an iptables
 //! `REDIRECT` rule there (locally generated TCP to 127.0.0.1, chain `nat
-//! OUTPUT`) sends every such connection to it. For each connection the shim
+//! OUTPUT`) sends every such connection to it. For each connection the runtime
 //! reads the port the client meant (`SO_ORIGINAL_DST`) and carries the bytes
 //! over a vsock stream to the guest agent, which connects to
 //! `127.0.0.1:<port>` in the guest (`proto::FORWARD_PORT`).
@@ -23,11 +23,10 @@ use std::process::Command;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use containerd_shim::asynchronous::monitor::Subscription;
-
-use crate::command;
-use arrow_runtime::network::{self, NetworkError};
-use arrow_runtime::vm::PodVm;
+use crate::command::Ran;
+use crate::exits::ChildExits;
+use crate::network::{self, NetworkError};
+use crate::vm::PodVm;
 
 /// How long the guest may take to answer a port-forward open: generous,
 /// because a guest whose kernel is emulated (kvm_pvm) and busy carrying
@@ -47,33 +46,62 @@ pub struct Loopback {
 
 impl Loopback {
     /// Binds 127.0.0.1:0 in `netns` and redirects every TCP connection to
-    /// 127.0.0.1 made in that namespace to it. `exits` is a subscription to
-    /// the shim reaper's exits, made before this call (iptables runs as a
-    /// child the reaper may reap, see [`command`]).
-    pub fn listen(netns: &Path, exits: &mut Subscription) -> Result<Self, NetworkError> {
-        let listener = network::in_netns(netns, false, || {
-            let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(|source| {
-                NetworkError::PortForward {
-                    what: "binding 127.0.0.1:0".into(),
-                    source,
-                }
+    /// 127.0.0.1 made in that namespace to it (iptables, whose exit comes
+    /// from `exits`, see [`crate::command`]).
+    pub async fn listen(netns: &Path, exits: &dyn ChildExits) -> Result<Self, NetworkError> {
+        let exit = exits
+            .listen()
+            .await
+            .map_err(|source| NetworkError::PortForward {
+                what: "listening for iptables' exit".into(),
+                source,
             })?;
-            let port = listener
-                .local_addr()
-                .map_err(|source| NetworkError::PortForward {
-                    what: "reading the listener's port".into(),
-                    source,
-                })?
-                .port();
-            // Run from this thread, so iptables runs in the namespace.
-            redirect_loopback_to(port, exits)?;
-            Ok(listener)
-        })?
-        .ok_or_else(|| NetworkError::Thread("network namespace missing".into()))?;
+        let path = netns.to_path_buf();
+        let bound = tokio::task::spawn_blocking(move || {
+            network::in_netns(&path, false, || {
+                let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(|source| {
+                    NetworkError::PortForward {
+                        what: "binding 127.0.0.1:0".into(),
+                        source,
+                    }
+                })?;
+                let port = listener
+                    .local_addr()
+                    .map_err(|source| NetworkError::PortForward {
+                        what: "reading the listener's port".into(),
+                        source,
+                    })?
+                    .port();
+                // Spawned from this thread, so iptables runs in the namespace.
+                let args = redirect_args(port);
+                let ran = Ran::spawn_and_read(Command::new("iptables").args(&args)).map_err(
+                    |source| NetworkError::PortForward {
+                        what: "running iptables (is it installed?)".into(),
+                        source,
+                    },
+                )?;
+                Ok((listener, args, ran))
+            })
+        })
+        .await
+        .map_err(|e| NetworkError::Thread(e.to_string()))??;
+        let (listener, args, ran) =
+            bound.ok_or_else(|| NetworkError::Thread("network namespace missing".into()))?;
+        let out = ran.finish(exit).await;
+        if !out.success() {
+            return Err(NetworkError::PortForward {
+                what: format!(
+                    "iptables {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+                source: io::Error::other(format!("iptables exited with {}", out.code)),
+            });
+        }
         Ok(Self { listener })
     }
 
-    /// The port the shim listens on (in the pod's namespace).
+    /// The port the runtime listens on (in the pod's namespace).
     pub fn port(&self) -> io::Result<u16> {
         Ok(self.listener.local_addr()?.port())
     }
@@ -123,10 +151,9 @@ async fn vm_exited(mut exit: tokio::sync::watch::Receiver<Option<i32>>) {
     let _ = exit.wait_for(Option::is_some).await.map(|_| ());
 }
 
-/// Appends the REDIRECT rule in the calling thread's network namespace.
-fn redirect_loopback_to(port: u16, exits: &mut Subscription) -> Result<(), NetworkError> {
-    let port = port.to_string();
-    let args = [
+/// iptables' arguments that append the REDIRECT rule to `port`.
+fn redirect_args(port: u16) -> Vec<String> {
+    let mut args: Vec<String> = [
         "-w",
         "5",
         "-t",
@@ -146,26 +173,12 @@ fn redirect_loopback_to(port: u16, exits: &mut Subscription) -> Result<(), Netwo
         "-j",
         "REDIRECT",
         "--to-ports",
-        &port,
-    ];
-    let out =
-        command::run_to_end(Command::new("iptables").args(args), exits).map_err(|source| {
-            NetworkError::PortForward {
-                what: "running iptables (is it installed?)".into(),
-                source,
-            }
-        })?;
-    if !out.success() {
-        return Err(NetworkError::PortForward {
-            what: format!(
-                "iptables {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-            source: io::Error::other(format!("iptables exited with {}", out.code)),
-        });
-    }
-    Ok(())
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.push(port.to_string());
+    args
 }
 
 /// One forwarded connection: the port the client meant, a stream to it in
@@ -228,7 +241,7 @@ fn reset(client: TcpStream) {
 /// Bytes both ways until both directions ended: client -> guest on a second
 /// thread, guest -> client on this one. An end of stream is passed on as a
 /// half-close; an error ends both directions.
-fn relay(client: &TcpStream, guest: arrow_runtime::stdio::GuestStream) {
+fn relay(client: &TcpStream, guest: crate::stdio::GuestStream) {
     let abort = || {
         let _ = client.shutdown(Shutdown::Both);
         let _ = guest.shutdown(Shutdown::Both);
@@ -312,8 +325,8 @@ mod tests {
 
     /// The listener and the rule, in a real namespace: a connection to any
     /// loopback port there reaches the listener, which learns the port.
-    #[test]
-    fn loopback_connections_in_the_namespace_reach_the_listener() {
+    #[tokio::test]
+    async fn loopback_connections_in_the_namespace_reach_the_listener() {
         if !nix::unistd::Uid::effective().is_root() {
             eprintln!("skipped: needs root (network namespaces, iptables)");
             return;
@@ -323,14 +336,9 @@ mod tests {
             return;
         };
         assert!(ns.run(&["ip", "link", "set", "lo", "up"]).status.success());
-        let mut exits = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap()
-            .block_on(containerd_shim::asynchronous::monitor::monitor_subscribe(
-                containerd_shim::monitor::Topic::Pid,
-            ))
+        let loopback = Loopback::listen(&ns.path(), &crate::exits::OwnChildren)
+            .await
             .unwrap();
-        let loopback = Loopback::listen(&ns.path(), &mut exits).unwrap();
         let listen_port = loopback.port().unwrap();
         let rules = ns.run(&["iptables", "-t", "nat", "-S", "OUTPUT"]);
         let rules = String::from_utf8_lossy(&rules.stdout).to_string();

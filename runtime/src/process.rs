@@ -1,22 +1,23 @@
-//! A process containerd knows about: a container's init process or an exec,
-//! with its state, exit, and the threads copying its stdio.
+//! A process of a pod: a container's init process or an exec, with its
+//! state, exit, and the threads copying its stdio. The states are the
+//! runtime's own; each front door names them in its protocol.
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
-use containerd_shim::api::Status;
 use tokio::sync::watch;
 
-use arrow_runtime::stdio::StdinClose;
+use crate::stdio::StdinClose;
 
 /// How long the exit of a process waits for its output copies to finish
 /// (the guest already flushed them when it reported the exit; this bounds
 /// a reader that stopped reading).
 const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
 
-/// The stdio containerd asked for.
-#[derive(Clone, Debug, Default)]
+/// Where a process's stdio goes: FIFOs or `file://`/`binary://` URIs, as
+/// the front door was asked (empty: none).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StdioPaths {
     pub stdin: String,
     pub stdout: String,
@@ -25,7 +26,7 @@ pub struct StdioPaths {
 }
 
 /// How a process ended.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Exit {
     /// As runc reports it: the exit code, or 128 + the signal that killed it.
     pub status: u32,
@@ -43,9 +44,18 @@ impl Exit {
     }
 }
 
+/// Where a process is in its life. Paused is a frozen running process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProcessState {
+    Created,
+    Running,
+    Paused,
+    Stopped,
+}
+
 struct State {
-    status: Status,
-    /// The pid containerd is told: the VMM's host pid, never a guest pid
+    status: ProcessState,
+    /// The pid front doors report: the VMM's host pid, never a guest pid
     /// (0 until the process has one).
     pid: u32,
 }
@@ -72,7 +82,7 @@ impl Process {
             agent_id: agent_id.into(),
             stdio,
             state: Mutex::new(State {
-                status: Status::CREATED,
+                status: ProcessState::Created,
                 pid: 0,
             }),
             exit: watch::channel(None).0,
@@ -81,11 +91,11 @@ impl Process {
         }
     }
 
-    fn state(&self) -> MutexGuard<'_, State> {
+    fn locked(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The id containerd uses in events: the exec id, or the container id.
+    /// The id of this process in events: the exec id, or the container id.
     pub fn event_id(&self) -> &str {
         if self.exec_id.is_empty() {
             &self.container_id
@@ -94,31 +104,31 @@ impl Process {
         }
     }
 
-    pub fn status(&self) -> Status {
-        self.state().status
+    pub fn state(&self) -> ProcessState {
+        self.locked().status
     }
 
     pub fn pid(&self) -> u32 {
-        self.state().pid
+        self.locked().pid
     }
 
     pub fn set_pid(&self, pid: u32) {
-        self.state().pid = pid;
+        self.locked().pid = pid;
     }
 
     pub fn set_running(&self, pid: u32) {
-        let mut s = self.state();
-        if s.status != Status::STOPPED {
-            s.status = Status::RUNNING;
+        let mut s = self.locked();
+        if s.status != ProcessState::Stopped {
+            s.status = ProcessState::Running;
             s.pid = pid;
         }
     }
 
     pub fn set_paused(&self, paused: bool) {
-        let mut s = self.state();
+        let mut s = self.locked();
         match (s.status, paused) {
-            (Status::RUNNING, true) => s.status = Status::PAUSED,
-            (Status::PAUSED, false) => s.status = Status::RUNNING,
+            (ProcessState::Running, true) => s.status = ProcessState::Paused,
+            (ProcessState::Paused, false) => s.status = ProcessState::Running,
             _ => {}
         }
     }
@@ -152,14 +162,14 @@ impl Process {
     }
 
     /// Records the exit; returns false if it was already recorded (so
-    /// exactly one TaskExit is published).
+    /// exactly one exit event is sent).
     pub fn set_exited(&self, status: u32) -> bool {
         {
-            let mut s = self.state();
-            if s.status == Status::STOPPED {
+            let mut s = self.locked();
+            if s.status == ProcessState::Stopped {
                 return false;
             }
-            s.status = Status::STOPPED;
+            s.status = ProcessState::Stopped;
         }
         self.stdin_close.request();
         self.exit.send_replace(Some(Exit {
@@ -207,9 +217,9 @@ mod tests {
     #[tokio::test]
     async fn exit_is_recorded_once_and_wakes_waiters() {
         let p = std::sync::Arc::new(Process::new("c", "", "c", StdioPaths::default()));
-        assert_eq!(p.status(), Status::CREATED);
+        assert_eq!(p.state(), ProcessState::Created);
         p.set_running(42);
-        assert_eq!((p.status(), p.pid()), (Status::RUNNING, 42));
+        assert_eq!((p.state(), p.pid()), (ProcessState::Running, 42));
         let waiter = {
             let p = p.clone();
             tokio::spawn(async move { p.wait().await.status })
@@ -220,8 +230,8 @@ mod tests {
         assert_eq!(p.exit().unwrap().status, 7);
         p.set_running(1);
         assert_eq!(
-            p.status(),
-            Status::STOPPED,
+            p.state(),
+            ProcessState::Stopped,
             "a stopped process stays stopped"
         );
     }
@@ -230,11 +240,11 @@ mod tests {
     fn pause_only_from_running() {
         let p = Process::new("c", "", "c", StdioPaths::default());
         p.set_paused(true);
-        assert_eq!(p.status(), Status::CREATED);
+        assert_eq!(p.state(), ProcessState::Created);
         p.set_running(5);
         p.set_paused(true);
-        assert_eq!(p.status(), Status::PAUSED);
+        assert_eq!(p.state(), ProcessState::Paused);
         p.set_paused(false);
-        assert_eq!(p.status(), Status::RUNNING);
+        assert_eq!(p.state(), ProcessState::Running);
     }
 }
