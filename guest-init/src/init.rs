@@ -86,7 +86,7 @@ fn serve_vsock(
 /// come back to it as they would to PID 1. InitClone only records what it
 /// would do, in `dir`/[`CLONE_JOURNAL`]: this runs on the host, whose clock,
 /// random pool and hostname are not ours. Containers live under `dir` too
-/// (see [`Layout::for_host_tests`]), in a private mount namespace.
+/// (see [`Layout::for_host_tests`]), in a mount namespace of their own.
 pub fn run_unix(dir: &Path) -> io::Result<()> {
     // First, while this process has a single thread (unshare needs that).
     let layout = Layout::for_host_tests(dir);

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use arrow_runtime::exits::OwnChildren;
 use arrow_runtime::network::{self, TAP_NAME};
 use arrow_runtime::spec::PodVmSize;
-use arrow_runtime::vm::{PodDir, PodVm, VmNic};
+use arrow_runtime::vm::{self, PodDir, PodVm, VmNic};
 use integration::netns::{in_netns, ip, VethPair};
 use integration::{arrow_vmm, boot_lock, busybox_rootfs, kernel};
 use proto::agent::{CreateContainer, CreateProcess, Mount};
@@ -74,12 +74,21 @@ async fn round(fx: &VethPair, round: u32) -> bool {
         vcpus: 1,
     };
     let started = Instant::now();
-    let vm = PodVm::start(dir.clone(), shape, "netpod", Some(nic), None, &OwnChildren)
-        .await
-        .unwrap_or_else(|e| {
-            let log = std::fs::read_to_string(dir.vmm_log()).unwrap_or_default();
-            panic!("PodVm::start: {e}\n{log}")
-        });
+    let vmm = vm::vmm_binary().unwrap();
+    let vm = PodVm::start(
+        &vmm,
+        dir.clone(),
+        shape,
+        "netpod",
+        Some(nic),
+        None,
+        &OwnChildren,
+    )
+    .await
+    .unwrap_or_else(|e| {
+        let log = std::fs::read_to_string(dir.vmm_log()).unwrap_or_default();
+        panic!("PodVm::start: {e}\n{log}")
+    });
     let _share = dir
         .share()
         .add_container("c1", &[], &bundle_rootfs, &[])

@@ -38,7 +38,7 @@ use crate::process::{Exit, Process, ProcessState, StdioPaths};
 use crate::share::{ContainerShare, RootfsMount};
 use crate::spec::{self, PodVmSize, Role};
 use crate::stdio::{self, Sink};
-use crate::vm::{PodDir, PodVm, VmNic};
+use crate::vm::{self, PodDir, PodVm, VmNic};
 
 /// A container to create: its OCI bundle (whose `config.json` says what
 /// it is: a pod's sandbox, a member of one, or a container on its own),
@@ -161,6 +161,8 @@ pub struct PodRuntime {
     events: EventSender,
     namespace: String,
     exits: Arc<dyn ChildExits>,
+    /// The VMM binary, if not [`vm::vmm_binary`]'s.
+    vmm: Option<PathBuf>,
 }
 
 impl PodRuntime {
@@ -173,7 +175,17 @@ impl PodRuntime {
             events,
             namespace: namespace.to_string(),
             exits,
+            vmm: None,
         }
+    }
+
+    /// Runs `vmm` as each VM's VMM instead of `arrow-vmm`: anything that
+    /// keeps its contract (command line, control channel, hybrid vsock).
+    /// The runtime's tests run pods without KVM this way, with a stand-in
+    /// that serves arrow-init on the host (`tests/support/test_vmm.rs`).
+    pub fn with_vmm(mut self, vmm: PathBuf) -> Self {
+        self.vmm = Some(vmm);
+        self
     }
 
     fn send(&self, event: PodEvent) {
@@ -647,6 +659,10 @@ impl PodRuntime {
         let dir = PodDir::new(&self.namespace, pod_id)
             .map_err(|e| RuntimeError::invalid(e.to_string()))?;
         let cgroup = pod_cgroup(pod_id, spec)?;
+        let vmm = match &self.vmm {
+            Some(path) => path.clone(),
+            None => vm::vmm_binary().map_err(|e| RuntimeError::internal(e.to_string()))?,
+        };
         let (nic, guest_net) = match PodNetworkMode::of(spec) {
             PodNetworkMode::Namespace(netns) => {
                 let path = netns.clone();
@@ -685,6 +701,7 @@ impl PodRuntime {
         };
         let netns = nic.as_ref().map(|n| n.netns.clone());
         let started = PodVm::start(
+            &vmm,
             dir.clone(),
             shape,
             &hostname,

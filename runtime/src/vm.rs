@@ -212,8 +212,10 @@ impl PodVm {
     /// With `cgroup`, the VMM runs in that cgroup from before its exec (the
     /// directories the shim creates for it are recorded in the pod's
     /// directory, for [`PodDir::clean_up`]). `exits` tells when the VMM
-    /// exited (see [`crate::exits`]).
+    /// exited (see [`crate::exits`]). `vmm` is the binary to run (see
+    /// [`vmm_binary`]).
     pub async fn start(
+        vmm: &Path,
         dir: PodDir,
         shape: PodVmSize,
         hostname: &str,
@@ -221,7 +223,6 @@ impl PodVm {
         cgroup: Option<&CgroupPath>,
         exits: &dyn ChildExits,
     ) -> Result<PodVm, PodVmError> {
-        let vmm = vmm_binary()?;
         fs::create_dir_all(dir.vmm_dir()).map_err(|err| PodVmError::StateDir {
             path: dir.vmm_dir(),
             err,
@@ -235,7 +236,7 @@ impl PodVm {
             path: dir.vmm_log(),
             err,
         })?;
-        let mut cmd = Command::new(&vmm);
+        let mut cmd = Command::new(vmm);
         // A clean environment: only where the kernel, arrow-init and the
         // templates are (`ARROW_*`), none of containerd's.
         cmd.env_clear()
@@ -639,8 +640,9 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// `$ARROW_VMM`, else `arrow-vmm` next to the shim binary.
-fn vmm_binary() -> Result<PathBuf, PodVmError> {
+/// The VMM a pod runs: `$ARROW_VMM`, else `arrow-vmm` next to the running
+/// binary (the shim's, or arrow-cri's).
+pub fn vmm_binary() -> Result<PathBuf, PodVmError> {
     if let Some(path) = std::env::var_os("ARROW_VMM") {
         return Ok(PathBuf::from(path));
     }

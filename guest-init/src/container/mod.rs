@@ -81,14 +81,17 @@ impl Layout {
     /// Host-test mode (`--listen-unix DIR`): the share is `DIR/shared`,
     /// roots under `DIR/containers`, sysctls written to plain files under
     /// `DIR/sysctl`, and cgroups in a child of a cgroup2 hierarchy mounted
-    /// at `DIR/cgroup2`. Moves this process into a private mount namespace
-    /// so nothing it mounts reaches the host; must be called while the
+    /// at `DIR/cgroup2`. Moves this process into a mount namespace of its
+    /// own whose mounts are slaves of the host's, so nothing it mounts
+    /// reaches the host while mounts the host makes under a shared mount
+    /// (a pod's share, as the runtime mounts container roots there) reach
+    /// it, as they reach a VMM; must be called while the
     /// process has one thread. Without the privilege for that, every
     /// container call fails, saying so.
     pub fn for_host_tests(dir: &Path) -> Self {
-        let unavailable = private_mount_namespace()
-            .err()
-            .map(|e| format!("containers need a private mount namespace in host-test mode: {e}"));
+        let unavailable = slave_mount_namespace().err().map(|e| {
+            format!("containers need a mount namespace of their own in host-test mode: {e}")
+        });
         let cgroup_mount = dir.join("cgroup2");
         Self {
             share: dir.join("shared"),
@@ -103,13 +106,13 @@ impl Layout {
     }
 }
 
-fn private_mount_namespace() -> Result<(), Errno> {
+fn slave_mount_namespace() -> Result<(), Errno> {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
     mount(
         None::<&str>,
         "/",
         None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        MsFlags::MS_REC | MsFlags::MS_SLAVE,
         None::<&str>,
     )
 }
