@@ -28,6 +28,7 @@ use std::os::unix::process::CommandExt;
 
 use proto::client::AgentClient;
 use proto::vmm_control::{read_message, write_message, ControlRequest, VmmMessage};
+use proto::vmm_ready::VmmReady;
 use proto::{hybrid, AGENT_PORT};
 
 fn arrow_init() -> Option<PathBuf> {
@@ -51,17 +52,6 @@ fn ready_line(child: &mut Child, timeout: Duration) -> String {
         let _ = tx.send(line);
     });
     rx.recv_timeout(timeout).expect("no ready line in time")
-}
-
-fn field<'a>(json: &'a str, name: &str) -> &'a str {
-    let key = format!("\"{name}\":");
-    let start = json
-        .find(&key)
-        .unwrap_or_else(|| panic!("{name} in {json}"))
-        + key.len();
-    let rest = &json[start..];
-    let end = rest.find([',', '}']).unwrap_or(rest.len());
-    &rest[..end]
 }
 
 fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
@@ -228,21 +218,16 @@ fn two_serves_boot_once_then_clone_and_both_end_cleanly() {
     for (child, uds) in &mut serves {
         let line = ready_line(child, Duration::from_secs(300));
         assert!(line.ends_with("}\n"), "one JSON line: {line:?}");
-        assert_eq!(field(&line, "ready"), "true", "{line}");
-        assert_eq!(field(&line, "pid"), child.id().to_string(), "{line}");
-        assert_eq!(
-            field(&line, "vsock_uds"),
-            format!("\"{}\"", uds.display()),
-            "{line}"
-        );
-        assert!(field(&line, "ready_ms").parse::<u64>().is_ok(), "{line}");
-        cloned.push(field(&line, "cloned").to_owned());
+        let ready = VmmReady::parse_line(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        assert_eq!(ready.pid, child.id(), "{line}");
+        assert_eq!(ready.vsock_uds, uds.display().to_string(), "{line}");
+        cloned.push(ready.cloned);
 
         eprintln!("ready: {line}");
         initialised_agent(uds);
     }
     cloned.sort();
-    assert_eq!(cloned, ["false", "true"], "one boot made the template");
+    assert_eq!(cloned, [false, true], "one boot made the template");
     assert_eq!(
         std::fs::read_dir(cache.join("templates"))
             .unwrap()

@@ -1,6 +1,8 @@
-//! The line `arrow-vmm serve` writes on its stdout once the pod's VM is up
-//! and its agent answers, which the shim waits for: one type, so writer and
-//! reader cannot drift apart. Feature `vm-record`.
+//! What `arrow-vmm serve` reports once the pod's VM is up and its agent
+//! answers: the shim reads it as the control channel's `ready` message
+//! ([`crate::vmm_control`]), a CLI user, script or test as the JSON line
+//! on the VMM's stdout ([`VmmReady::parse_line`]). One type, so writer and
+//! readers cannot drift apart. Feature `vm-record`.
 //!
 //! The writer runs beside a hostile guest: the reader bounds the line
 //! ([`MAX_LEN`]) and accepts only the fields below.
