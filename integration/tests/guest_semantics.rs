@@ -36,7 +36,14 @@ const LOCAL_PROFILE: &str = r#"{
     "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
 }"#;
 
-const LONG_RUNNING: &[&str] = &["sh", "-c", "trap 'exit 0' TERM; sleep 600 & wait"];
+/// A container's init that runs until it is stopped: never a bounded sleep
+/// (on an emulated guest kernel kernel_features_match_runc's arrow half
+/// outlived `sleep 600`, and the init's end took the exec running then).
+const LONG_RUNNING: &[&str] = &[
+    "sh",
+    "-c",
+    "trap 'exit 0' TERM; while :; do sleep 3600 & wait; done",
+];
 
 fn seccomp(kind: cri::security_profile::ProfileType, path: &str) -> Option<cri::SecurityProfile> {
     Some(cri::SecurityProfile {
