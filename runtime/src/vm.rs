@@ -236,6 +236,15 @@ impl PodVm {
             path: dir.vmm_log(),
             err,
         })?;
+        let log_out = log.try_clone().map_err(|err| PodVmError::StateDir {
+            path: dir.vmm_log(),
+            err,
+        })?;
+        // No host file the VMM does not need: stdin is an empty pipe (its
+        // writer closed here; the control channel is the lifeline), stdout
+        // goes to the log with stderr (a CLI-only ready line lands there).
+        let (no_input, writer) = std::io::pipe().map_err(PodVmError::Spawn)?;
+        drop(writer);
         let mut cmd = Command::new(vmm);
         // A clean environment: only where the kernel, arrow-init and the
         // templates are (`ARROW_*`), none of containerd's.
@@ -256,8 +265,8 @@ impl PodVm {
             .arg(dir.counters())
             .arg("--jail")
             .arg(dir.jail())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdin(Stdio::from(no_input))
+            .stdout(Stdio::from(log_out))
             .stderr(Stdio::from(log));
         // Both ends close-on-exec: only the VMM inherits its own (see the
         // pre_exec below).
