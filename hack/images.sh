@@ -130,6 +130,10 @@ stage_nettools() {
     ln -sf xtables-legacy-multi "$r/usr/sbin/$b-legacy"
     ln -sf xtables-legacy-multi "$r/usr/sbin/$b"
     ln -sf xtables-nft-multi "$r/usr/sbin/$b-nft"
+    # What a mesh's init uses: one transaction per table.
+    for t in legacy nft; do
+      ln -sf "xtables-$t-multi" "$r/usr/sbin/$b-$t-restore"
+    done
   done
   # iptables-legacy takes its lock here.
   mkdir -p "$r/run"

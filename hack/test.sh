@@ -55,9 +55,9 @@ else
   log "VM tests on hardware KVM: this host's KVM is hardware KVM, cargo test ran them"
 fi
 # Every fuzz target replays its seeds and cached corpus, then fuzzes for a
-# few seconds (about five minutes in all; a warm cache skips the nightly
+# few seconds (about three minutes in all; a warm cache skips the nightly
 # build). A crash or hang fails the run, naming the target and its input.
-fuzz_seconds=${ARROW_CI_FUZZ_SECONDS:-20}
+fuzz_seconds=${ARROW_CI_FUZZ_SECONDS:-10}
 log "fuzz targets (corpus replay, then ${fuzz_seconds} s each)"
 "$ARROW_ROOT/hack/fuzz.sh" "$fuzz_seconds"
 log "all tests passed in $(( $(date +%s) - start )) s"

@@ -69,6 +69,18 @@ pub fn busybox_rootfs() -> PathBuf {
     )
 }
 
+/// How many pod cycles a leak test runs: `default`, or
+/// `$ARROW_E2E_POD_CYCLES` (e.g. 50 for a soak). A leak shows after one
+/// cycle (each test compares exact counts before and after); on an emulated
+/// guest kernel a cycle costs 10-15 s, so CI runs a few.
+pub fn pod_cycles(default: usize) -> usize {
+    std::env::var("ARROW_E2E_POD_CYCLES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(default)
+}
+
 /// Serialises tests that boot guests.
 pub fn boot_lock() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());

@@ -408,6 +408,34 @@ async fn sh_all(cri: &CriClient, id: &str, handler: &str, commands: &[String]) {
 const THROUGH_REDIRECT: &str = "(echo redirected | nc -l -p 8080 &); sleep 1; \
                                 nc -w 5 127.0.0.1 80 </dev/null";
 
+/// What a sidecar injector programs (Istio's init, roughly), as it does:
+/// an `iptables-restore` input, one transaction per table.
+const MESH_RULES: &str = "*nat
+-A OUTPUT -m owner --uid-owner 1337 -j RETURN
+-A OUTPUT -p tcp -m multiport --dports 443,8443 -m comment --comment mesh -j REDIRECT --to-ports 15001
+-A POSTROUTING -o eth0 -j MASQUERADE
+COMMIT
+*mangle
+-A PREROUTING -p tcp -m conntrack --ctstate NEW -j MARK --set-mark 1337
+-A PREROUTING -p tcp -m mark --mark 1337 -j TPROXY --on-port 15006 --tproxy-mark 1/1
+-A PREROUTING -p tcp -m socket -j ACCEPT
+COMMIT
+";
+
+/// [`MESH_RULES`] for IPv6, without TPROXY and the socket match.
+const MESH_RULES_V6: &str = "*nat
+-A OUTPUT -m owner --uid-owner 1337 -j RETURN
+-A OUTPUT -p tcp -m multiport --dports 443,8443 -m comment --comment mesh -j REDIRECT --to-ports 15001
+-A POSTROUTING -o eth0 -j MASQUERADE
+COMMIT
+*mangle
+-A PREROUTING -p tcp -m conntrack --ctstate NEW -j MARK --set-mark 1337
+COMMIT
+";
+
+/// Restored without `--noflush`: both tables flushed.
+const NAT_AND_MANGLE_EMPTY: &str = "*nat\nCOMMIT\n*mangle\nCOMMIT\n";
+
 /// Issue 19 item 5: what pod workloads ask of the kernel works in a
 /// NET_ADMIN container, under runc and Arrow alike: bridge, veth, VLAN and
 /// macvlan links; iptables-legacy and iptables-nft with the matches and
@@ -474,30 +502,15 @@ fn kernel_features_match_runc() {
                 sh_ok(&cri, &admin, handler, &redirect).await;
                 let out = sh_ok(&cri, &admin, handler, THROUGH_REDIRECT).await;
                 assert_eq!(out.trim(), "redirected", "{handler}: {iptables}");
-                // What a sidecar injector programs (Istio's init, roughly),
-                // then flushed: one exec, each command checked.
+                // A mesh's rules, v4 and v6, then flushed: one exec, each
+                // command checked.
                 let v6 = iptables.replacen("iptables", "ip6tables", 1);
-                let mut commands = Vec::new();
-                for rule in [
-                    "-t nat -A OUTPUT -m owner --uid-owner 1337 -j RETURN",
-                    "-t nat -A OUTPUT -p tcp -m multiport --dports 443,8443 -m comment \
-                     --comment mesh -j REDIRECT --to-ports 15001",
-                    "-t nat -A POSTROUTING -o eth0 -j MASQUERADE",
-                    "-t mangle -A PREROUTING -p tcp -m conntrack --ctstate NEW -j MARK \
-                     --set-mark 1337",
-                    "-t mangle -A PREROUTING -p tcp -m mark --mark 1337 -j TPROXY \
-                     --on-port 15006 --tproxy-mark 1/1",
-                    "-t mangle -A PREROUTING -p tcp -m socket -j ACCEPT",
-                ] {
-                    commands.push(format!("{iptables} {rule}"));
-                    if !rule.contains("TPROXY") && !rule.contains("socket") {
-                        commands.push(format!("{v6} {rule}"));
-                    }
-                }
-                for table in ["nat", "mangle"] {
-                    commands.push(format!("{iptables} -t {table} -F"));
-                    commands.push(format!("{v6} -t {table} -F"));
-                }
+                let commands = [
+                    format!("printf '{MESH_RULES}' | {iptables}-restore --noflush"),
+                    format!("printf '{MESH_RULES_V6}' | {v6}-restore --noflush"),
+                    format!("printf '{NAT_AND_MANGLE_EMPTY}' | {iptables}-restore"),
+                    format!("printf '{NAT_AND_MANGLE_EMPTY}' | {v6}-restore"),
+                ];
                 sh_all(&cri, &admin, handler, &commands).await;
             }
             // Native nftables: a redirect in a table of its own.

@@ -157,7 +157,7 @@ async fn forward(cri: &CriClient, pod_id: &str, port: u16, request: &'static [u8
 /// 127.0.0.1:<port> in the pod's network namespace on the host. For an
 /// arrow pod the shim answers there and carries the connection into the
 /// guest, so a server bound to the guest's loopback only is reachable,
-/// as with runc: one connection, several in parallel, a 4 MiB download
+/// as with runc: one connection, several in parallel, a 1 MiB download
 /// intact, and a closed port reported on the error channel.
 #[test]
 fn port_forward_through_containerd_reaches_the_guest_like_runc() {
@@ -175,7 +175,7 @@ fn port_forward_through_containerd_reaches_the_guest_like_runc() {
                 .unwrap();
             let script = format!(
                 "mkdir -p /tmp/www && echo {marker} > /tmp/www/index.html && \
-                 dd if=/dev/urandom of=/tmp/www/big bs=64k count=64 2>/dev/null && \
+                 dd if=/dev/urandom of=/tmp/www/big bs=64k count=16 2>/dev/null && \
                  sha256sum /tmp/www/big > /tmp/www/big.sha && \
                  exec httpd -f -p 127.0.0.1:{HTTP_PORT} -h /tmp/www"
             );
@@ -191,7 +191,7 @@ fn port_forward_through_containerd_reaches_the_guest_like_runc() {
                 .unwrap();
             cri.start_container(&container).await.unwrap();
 
-            // httpd listens once the script wrote 4 MiB of /dev/urandom
+            // httpd listens once the script wrote 1 MiB of /dev/urandom
             // through virtio-fs: both in the guest kernel, which is
             // emulated on kvm_pvm (30-40 s per MiB measured on a slow
             // host, where 120 s was not enough).
@@ -231,7 +231,7 @@ fn port_forward_through_containerd_reaches_the_guest_like_runc() {
             let body = big.http_body().unwrap_or_default();
             assert_eq!(
                 body.len(),
-                64 * 64 * 1024,
+                16 * 64 * 1024,
                 "{handler}: download size; error: {}",
                 big.error
             );
@@ -491,8 +491,8 @@ fn netns_with_arrow_taps(names: &BTreeSet<String>) -> Vec<String> {
 }
 
 #[test]
-fn twenty_network_cycles_leave_no_tap_filter_or_netns() {
-    if skip_unless_root("twenty_network_cycles_leave_no_tap_filter_or_netns") {
+fn network_cycles_leave_no_tap_filter_or_netns() {
+    if skip_unless_root("network_cycles_leave_no_tap_filter_or_netns") {
         return;
     }
     let _serial = serial();
@@ -501,7 +501,7 @@ fn twenty_network_cycles_leave_no_tap_filter_or_netns() {
         let cri = containerd.cri().await.unwrap();
         let netns_before = netns_names();
         let ports_before = bridge_ports();
-        for i in 0..20 {
+        for i in 0..integration::pod_cycles(5) {
             let pod = cri
                 .run_pod_sandbox(&unique_name("netcycle"), "arrow")
                 .await

@@ -577,19 +577,19 @@ fn assert_vmm_confined(pod_id: &str, cgroup: &str) {
 }
 
 #[test]
-fn twenty_pod_cycles_leave_nothing_behind() {
-    if skip_unless_root("twenty_pod_cycles_leave_nothing_behind") {
+fn pod_cycles_leave_nothing_behind() {
+    if skip_unless_root("pod_cycles_leave_nothing_behind") {
         return;
     }
     let _serial = exclusive(Containerd::shared());
-    block_on(twenty_pod_cycles());
+    block_on(cycle_pods(integration::pod_cycles(5)));
 }
 
-async fn twenty_pod_cycles() {
+async fn cycle_pods(n: usize) {
     let containerd = Containerd::shared();
     let cri = containerd.cri().await.unwrap();
     let shim_sockets_before = shim_sockets();
-    for i in 0..20 {
+    for i in 0..n {
         let pod = cri
             .run_pod_sandbox(&unique_name("cycle"), "arrow")
             .await
