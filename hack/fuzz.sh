@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # hack/fuzz.sh [SECONDS] [TARGET...]: the fuzz targets in fuzz/ (cargo-fuzz,
 # libFuzzer, nightly toolchain; the product stays on stable).
+# hack/fuzz.sh build: only builds them (hack/test.sh does it beside the
+# end-to-end tests).
 #
 # For each target (all by default, in fuzz/Cargo.toml order): replays its
 # seeds (fuzz/seeds/<target>/, in the repo) and its corpus (kept outside the
@@ -25,6 +27,8 @@ source "$(dirname "$0")/lib.sh"
 
 seconds=${1:-60}
 shift || true
+build_only=0
+[ "$seconds" = build ] && build_only=1 && seconds=0
 case "$seconds" in
   '' | *[!0-9]*) echo "usage: $0 [SECONDS] [TARGET...]" >&2; exit 2 ;;
 esac
@@ -56,6 +60,7 @@ log "building the fuzz targets (sanitizer: $sanitizer, in $target_dir)"
 cargo +nightly fetch --locked --manifest-path "$fuzz_dir/Cargo.toml"
 (cd "$fuzz_dir" && cargo +nightly fuzz build -s "$sanitizer" --target-dir "$target_dir")
 bin_dir="$target_dir/x86_64-unknown-linux-gnu/release"
+[ "$build_only" = 1 ] && exit 0
 
 mkdir -p "$work"
 summary=()

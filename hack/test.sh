@@ -26,10 +26,34 @@ trap '"$ARROW_ROOT/hack/containerd.sh" stop >/dev/null 2>&1 || true' EXIT
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
-log "cargo clippy"
-cargo clippy --release --locked --workspace --all-targets -- -D warnings
+# The lints and the fuzz targets' (nightly) build run beside the tests, at
+# the lowest priority: the end-to-end tests mostly wait on guests whose
+# kernel is emulated (about one core's worth on kvm_pvm), so on two cores
+# they come almost free. Clippy has its own target directory (cargo test's
+# would be locked); its verdict is awaited after the tests.
+bg=$(mktemp -d)
+# A session of its own, so that the trap stops all of it.
+setsid bash -c '
+  nice -n 19 env CARGO_TARGET_DIR="$2/target/clippy" \
+    cargo clippy --release --locked --workspace --all-targets -- -D warnings \
+    >"$1/clippy.log" 2>&1
+  echo $? >"$1/clippy.rc"
+  nice -n 19 "$2/hack/fuzz.sh" build >"$1/fuzz-build.log" 2>&1
+  echo $? >"$1/fuzz-build.rc"
+' _ "$bg" "$ARROW_ROOT" &
+bg_pid=$!
+trap 'kill -- -$bg_pid 2>/dev/null || true; "$ARROW_ROOT/hack/containerd.sh" stop >/dev/null 2>&1 || true' EXIT
+log "cargo clippy and the fuzz targets' build: started beside the tests"
 log "cargo test (unit, VMM on KVM, end to end with the Linux guest)"
 cargo test --release --locked --workspace
+log "cargo clippy (run beside the tests)"
+while [ ! -f "$bg/clippy.rc" ] && kill -0 "$bg_pid" 2>/dev/null; do sleep 5; done
+if [ "$(cat "$bg/clippy.rc" 2>/dev/null)" != 0 ]; then
+  cat "$bg/clippy.log" >&2
+  echo "$0: cargo clippy failed" >&2
+  exit 1
+fi
+tail -n 1 "$bg/clippy.log"
 # The VM-level tests again on the other KVM flavour: where /dev/kvm is
 # kvm_pvm (our machines), in the L1 of hack/hwkvm.sh, whose /dev/kvm is
 # kvm_amd (about 1.5 minutes warm, the image build adds ~15 s and QEMU's
@@ -59,5 +83,12 @@ fi
 # build). A crash or hang fails the run, naming the target and its input.
 fuzz_seconds=${ARROW_CI_FUZZ_SECONDS:-10}
 log "fuzz targets (corpus replay, then ${fuzz_seconds} s each)"
+wait "$bg_pid" || true
+if [ "$(cat "$bg/fuzz-build.rc" 2>/dev/null)" != 0 ]; then
+  cat "$bg/fuzz-build.log" >&2
+  echo "$0: building the fuzz targets failed" >&2
+  exit 1
+fi
 "$ARROW_ROOT/hack/fuzz.sh" "$fuzz_seconds"
+rm -rf "$bg"
 log "all tests passed in $(( $(date +%s) - start )) s"
