@@ -422,16 +422,15 @@ COMMIT
 COMMIT
 ";
 
-/// [`MESH_RULES`] for IPv6, without TPROXY and the socket match.
-const MESH_RULES_V6: &str = "*nat
--A OUTPUT -m owner --uid-owner 1337 -j RETURN
--A OUTPUT -p tcp -m multiport --dports 443,8443 -m comment --comment mesh -j REDIRECT --to-ports 15001
--A POSTROUTING -o eth0 -j MASQUERADE
-COMMIT
-*mangle
--A PREROUTING -p tcp -m conntrack --ctstate NEW -j MARK --set-mark 1337
-COMMIT
-";
+/// [`MESH_RULES`] for ip6tables, less its TPROXY and socket-match rules
+/// (checked on IPv4 only).
+fn mesh_rules_v6() -> String {
+    MESH_RULES
+        .lines()
+        .filter(|l| !l.contains("TPROXY") && !l.contains("-m socket"))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
 
 /// Restored without `--noflush`: both tables flushed.
 const NAT_AND_MANGLE_EMPTY: &str = "*nat\nCOMMIT\n*mangle\nCOMMIT\n";
@@ -507,7 +506,7 @@ fn kernel_features_match_runc() {
                 let v6 = iptables.replacen("iptables", "ip6tables", 1);
                 let commands = [
                     format!("printf '{MESH_RULES}' | {iptables}-restore --noflush"),
-                    format!("printf '{MESH_RULES_V6}' | {v6}-restore --noflush"),
+                    format!("printf '{}' | {v6}-restore --noflush", mesh_rules_v6()),
                     format!("printf '{NAT_AND_MANGLE_EMPTY}' | {iptables}-restore"),
                     format!("printf '{NAT_AND_MANGLE_EMPTY}' | {v6}-restore"),
                 ];
