@@ -42,7 +42,7 @@ setsid bash -c '
   echo $? >"$1/fuzz-build.rc"
 ' _ "$bg" "$ARROW_ROOT" &
 bg_pid=$!
-trap 'kill -- -$bg_pid 2>/dev/null || true; "$ARROW_ROOT/hack/containerd.sh" stop >/dev/null 2>&1 || true' EXIT
+trap 'kill -- -$bg_pid 2>/dev/null || true; rm -rf "$bg"; "$ARROW_ROOT/hack/containerd.sh" stop >/dev/null 2>&1 || true' EXIT
 log "cargo clippy and the fuzz targets' build: started beside the tests"
 log "cargo test (unit, VMM on KVM, end to end with the Linux guest)"
 cargo test --release --locked --workspace
