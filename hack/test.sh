@@ -28,9 +28,10 @@ log "cargo fmt --check"
 cargo fmt --all -- --check
 # The lints and the fuzz targets' (nightly) build run beside the tests, at
 # the lowest priority: the end-to-end tests mostly wait on guests whose
-# kernel is emulated (about one core's worth on kvm_pvm), so on two cores
-# they come almost free. Clippy has its own target directory (cargo test's
-# would be locked); its verdict is awaited after the tests.
+# kernel is emulated (about one core's worth on kvm_pvm), so they take the
+# other core (not free: arrow_cri took 1004 s beside them, ~650 s alone,
+# still less than the builds in line). Clippy has its own target directory
+# (cargo test's would be locked); its verdict is awaited after the tests.
 bg=$(mktemp -d)
 # A session of its own, so that the trap stops all of it.
 setsid bash -c '
