@@ -174,8 +174,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let live = dir.path().join("live");
         let _listener = UnixListener::bind(&live).unwrap();
+        // A socket bound but never listening: a listener closed here could
+        // live on for a moment in a child another test forks, and answer.
         let dead = dir.path().join("dead");
-        drop(UnixListener::bind(&dead).unwrap());
+        let unbound = nix::sys::socket::socket(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::Stream,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        let address = nix::sys::socket::UnixAddr::new(&dead).unwrap();
+        nix::sys::socket::bind(std::os::fd::AsRawFd::as_raw_fd(&unbound), &address).unwrap();
+        drop(unbound);
         let plain = dir.path().join("plain");
         std::fs::write(&plain, b"not a socket").unwrap();
         for p in [&live, &dead, &plain] {
