@@ -257,8 +257,13 @@ impl FileSystem for BoundedFs {
     type Inode = u64;
     type Handle = u64;
 
+    /// As the passthrough's, plus `AUTO_INVAL_DATA`: with pages kept
+    /// across opens (`CachePolicy::Always`), the guest drops a file's
+    /// cached pages when a refreshed attribute shows it changed on the
+    /// host (a hostPath volume, say), within the attribute timeout.
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
-        self.inner.init(capable)
+        let wanted = self.inner.init(capable)?;
+        Ok(wanted | (capable & FsOptions::AUTO_INVAL_DATA))
     }
 
     fn destroy(&self) {

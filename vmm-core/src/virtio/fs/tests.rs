@@ -196,11 +196,15 @@ impl<'a> Guest<'a> {
     }
 
     fn init(&mut self) -> InitOut {
+        self.init_with(0)
+    }
+
+    fn init_with(&mut self, flags: u32) -> InitOut {
         let init = InitIn {
             major: KERNEL_VERSION,
             minor: KERNEL_MINOR_VERSION,
             max_readahead: 0x20000,
-            flags: 0,
+            flags,
         };
         let out: InitOut = self.call(Opcode::Init, 0, init.as_slice(), 256).obj();
         assert_eq!(out.major, KERNEL_VERSION);
@@ -413,6 +417,32 @@ fn init_lookup_open_read_through_the_event_loop() {
     let made = g.mkdir(ROOT_ID, "made-by-guest");
     assert_eq!(made.header.error, 0);
     assert!(dir.join("made-by-guest").is_dir());
+
+    drop(g);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_guest_keeps_file_pages_across_opens_and_drops_changed_ones() {
+    use fuse_backend_rs::abi::fuse_abi::{FsOptions, OpenOptions};
+
+    let dir = temp_dir("cache");
+    std::fs::write(dir.join("hello.txt"), HELLO).unwrap();
+    let mem = new_mem();
+    let mut g = Guest::start(&mem, VirtioFs::new("share", &dir, false).unwrap());
+
+    let kernel = FsOptions::AUTO_INVAL_DATA | FsOptions::ASYNC_READ;
+    let init = g.init_with(kernel.bits() as u32);
+    let agreed = FsOptions::from_bits_truncate(u64::from(init.flags));
+    assert!(agreed.contains(FsOptions::AUTO_INVAL_DATA), "{agreed:?}");
+    // Nothing the kernel did not offer.
+    assert!(!agreed.contains(FsOptions::WRITEBACK_CACHE), "{agreed:?}");
+
+    let entry: EntryOut = g.lookup(ROOT_ID, "hello.txt").obj();
+    let open: OpenOut = g.open(entry.nodeid, libc::O_RDONLY).obj();
+    let options = OpenOptions::from_bits_truncate(open.open_flags);
+    assert!(options.contains(OpenOptions::KEEP_CACHE), "{options:?}");
+    assert!(!options.contains(OpenOptions::DIRECT_IO), "{options:?}");
 
     drop(g);
     std::fs::remove_dir_all(&dir).unwrap();
