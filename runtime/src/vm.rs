@@ -580,12 +580,41 @@ impl PodVm {
 /// (whose guest would then get this pod's requests) or at a host daemon.
 /// The kernel's record of who listens (`SO_PEERCRED`) cannot be forged, and
 /// it is checked before a byte is sent.
+///
+/// The guest's agent ports always listen, so a handshake the VMM ends
+/// (the guest refused the connection, or did not answer it within the
+/// VMM's deadline: a guest busy with other connections) is tried again,
+/// on a new connection, until `timeout` is spent.
 fn connect_vmm(
     uds: &Path,
     vmm_pid: u32,
     port: u32,
     timeout: Duration,
 ) -> Result<UnixStream, PodVmError> {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let stream = connect_checked(uds, vmm_pid)?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        match proto::hybrid::handshake(stream, port, left) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset
+                ) && Instant::now() + pause < deadline =>
+            {
+                log::debug!("vsock port {port}: {e}; trying again in {pause:?}");
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            done => return done.map_err(PodVmError::Connect),
+        }
+    }
+}
+
+/// A connection to the VMM's vsock socket, once `SO_PEERCRED` shows the
+/// pod's VMM (or its jailed child) serves it.
+fn connect_checked(uds: &Path, vmm_pid: u32) -> Result<UnixStream, PodVmError> {
     let stream = UnixStream::connect(uds).map_err(PodVmError::Connect)?;
     let peer = getsockopt(&stream, sockopt::PeerCredentials)
         .map_err(|e| PodVmError::Connect(e.into()))?
@@ -597,7 +626,7 @@ fn connect_vmm(
             vmm: vmm_pid,
         });
     }
-    proto::hybrid::handshake(stream, port, timeout).map_err(PodVmError::Connect)
+    Ok(stream)
 }
 
 /// Whether `pid` is `parent` or one of its children.
@@ -843,6 +872,49 @@ mod tests {
         assert!(is_process_or_child(me as i32, parent));
         connect_vmm(&path, parent, 1024, Duration::from_secs(5)).unwrap();
         server.join().unwrap();
+        let _ = fs::remove_file(&path);
+    }
+
+    #[test]
+    fn connect_vmm_tries_again_when_the_vmm_ends_the_handshake() {
+        let (path, listener) = listening("refused");
+        let server = std::thread::spawn(move || {
+            // Two refusals (closed after the CONNECT line), then an answer.
+            for answer in [None, None, Some(b"OK 7\n")] {
+                let (mut conn, _) = listener.accept().unwrap();
+                let mut line = String::new();
+                std::io::BufReader::new(&mut conn)
+                    .read_line(&mut line)
+                    .unwrap();
+                assert_eq!(line, "CONNECT 1026\n");
+                if let Some(answer) = answer {
+                    std::io::Write::write_all(&mut conn, answer).unwrap();
+                }
+            }
+            listener
+        });
+        connect_vmm(&path, std::process::id(), 1026, Duration::from_secs(5)).unwrap();
+        let listener = server.join().unwrap();
+
+        // Refused until the deadline: the refusal is the error.
+        let refuser = std::thread::spawn(move || {
+            listener.set_nonblocking(true).unwrap();
+            let until = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < until {
+                match listener.accept() {
+                    Ok((mut conn, _)) => {
+                        conn.set_nonblocking(false).unwrap();
+                        let mut line = String::new();
+                        let _ = std::io::BufReader::new(&mut conn).read_line(&mut line);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        let err =
+            connect_vmm(&path, std::process::id(), 1026, Duration::from_millis(300)).unwrap_err();
+        assert!(err.to_string().contains("closed during handshake"), "{err}");
+        refuser.join().unwrap();
         let _ = fs::remove_file(&path);
     }
 
