@@ -244,8 +244,41 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// The pod shims this daemon started (their containerd address is its
+    /// socket): a shim outlives its daemon by design, as under containerd.
+    fn shims(&self) -> Vec<nix::unistd::Pid> {
+        let socket = self.socket().into_os_string().into_encoded_bytes();
+        let Ok(procs) = fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        procs
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+                args.first()
+                    .is_some_and(|a| a.ends_with(b"containerd-shim-arrow-v1"))
+                    && args
+                        .windows(2)
+                        .any(|w| w[0] == b"-address" && w[1] == socket)
+            })
+            .map(nix::unistd::Pid::from_raw)
+            .collect()
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // A test that failed half-way leaves pods; their shims (and, through
+        // the lifeline, their VMMs) go with the daemon rather than run on
+        // beside the next tests.
+        if std::thread::panicking() {
+            for shim in self.shims() {
+                let _ = nix::sys::signal::kill(shim, nix::sys::signal::Signal::SIGKILL);
+            }
+        }
         if let Some(c) = &self.child {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(c.id() as i32),
@@ -253,6 +286,39 @@ impl Drop for Daemon {
             );
         }
         if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::CommandExt;
+
+    #[test]
+    fn a_daemons_shims_are_those_given_its_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = Daemon {
+            dir: dir.path().to_path_buf(),
+            child: None,
+        };
+        let other = dir.path().join("other.sock");
+        let spawn = |address: &Path| {
+            // `sleep; :` keeps the shell (and its argv) alive.
+            Command::new("sh")
+                .arg0("/usr/local/bin/containerd-shim-arrow-v1")
+                .args(["-c", "sleep 60; :", "-namespace", "-address"])
+                .arg(address)
+                .spawn()
+                .unwrap()
+        };
+        let mut ours = spawn(&daemon.socket());
+        let mut theirs = spawn(&other);
+        let found = daemon.shims();
+        assert_eq!(found, vec![nix::unistd::Pid::from_raw(ours.id() as i32)]);
+        for c in [&mut ours, &mut theirs] {
+            let _ = c.kill();
             let _ = c.wait();
         }
     }
