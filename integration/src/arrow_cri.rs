@@ -242,9 +242,7 @@ impl Daemon {
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.join("arrow-cri.log")).unwrap_or_default()
     }
-}
 
-impl Daemon {
     /// The pod shims this daemon started (their containerd address is its
     /// socket): a shim outlives its daemon by design, as under containerd.
     fn shims(&self) -> Vec<nix::unistd::Pid> {
@@ -305,11 +303,13 @@ mod tests {
         };
         let other = dir.path().join("other.sock");
         let spawn = |address: &Path| {
-            // `sleep; :` keeps the shell (and its argv) alive.
+            // The shell waits in a builtin on its stdin: no child of its
+            // own to outlive the kill below.
             Command::new("sh")
                 .arg0("/usr/local/bin/containerd-shim-arrow-v1")
-                .args(["-c", "sleep 60; :", "-namespace", "-address"])
+                .args(["-c", "read -r _", "-namespace", "-address"])
                 .arg(address)
+                .stdin(Stdio::piped())
                 .spawn()
                 .unwrap()
         };
