@@ -122,3 +122,59 @@ fn a_corrupt_template_is_rebuilt_not_used() {
     );
     assert!(stderr.contains("timing template-saved"), "{stderr}");
 }
+
+/// A clone's monotonic clock and uptime go on from the template's, however
+/// long the template sat on disk, while its wall clock is the host's.
+fn clone_clocks() -> (f64, u64) {
+    let out = arrow_run(
+        &["--memory", MEMORY, "--timings"],
+        &["/bin/sh", "-c", "cut -d' ' -f1 /proc/uptime; date +%s"],
+    )
+    .output()
+    .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("timing clone-restored"),
+        "not a clone: {stderr}"
+    );
+    let stdout = text(&out.stdout);
+    let mut lines = stdout.lines();
+    let uptime = lines.next().and_then(|l| l.parse().ok());
+    let wall = lines.next().and_then(|l| l.parse().ok());
+    match (uptime, wall) {
+        (Some(uptime), Some(wall)) => (uptime, wall),
+        _ => panic!("unexpected output {stdout:?}: {stderr}"),
+    }
+}
+
+#[test]
+fn a_clone_resumes_at_the_templates_time_with_the_hosts_wall_clock() {
+    let _boot = boot_lock();
+    create_template();
+    let unix_now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let first = clone_clocks();
+    const AWAY: u64 = 20;
+    std::thread::sleep(Duration::from_secs(AWAY));
+    let before = unix_now();
+    let second = clone_clocks();
+    let after = unix_now();
+    // Each clone runs from the template's moment for a few seconds; the
+    // host's 20 s between them must not show.
+    assert!(
+        second.0 < first.0 + (AWAY / 2) as f64,
+        "the clone's clock ran on while the template was idle: uptime {} then {} s, {AWAY} s apart",
+        first.0,
+        second.0
+    );
+    assert!(
+        (before..=after + 1).contains(&second.1),
+        "the clone's wall clock {} is not the host's ({before}..={after})",
+        second.1
+    );
+}

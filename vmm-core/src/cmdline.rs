@@ -7,14 +7,24 @@ use crate::hypervisor::KvmFlavour;
 
 /// Settings every Arrow guest boots with: the console on COM1, reboot via
 /// the i8042 (which ends the VM), reboot at once on panic, no KASLR (the
-/// template snapshot and the emulator both prefer a fixed layout), and only
-/// one legacy UART to probe.
+/// template snapshot and the emulator both prefer a fixed layout), only
+/// one legacy UART to probe, and kvm-clock as the clock.
+///
+/// kvm-clock because a clone's clocks must resume where the template's
+/// stopped: the VMM restores kvm-clock (`KVM_SET_CLOCK`) on every flavour,
+/// while a restored TSC is ignored by kvm_pvm. A guest on the TSC (which
+/// Linux prefers when the TSC is invariant) saw every second the template
+/// had spent on disk pass at once, and its kernel spent seconds of
+/// emulated work catching up (timers, timekeeping) before a clone of an
+/// hours-old template answered. The vDSO reads kvm-clock as it reads the
+/// TSC, without a system call.
 pub const BASE_ARGS: &[&str] = &[
     "console=ttyS0",
     "reboot=k",
     "panic=-1",
     "nokaslr",
     "8250.nr_uarts=1",
+    "clocksource=kvm-clock",
 ];
 
 /// Errors building a command line.
@@ -92,6 +102,14 @@ mod tests {
         assert!(s.starts_with("console=ttyS0 reboot=k panic=-1"));
         assert!(s.contains(" virtio_mmio.device=4K@0xd0000000:5 rdinit=/.arrow/init"));
         assert!(!s.contains("noxsave"));
+    }
+
+    #[test]
+    fn every_flavour_keeps_time_on_kvm_clock() {
+        for flavour in [KvmFlavour::Pvm, KvmFlavour::Hardware("kvm_amd")] {
+            let s = KernelCmdline::for_flavour(flavour, 2).build().unwrap();
+            assert!(s.contains(" clocksource=kvm-clock"), "{s}");
+        }
     }
 
     #[test]
