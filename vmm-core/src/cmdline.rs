@@ -55,6 +55,11 @@ impl KernelCmdline {
         line
     }
 
+    /// The arguments so far, in order.
+    pub fn args(&self) -> &[String] {
+        &self.args
+    }
+
     /// Appends one argument (`key`, `key=value`).
     pub fn push(&mut self, arg: impl Into<String>) -> Result<(), CmdlineError> {
         let arg = arg.into();

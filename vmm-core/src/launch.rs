@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::cancel::{Cancel, Interrupted};
+use crate::cmdline::KernelCmdline;
 use crate::exit::VmExit;
 use crate::hypervisor::KvmFlavour;
 use crate::template::{CloneOutcome, TemplateCache, TemplateError, TemplateInputs};
@@ -120,19 +121,25 @@ pub struct Launched<R> {
 }
 
 /// The template key of a guest built from `config`: its kernel (read
-/// here), initramfs, shape, command line, KVM flavour and devices.
+/// here), initramfs, shape, command line (the VMM's own arguments too, so
+/// a VMM that boots guests differently makes new templates), KVM flavour
+/// and devices.
 pub fn template_key(config: &VmConfig) -> Result<String, LaunchError> {
     let kernel = std::fs::read(&config.kernel).map_err(|source| LaunchError::Kernel {
         path: config.kernel.clone(),
         source,
     })?;
     let flavour = config.flavour.unwrap_or_else(KvmFlavour::detect);
+    let mut kernel_args = KernelCmdline::for_flavour(flavour, config.vcpus)
+        .args()
+        .to_vec();
+    kernel_args.extend(config.kernel_args.iter().cloned());
     Ok(TemplateInputs {
         kernel: &kernel,
         initramfs: config.initramfs.as_deref().unwrap_or_default(),
         vcpus: config.vcpus,
         memory_bytes: config.memory_bytes,
-        kernel_args: &config.kernel_args,
+        kernel_args: &kernel_args,
         flavour: &flavour.to_string(),
         devices: &config.device_set(),
     }
@@ -285,5 +292,38 @@ impl Launch<'_> {
             cloned: true,
             template: Some(self.cache.dir(self.key)),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_covers_the_arguments_the_vmm_adds() {
+        let dir = std::env::temp_dir().join(format!("arrow-launch-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kernel = dir.join("vmlinux");
+        std::fs::write(&kernel, b"kernel").unwrap();
+        let mut config = VmConfig::new(&kernel);
+        config.flavour = Some(KvmFlavour::Pvm);
+        let key = template_key(&config).unwrap();
+        let callers_only = TemplateInputs {
+            kernel: b"kernel",
+            initramfs: &[],
+            vcpus: config.vcpus,
+            memory_bytes: config.memory_bytes,
+            kernel_args: &[],
+            flavour: &KvmFlavour::Pvm.to_string(),
+            devices: &config.device_set(),
+        }
+        .key();
+        assert_ne!(
+            key, callers_only,
+            "a VMM booting guests differently reuses templates"
+        );
+        config.kernel_args.push("quiet".into());
+        assert_ne!(template_key(&config).unwrap(), key);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

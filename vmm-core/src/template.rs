@@ -63,6 +63,14 @@ pub enum CloneOutcome {
     Removed(String),
 }
 
+/// The generation of what a booted guest settles with the VMM and keeps in
+/// its memory: the virtio features and FUSE `INIT` flags it negotiated.
+/// Neither is in a template's other inputs, so a VMM whose devices offer something new bumps this and its
+/// templates are made afresh instead of cloning guests that never saw the
+/// offer (for example the page-cache invalidation virtio-fs grants since
+/// generation 2).
+const GUEST_SETTLEMENT: u32 = 2;
+
 /// What a template is built from.
 pub struct TemplateInputs<'a> {
     pub kernel: &'a [u8],
@@ -80,6 +88,7 @@ impl TemplateInputs<'_> {
     pub fn key(&self) -> String {
         let mut h = Sha256::new();
         h.update(FORMAT_VERSION.to_le_bytes());
+        h.update(GUEST_SETTLEMENT.to_le_bytes());
         for part in [self.kernel, self.initramfs, self.flavour.as_bytes()] {
             h.update((part.len() as u64).to_le_bytes());
             h.update(part);
