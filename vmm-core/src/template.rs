@@ -65,10 +65,10 @@ pub enum CloneOutcome {
 
 /// The generation of what a booted guest settles with the VMM and keeps in
 /// its memory: the virtio features and FUSE `INIT` flags it negotiated.
-/// Neither is in a template's other inputs, so a VMM whose devices offer something new bumps this and its
-/// templates are made afresh instead of cloning guests that never saw the
-/// offer (for example the page-cache invalidation virtio-fs grants since
-/// generation 2).
+/// Neither is in a template's other inputs, so a VMM whose devices offer
+/// something new bumps this, and its templates are made afresh instead of
+/// cloning guests that never saw the offer (for example the page-cache
+/// invalidation virtio-fs grants since generation 2).
 const GUEST_SETTLEMENT: u32 = 2;
 
 /// What a template is built from.
