@@ -3,6 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use integration::{arrow_run, arrow_vmm, boot_lock, busybox_rootfs, kernel, leftovers_of};
@@ -13,18 +14,25 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// The tests' template, made afresh once per run (a boot costs ~40 s on
+/// kvm_pvm); a test that spoils it leaves it rebuilt by its own run.
 fn create_template() -> std::path::PathBuf {
-    let out = Command::new(arrow_vmm())
-        .args(["template", "create", "--memory", MEMORY, "--kernel"])
-        .arg(kernel())
-        .arg("--rootfs")
-        .arg(busybox_rootfs())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let dir = std::path::PathBuf::from(text(&out.stdout).trim());
-    assert!(dir.join("vmstate").is_file() && dir.join("memory").is_file());
-    dir
+    static TEMPLATE: OnceLock<std::path::PathBuf> = OnceLock::new();
+    TEMPLATE
+        .get_or_init(|| {
+            let out = Command::new(arrow_vmm())
+                .args(["template", "create", "--memory", MEMORY, "--kernel"])
+                .arg(kernel())
+                .arg("--rootfs")
+                .arg(busybox_rootfs())
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            let dir = std::path::PathBuf::from(text(&out.stdout).trim());
+            assert!(dir.join("vmstate").is_file() && dir.join("memory").is_file());
+            dir
+        })
+        .clone()
 }
 
 #[test]
