@@ -55,8 +55,12 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
         /// Spin after "ready" instead of resetting (for memory figures).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "idle")]
         spin: bool,
+        /// Halt for good after "ready" instead of resetting: a VM that
+        /// stays open without using a CPU (hack/test-hwkvm.sh keeps one).
+        #[arg(long)]
+        idle: bool,
     },
 }
 
@@ -111,11 +115,13 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Template(TemplateCommand::Create(args)) => run::create_template(args),
         Command::Boot(args) => boot(args),
-        Command::TestGuest { out, spin } => {
+        Command::TestGuest { out, spin, idle } => {
             let mut guest = GuestProgram::new();
             guest.serial_write(b"ready\n");
             if spin {
                 guest.count_forever(0x20_0000);
+            } else if idle {
+                guest.halt_forever();
             } else {
                 guest.reset().halt_forever();
             }
