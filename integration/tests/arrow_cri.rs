@@ -41,12 +41,23 @@ fn processes(needle: &str) -> Vec<String> {
 }
 
 fn assert_nothing_left(dir: &Path) {
+    let vmms = || -> Vec<String> {
+        processes("arrow-vmm")
+            .into_iter()
+            .filter(|c| c.contains("/run/arrow/arrow-cri/"))
+            .collect()
+    };
+    // A shim exits once it has answered its last request, so the last
+    // pod's may still be on its way out (seen on a loaded machine).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while (!processes("-namespace arrow-cri ").is_empty() || !vmms().is_empty())
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let shims = processes("-namespace arrow-cri ");
     assert!(shims.is_empty(), "shims left: {shims:#?}");
-    let vmms: Vec<_> = processes("arrow-vmm")
-        .into_iter()
-        .filter(|c| c.contains("/run/arrow/arrow-cri/"))
-        .collect();
+    let vmms = vmms();
     assert!(vmms.is_empty(), "VMMs left: {vmms:#?}");
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
     let dir_text = dir.display().to_string();
